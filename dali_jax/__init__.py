@@ -1,0 +1,3 @@
+"""dali_jax: DALI (Dynamics-Aligned Latent Imagination) on a DreamerV3 core, in JAX/Flax."""
+
+__version__ = "0.1.0"
