@@ -1,0 +1,470 @@
+"""The agent: networks, `init`, one jitted `train_step`, and `policy_step` for acting.
+
+State pytree (checkpoints cleanly):
+    params:      dict(encoder, rssm, decoder, reward, cont, actor, critic[, context])
+    slow_critic: critic params (EMA, fraction 0.02 per update)
+    opt:         dict(model, actor, critic) optax states
+    retnorm:     dict(lo=(), hi=()) EMA of return percentiles
+    step:        () int32 number of updates
+
+Batch (B, T, ...): the observation keys (`obs` float32 (Do,), `image` uint8 (64,64,3),
+`context` float32 (2,) normalised ground truth), `action` (A,) = action taken at step t,
+`reward` (reward on arriving at t), `is_first`, `is_last`, `is_terminal`.
+
+Acting carry: dict(state=RSSM state (N, ...), prev_action (N, A), window (N, K, Din)
+context tokens, ctx_prev (N, Cc)).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dali_jax import config as config_lib
+from dali_jax.methods import recipe
+from dali_jax.models import behavior as B
+from dali_jax.models import context as C
+from dali_jax.models import distributions as D
+from dali_jax.models import nets as N
+from dali_jax.models import rssm as R
+
+f32 = jnp.float32
+sg = jax.lax.stop_gradient
+tmap = jax.tree_util.tree_map
+
+MODEL_KEYS = ("encoder", "rssm", "decoder", "reward", "cont")
+
+
+def compute_dtype(name: str):
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else f32
+    return {"float32": f32, "bfloat16": jnp.bfloat16}[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """Shapes of the problem. obs: key -> (shape, dtype) of one env step."""
+    obs: dict
+    action_dim: int
+    discrete: bool = False
+
+
+def make_optimizer(lr, eps, clip):
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adam(lr, eps=eps))
+
+
+class Agent:
+    """Holds the (static) network definitions; every method is a pure function."""
+
+    def __init__(self, config, spec: Spec):
+        config_lib.validate(config)
+        self.config = config
+        self.spec = spec
+        ctx = config.context
+        self.switches = recipe(config.method, ctx.shallow_into_dynamics, ctx.release_compat)
+        sw = self.switches
+        self.release_compat = bool(ctx.release_compat)
+        s = config_lib.resolve_sizes(config)
+        self.sizes = s
+        dt = compute_dtype(config.compute_dtype)
+        self.dtype = dt
+        self.image_keys = tuple(k for k, (shape, _) in spec.obs.items() if len(shape) == 3)
+        vec = tuple(k for k, (shape, _) in spec.obs.items() if len(shape) == 1 and k != "context")
+        self.vector_keys = vec
+        enc_vec = vec + (("context",) if sw["encoder_input"] or sw.get("gt_into_encoder") else ())
+        dec_vec = {k: spec.obs[k][0][0] for k in vec}
+        if sw["decoder_target"]:
+            dec_vec["context"] = spec.obs["context"][0][0]
+        self.enc_vector_keys = enc_vec
+        self.dec_vector_shapes = dec_vec
+        self.encoder = N.Encoder(enc_vec, self.image_keys, s["enc_layers"], s["enc_units"],
+                                 s["cnn_depth"], dtype=dt)
+        self.rssm = R.RSSM(s["deter"], s["units"], s["stoch"], s["classes"], config.model.unimix,
+                           config.model.action_clip, dtype=dt)
+        self.decoder = N.Decoder(dec_vec, {k: spec.obs[k][0] for k in self.image_keys},
+                                 s["enc_layers"], s["enc_units"], s["cnn_depth"], dtype=dt)
+        self.reward = N.Head(255, s["layers"], s["units"], outscale=0.0, dtype=dt)
+        self.cont = N.Head(1, s["layers"], s["units"], dtype=dt)
+        self.actor = N.Actor(spec.action_dim, spec.discrete, s["layers"], s["units"], dtype=dt)
+        self.critic = N.Head(255, s["layers"], s["units"], outscale=0.0, dtype=dt)
+        self.state_dim = s["deter"] + s["stoch"] * s["classes"]
+        self.ctx_dim = {"none": 0, "ground_truth": spec.obs.get("context", ((0,),))[0][0],
+                        "inferred": ctx.dim}[sw["source"]]
+        self.inferred = sw["source"] == "inferred"
+        if self.inferred:
+            # Pixel runs use the world-model embedding as the observation part of a token.
+            self.token_obs_dim = (self._embed_dim() if self.image_keys
+                                  else sum(spec.obs[k][0][0] for k in vec))
+            self.ctx_encoder = C.ContextEncoder(ctx.encoder, ctx.hidden, ctx.dim, ctx.window,
+                                                ctx.readout, dtype=dt)
+            self.forward_head = C.DynamicsHead(self.token_obs_dim, ctx.head_layers,
+                                               ctx.head_units, dtype=dt)
+            self.inverse_head = C.DynamicsHead(spec.action_dim, ctx.head_layers,
+                                               ctx.head_units, dtype=dt)
+            self.cross = C.CrossModal(self.state_dim, ctx.dim, dtype=dt)
+        c = config.train
+        self.gamma = 1.0 - 1.0 / c.horizon
+        self.opt = dict(model=make_optimizer(c.model_lr, c.model_eps, c.model_clip),
+                        actor=make_optimizer(c.actor_lr, c.actor_eps, c.actor_clip),
+                        critic=make_optimizer(c.critic_lr, c.critic_eps, c.critic_clip))
+        self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
+        self.policy_step = jax.jit(self._policy_step, static_argnames=("mode",))
+
+    # ------------------------------------------------------------------ setup
+    def _embed_dim(self):
+        dummy = {k: jnp.zeros((1,) + tuple(shape), dtype)
+                 for k, (shape, dtype) in self.spec.obs.items()}
+        out = jax.eval_shape(lambda: self.encoder.init_with_output(
+            jax.random.PRNGKey(0), dummy)[0])
+        return out.shape[-1]
+
+    def init(self, rng) -> dict:
+        """Fresh training state from an RNG key."""
+        ks = jax.random.split(rng, 12)
+        sp = self.spec
+        obs = {k: jnp.zeros((1,) + tuple(shape), dtype) for k, (shape, dtype) in sp.obs.items()}
+        p = {}
+        p["encoder"] = self.encoder.init(ks[0], obs)["params"]
+        embed = self.encoder.apply({"params": p["encoder"]}, obs)
+        cd = self.ctx_dim
+        z = lambda n: jnp.zeros((1, n), f32)
+        sw = self.switches
+        state0 = dict(deter=z(self.sizes["deter"]),
+                      logit=jnp.zeros((1, self.sizes["stoch"], self.sizes["classes"]), f32),
+                      stoch=jnp.zeros((1, self.sizes["stoch"], self.sizes["classes"]), f32))
+        p["rssm"] = self.rssm.init(ks[1], state0, z(sp.action_dim), embed, jnp.ones((1,), bool),
+                                   ks[2], z(cd) if sw["posterior"] else None,
+                                   z(cd) if sw["dynamics"] else None)["params"]
+        head_in = z(self.state_dim + (cd if sw["heads"] else 0))
+        p["decoder"] = self.decoder.init(ks[3], head_in)["params"]
+        p["reward"] = self.reward.init(ks[4], head_in)["params"]
+        p["cont"] = self.cont.init(ks[5], head_in)["params"]
+        p["actor"] = self.actor.init(ks[6], head_in)["params"]
+        p["critic"] = self.critic.init(ks[7], head_in)["params"]
+        if self.inferred:
+            K = self.config.context.window
+            tok = jnp.zeros((1, K, self.token_obs_dim + sp.action_dim), f32)
+            p["context"] = dict(
+                encoder=self.ctx_encoder.init(ks[8], tok)["params"],
+                forward=self.forward_head.init(
+                    ks[9], z(self.token_obs_dim + sp.action_dim + cd))["params"],
+                cross=self.cross.init(ks[10], z(cd), z(self.state_dim))["params"])
+            if self.config.context.loss in ("inverse", "both"):
+                p["context"]["inverse"] = self.inverse_head.init(
+                    ks[11], z(2 * self.token_obs_dim + cd))["params"]
+        model_params = self._model_params(p)
+        return dict(
+            params=p,
+            slow_critic=tmap(jnp.array, p["critic"]),
+            opt=dict(model=self.opt["model"].init(model_params),
+                     actor=self.opt["actor"].init(p["actor"]),
+                     critic=self.opt["critic"].init(p["critic"])),
+            retnorm=dict(lo=jnp.zeros((), f32), hi=jnp.zeros((), f32)),
+            step=jnp.zeros((), jnp.int32))
+
+    def _model_params(self, p):
+        out = {k: p[k] for k in MODEL_KEYS}
+        if "context" in p:
+            out["context"] = p["context"]
+        return out
+
+    # ------------------------------------------------------------- components
+    def head_input(self, state, ctx):
+        f = R.feat(state)
+        if self.switches["heads"]:
+            ctx = jnp.broadcast_to(ctx.astype(f.dtype), f.shape[:-1] + ctx.shape[-1:])
+            f = jnp.concatenate([f, ctx], -1)
+        return f
+
+    def infer_context(self, params, windows):
+        """g_phi on explicit windows: (N, K, Din) tokens -> (N, Cc)."""
+        return self.ctx_encoder.apply({"params": params["context"]["encoder"]}, windows)
+
+    def context_chunk(self, params, batch, embed, is_first):
+        """Context of every step of a (B, T) chunk, plus the pieces the alignment loss needs.
+
+        Returns (ctx (B, T, Cc) or None, aux dict).
+        """
+        src = self.switches["source"]
+        if src == "none":
+            return None, {}
+        if src == "ground_truth":
+            return batch["context"].astype(f32), {}
+        obs_vec = self._token_obs(batch, embed)
+        act = batch["action"].astype(f32)
+        Bsz, T = is_first.shape
+        if self.release_compat:
+            # Release: tokens pair o_k with a_k, and one window = the whole chunk.
+            tok = C.tokens(obs_vec, act)
+            idx = C.full_chunk_indices(Bsz, T)
+        else:
+            prev = self.prev_actions(act, is_first)
+            tok = C.tokens(obs_vec, prev)
+            idx = C.window_indices(is_first, self.config.context.window)
+        ctx = self.ctx_encoder.apply({"params": params["context"]["encoder"]}, tok, idx,
+                                     method=C.ContextEncoder.chunk)
+        if self.release_compat:
+            ctx = sg(ctx)  # release: the encoder is never updated
+            # Its alignment loss runs over causal prefixes; we keep that for the metric.
+            idx = C.window_indices(is_first, self.config.context.window)
+        return ctx, dict(obs_vec=obs_vec, idx=idx)
+
+    def _token_obs(self, batch, embed):
+        if self.image_keys:
+            return sg(embed).astype(f32)
+        return jnp.concatenate([batch[k].astype(f32) for k in self.vector_keys], -1)
+
+    @staticmethod
+    def prev_actions(action, is_first):
+        """(B, T, A) actions taken at t -> action before t, zero at episode starts."""
+        prev = jnp.concatenate([jnp.zeros_like(action[:, :1]), action[:, :-1]], 1)
+        return prev * (1.0 - is_first.astype(f32))[..., None]
+
+    @staticmethod
+    def dyn_context(ctx, is_first):
+        """Context for the prior step into t: c_{t-1} (c_t at an episode start). (B, T, Cc)."""
+        prev = jnp.concatenate([ctx[:, :1], ctx[:, :-1]], 1)
+        return jnp.where(is_first[..., None], ctx, prev)
+
+    # ---------------------------------------------------------- world model
+    def world_model_loss(self, mp, batch, rng):
+        """Returns (scalar loss, (post, ctx_wm, metrics)). mp: model params."""
+        sw = self.switches
+        scales = self.config.train.loss_scales
+        is_first = batch["is_first"].at[:, 0].set(True)  # every chunk starts from h0
+        obs = {k: batch[k] for k in self.spec.obs}
+        embed = self.encoder.apply({"params": mp["encoder"]}, obs)
+        ctx, aux = self.context_chunk(mp, batch, embed, is_first)
+        ctx_wm = None if ctx is None else sg(ctx)
+        prev_act = self.prev_actions(batch["action"].astype(f32), is_first)
+        post, prior = R.observe(
+            self.rssm, mp["rssm"], embed, prev_act, is_first, rng,
+            ctx_post=ctx_wm if sw["posterior"] else None,
+            ctx_dyn=self.dyn_context(ctx_wm, is_first) if sw["dynamics"] else None)
+        hin = self.head_input(post, ctx_wm)
+        losses = {}
+        rec = self.decoder.apply({"params": mp["decoder"]}, hin)
+        recon = 0.0
+        for k, pred in rec.items():
+            if k in self.image_keys:
+                l = D.mse(pred, batch[k].astype(f32) / 255.0, 3)
+            else:
+                l = D.symlog_mse(pred, batch[k], 1)
+            losses[f"recon_{k}"] = l
+            recon = recon + l
+        rew = D.TwoHot(self.reward.apply({"params": mp["reward"]}, hin))
+        losses["reward"] = -rew.log_prob(batch["reward"].astype(f32))
+        cont = D.Bernoulli(self.cont.apply({"params": mp["cont"]}, hin)[..., 0])
+        losses["cont"] = -cont.log_prob(1.0 - batch["is_terminal"].astype(f32))
+        dyn, rep, kl = R.kl_losses(post, prior, self.config.model.free_nats)
+        losses["dyn"], losses["rep"] = dyn, rep
+        total = (scales.recon * recon + scales.reward * losses["reward"]
+                 + scales.cont * losses["cont"] + scales.dyn * dyn + scales.rep * rep)
+        if self.inferred:
+            cfg = self.config.context
+            cp = mp["context"]
+            fwd = lambda x: self.forward_head.apply({"params": cp["forward"]}, x)
+            inv = lambda x: self.inverse_head.apply({"params": cp["inverse"]}, x)
+            align = C.alignment_loss(fwd, inv, aux["obs_vec"], batch["action"].astype(f32),
+                                     aux["idx"], ctx, cfg.loss)
+            losses["dali"] = align
+            total = total + cfg.loss_scale * align
+            if sw["crossmodal"]:
+                cross = lambda c, s: self.cross.apply({"params": cp["cross"]}, c, s)
+                chi = C.crossmodal_loss(cross, ctx, R.feat(post), cfg.chi_fit_map)
+                losses["chi"] = chi
+                total = total + cfg.lambda_cross * chi
+        metrics = {f"loss/{k}": v.mean() for k, v in losses.items()}
+        metrics["model/kl"] = kl.mean()
+        metrics["model/post_ent"] = D.OneHot(post["logit"], 1).entropy().mean()
+        metrics["model/prior_ent"] = D.OneHot(prior["logit"], 1).entropy().mean()
+        metrics["model/reward_pred"] = rew.mean().mean()
+        if ctx is not None:
+            metrics["context/std"] = ctx.std(axis=(0, 1)).mean()
+        return total.mean(), (post, ctx_wm, metrics)
+
+    # ----------------------------------------------------- actor and critic
+    def _policy_dist(self, actor_params, hin):
+        return N.actor_dist(self.actor.apply({"params": actor_params}, hin), self.spec.discrete,
+                            self.config.model.unimix)
+
+    def imagine(self, params, actor_params, start, ctx, is_terminal, rng):
+        """Imagined trajectory (H + 1, N, ...) from posterior states `start` (N, ...).
+
+        ctx: (N, Cc) context held fixed over the horizon (or None). Adds `hin` (head
+        inputs), `reward`, `cont` (first from the real is_terminal) and `weight`.
+        """
+        sw = self.switches
+
+        def policy(state, key):
+            d = self._policy_dist(actor_params, sg(self.head_input(state, ctx)))
+            return d.sample(key)
+
+        ctx_dyn = ctx if sw["dynamics"] else None
+        traj = R.imagine(self.rssm, params["rssm"], policy, start,
+                         self.config.train.imag_horizon, rng, ctx_dyn)
+        hin = self.head_input(traj, ctx)
+        reward = D.TwoHot(self.reward.apply({"params": params["reward"]}, hin)).mean()
+        cont = D.Bernoulli(self.cont.apply({"params": params["cont"]}, hin)[..., 0]).mode()
+        cont = jnp.concatenate([(1.0 - is_terminal.astype(f32))[None], cont[1:]], 0)
+        traj.update(hin=hin, reward=reward, cont=cont,
+                    weight=B.trajectory_weight(cont, self.gamma))
+        return traj
+
+    def actor_objective(self, params, retnorm, start, ctx, is_terminal, rng):
+        """Actor loss as a function of the full parameter tree (scalar, aux).
+
+        Only the actor receives gradients: the world model, reward, continue and critic
+        parameters and the start states are stop-gradient; for continuous actions the
+        gradient flows through the imagined dynamics into the actions.
+        start: posterior states (N, ...); ctx: (N, Cc) or None; is_terminal: (N,).
+        """
+        cfg = self.config.train
+        frozen = sg({k: params[k] for k in ("rssm", "reward", "cont", "critic")})
+        start = sg(start)
+        ctx = None if ctx is None else sg(ctx)
+        traj = self.imagine(frozen, params["actor"], start, ctx, is_terminal, rng)
+        value = D.TwoHot(self.critic.apply({"params": frozen["critic"]}, traj["hin"])).mean()
+        ret = B.lambda_returns(traj["reward"], traj["cont"], value, self.gamma,
+                               cfg.return_lambda)
+        new_retnorm, scale = B.retnorm_update(retnorm, ret, cfg.retnorm_decay)
+        dist = self._policy_dist(params["actor"], sg(traj["hin"][:-1]))
+        ent = dist.entropy()
+        logp = dist.log_prob(sg(traj["action"][:-1])) if self.spec.discrete else None
+        loss, adv = B.actor_loss(logp, ent, ret, value[:-1], scale, traj["weight"],
+                                 cfg.actent, self.spec.discrete)
+        return loss, dict(traj=traj, ret=ret, retnorm=new_retnorm, ent=ent, adv=adv,
+                          scale=scale)
+
+    def critic_objective(self, params, slow_critic, traj, ret):
+        """Critic loss (scalar): two-hot NLL of sg(lambda returns) plus the regulariser
+        towards the slow critic's mean; trajectory and returns are stop-gradient."""
+        traj, ret = sg(traj), sg(ret)
+        hin = traj["hin"][:-1]
+        slow_mean = sg(D.TwoHot(self.critic.apply({"params": slow_critic}, hin)).mean())
+        dist = D.TwoHot(self.critic.apply({"params": params["critic"]}, hin))
+        return B.critic_loss(dist, slow_mean, ret, traj["weight"], self.config.train.slowreg)
+
+    def _train_step(self, state, batch, rng):
+        cfg = self.config.train
+        p = state["params"]
+        k_wm, k_img = jax.random.split(jax.random.fold_in(rng, state["step"]))
+        metrics = {}
+
+        # World model (+ g_phi, f_psi, chi heads).
+        mp = self._model_params(p)
+        (_, (post, ctx_wm, m)), grads = jax.value_and_grad(
+            self.world_model_loss, has_aux=True)(mp, batch, k_wm)
+        metrics.update(m)
+        if self.release_compat and "context" in grads:
+            grads["context"] = tmap(jnp.zeros_like, grads["context"])  # release defect 1
+        metrics["grad_norm/model"] = optax.global_norm(grads)
+        upd, opt_model = self.opt["model"].update(grads, state["opt"]["model"], mp)
+        p = dict(p, **optax.apply_updates(mp, upd))
+
+        # Actor in imagination from every posterior state of the batch (B * T starts).
+        flat = lambda x: x.reshape((-1,) + x.shape[2:])
+        start = tmap(flat, post)
+        ctx0 = None if ctx_wm is None else flat(ctx_wm)
+        (a_loss, aux), a_grads = jax.value_and_grad(
+            lambda ap: self.actor_objective(dict(p, actor=ap), state["retnorm"], start, ctx0,
+                                            flat(batch["is_terminal"]), k_img),
+            has_aux=True)(p["actor"])
+        upd, opt_actor = self.opt["actor"].update(a_grads, state["opt"]["actor"], p["actor"])
+        p["actor"] = optax.apply_updates(p["actor"], upd)
+
+        # Critic on the same trajectory, then the slow critic EMA.
+        c_loss, c_grads = jax.value_and_grad(
+            lambda cp: self.critic_objective(dict(p, critic=cp), state["slow_critic"],
+                                             aux["traj"], aux["ret"]))(p["critic"])
+        upd, opt_critic = self.opt["critic"].update(c_grads, state["opt"]["critic"],
+                                                    p["critic"])
+        p["critic"] = optax.apply_updates(p["critic"], upd)
+        frac = cfg.slow_critic_fraction
+        slow = tmap(lambda s, c: (1 - frac) * s + frac * c, state["slow_critic"], p["critic"])
+
+        traj = aux["traj"]
+        metrics.update({
+            "loss/actor": a_loss, "loss/critic": c_loss,
+            "grad_norm/actor": optax.global_norm(a_grads),
+            "grad_norm/critic": optax.global_norm(c_grads),
+            "behavior/entropy": aux["ent"].mean(), "behavior/return": aux["ret"].mean(),
+            "behavior/imag_reward": traj["reward"][1:].mean(),
+            "behavior/retnorm_scale": aux["scale"], "behavior/adv_std": aux["adv"].std(),
+        })
+        new = dict(params=p, slow_critic=slow,
+                   opt=dict(model=opt_model, actor=opt_actor, critic=opt_critic),
+                   retnorm=aux["retnorm"], step=state["step"] + 1)
+        return new, metrics
+
+    # ---------------------------------------------------------------- acting
+    def initial_carry(self, params, n: int) -> dict:
+        """Acting carry for n envs (before their first step)."""
+        A = self.spec.action_dim
+        st = R.initial_state(self.rssm, params["rssm"], n)
+        carry = dict(state=st, prev_action=jnp.zeros((n, A), f32))
+        if self.ctx_dim:
+            carry["ctx_prev"] = jnp.zeros((n, self.ctx_dim), f32)
+        if self.inferred:
+            K = self.config.context.window
+            carry["window"] = jnp.zeros((n, K, self.token_obs_dim + A), f32)
+        return carry
+
+    def _policy_step(self, params, carry, obs, rng, mode="sample"):
+        """One acting step for N envs. obs: dict of (N, ...) incl. `is_first` (N,) bool.
+
+        mode: "sample" (training/eval with sampled actions) or "mode" (deterministic).
+        Returns (action (N, A), new carry).
+        """
+        sw = self.switches
+        is_first = obs["is_first"].astype(bool)
+        first = is_first.astype(f32)
+        enc_obs = {k: obs[k] for k in self.spec.obs}
+        embed = self.encoder.apply({"params": params["encoder"]}, enc_obs)
+        prev_action = carry["prev_action"] * (1.0 - first)[:, None]
+        new = dict(carry)
+        ctx = None
+        if sw["source"] == "ground_truth":
+            ctx = obs["context"].astype(f32)
+        elif self.inferred:
+            tok_obs = self._token_obs(enc_obs, embed)
+            if self.release_compat:
+                # Release: zero-initialised buffer, never reset, (o_k, a_{k-1}) pairs.
+                tok = C.tokens(tok_obs, carry["prev_action"])
+                window = jnp.concatenate([carry["window"][:, 1:], tok[:, None]], 1)
+            else:
+                tok = C.tokens(tok_obs, prev_action)
+                rolled = jnp.concatenate([carry["window"][:, 1:], tok[:, None]], 1)
+                fresh = jnp.broadcast_to(tok[:, None], rolled.shape)
+                window = jnp.where(is_first[:, None, None], fresh, rolled)
+            new["window"] = window
+            ctx = self.infer_context(params, window)
+        ctx_post = ctx if sw["posterior"] else None
+        ctx_dyn = None
+        if sw["dynamics"]:
+            ctx_dyn = jnp.where(is_first[:, None], ctx, carry["ctx_prev"])
+        k1, k2 = jax.random.split(rng)
+        post, _ = self.rssm.apply({"params": params["rssm"]}, carry["state"], prev_action,
+                                  embed, is_first, k1, ctx_post, ctx_dyn,
+                                  method=R.RSSM.obs_step)
+        dist = self._policy_dist(params["actor"], self.head_input(post, ctx))
+        action = dist.sample(k2) if mode == "sample" else dist.mode()
+        action = sg(action)
+        new.update(state=post, prev_action=action)
+        if self.ctx_dim:
+            new["ctx_prev"] = ctx
+        return action, new
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def trained_param_count(params) -> int:
+    """Model + actor + critic parameters (slow critic and g_phi heads excluded)."""
+    return count_params({k: v for k, v in params.items() if k != "context"})

@@ -1,0 +1,580 @@
+"""Score normalisation (protocol.md) and (seeds x contexts) score matrices per regime.
+
+Normalised score at context ``c``::
+
+    score = (R - R_random(c)) / (R_expert(e) - R_random(c))
+
+where ``e`` is the expert context nearest to ``c`` (Euclidean distance after min-max scaling each
+factor over the evaluated contexts, by default the task's 84-context evaluation grid). Ball-in-Cup's
+expert return is fixed at 1000 unless an expert file is given.
+
+Expert contexts: the protocol lists 21 per task (9 gravity values at the factor-1 default, 8
+factor-1 values at the default gravity, 4 corners); the default context appears in both lists, so
+``expert_contexts`` returns 20 distinct contexts.
+
+Reference-return cache (JSON, one file per task and kind)::
+
+    {"format": "dali_jax/reference-returns", "version": 1,
+     "kind": "random" | "expert", "task": "walker",
+     "factors": ["gravity", "actuator_strength"],
+     "entries": [{"values": {"gravity": 9.81, "actuator_strength": 1.0},
+                  "return": 33.0,              # the reference return used (max over seeds)
+                  "seed_returns": [31.0, 33.0]  # optional: per-seed mean returns
+                 }, ...]}
+
+``random`` files hold one entry per evaluated context; ``expert`` files one entry per expert
+context. Context values are matched after rounding to 6 decimals.
+
+Per-run evaluation results (``RUN_DIR/eval/returns.json``) are described in
+``dali_jax.analysis.report``; ``load_run_result`` reads them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "BALL_IN_CUP_EXPERT_RETURN", "POOLED_SETTINGS", "REGIMES", "OBS_KINDS",
+    "RunResultError", "ReferenceFileError",
+    "factors", "defaults", "expert_contexts", "minmax_ranges", "nearest_expert",
+    "normalized_score", "ReferenceReturns", "load_reference", "save_reference",
+    "Normalizer", "ContextResult", "RunResult", "load_run_result", "run_result_path",
+    "ScoreMatrix", "regime_matrices", "expert_reference_from_runs",
+]
+
+BALL_IN_CUP_EXPERT_RETURN = 1000.0
+POOLED_SETTINGS = ("single_0", "single_1", "double_box")
+REGIMES = ("interpolation", "extrapolation", "mixed")
+OBS_KINDS = ("features", "pixels")
+RESULTS_RELPATH = os.path.join("eval", "returns.json")
+REFERENCE_FORMAT = "dali_jax/reference-returns"
+_ROUND = 6
+
+# Expert contexts of protocol.md: factor-0 values (at the factor-1 default), factor-1 values (at
+# the factor-0 default), and the (low, high) factor-1 values of the four corners at gravity
+# 2.45 / 17.64.
+_EXPERT_GRAVITY = (0.98, 2.45, 3.92, 4.9, 9.81, 14.7, 15.68, 17.64, 19.6)
+_EXPERT_FACTOR1 = {
+    "ball_in_cup": (0.03, 0.09, 0.15, 0.225, 0.3, 0.45, 0.54, 0.6),
+    "walker": (0.1, 0.3, 0.5, 1.0, 1.5, 1.6, 1.8, 2.0),
+}
+_CORNER_GRAVITY = (2.45, 17.64)
+_CORNER_FACTOR1 = {"ball_in_cup": (0.09, 0.54), "walker": (0.3, 1.8)}
+
+
+class RunResultError(ValueError):
+    """A per-run results file is missing or malformed."""
+
+
+class ReferenceFileError(ValueError):
+    """A random/expert reference-return file is missing or malformed."""
+
+
+# ----------------------------------------------------------------------------- task facts
+def _contexts_module():
+    from dali_jax.envs import contexts  # lazy: the env package pulls in heavier deps
+
+    return contexts
+
+
+def factors(task: str) -> tuple[str, str]:
+    """The two varied factor names of ``task``."""
+    table = _contexts_module().FACTORS
+    if task not in table:
+        raise ValueError(f"unknown task {task!r}; known: {sorted(table)}")
+    return tuple(table[task])
+
+
+def defaults(task: str) -> dict[str, float]:
+    """Default values of the two varied factors of ``task``."""
+    d = _contexts_module().DEFAULTS[task]
+    return {f: float(d[f]) for f in factors(task)}
+
+
+def _key(values: Mapping[str, float], names: Sequence[str]) -> tuple[float, ...]:
+    return tuple(round(float(values[f]), _ROUND) for f in names)
+
+
+def expert_contexts(task: str) -> list[dict[str, float]]:
+    """The 20 distinct expert contexts of ``task`` (protocol.md lists the default twice)."""
+    f0, f1 = factors(task)
+    d = defaults(task)
+    out = [{f0: g, f1: d[f1]} for g in _EXPERT_GRAVITY]
+    out += [{f0: d[f0], f1: v} for v in _EXPERT_FACTOR1[task]]
+    lo, hi = _CORNER_FACTOR1[task]
+    g_lo, g_hi = _CORNER_GRAVITY
+    out += [{f0: g_lo, f1: lo}, {f0: g_hi, f1: lo}, {f0: g_hi, f1: hi}, {f0: g_lo, f1: hi}]
+    seen, unique = set(), []
+    for c in out:
+        k = _key(c, (f0, f1))
+        if k not in seen:
+            seen.add(k)
+            unique.append(c)
+    return unique
+
+
+def minmax_ranges(contexts: Iterable[Mapping[str, float]],
+                  names: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """``{factor: (min, max)}`` over ``contexts``."""
+    vals = [[float(c[f]) for f in names] for c in contexts]
+    if not vals:
+        raise ValueError("minmax_ranges needs at least one context")
+    a = np.asarray(vals)
+    return {f: (float(a[:, i].min()), float(a[:, i].max())) for i, f in enumerate(names)}
+
+
+def nearest_expert(values: Mapping[str, float], experts: Sequence[Mapping[str, float]],
+                   ranges: Mapping[str, tuple[float, float]]) -> int:
+    """Index into ``experts`` of the expert context nearest to ``values``.
+
+    Distance: Euclidean after scaling each factor ``f`` of ``ranges`` to ``(v - min) / (max - min)``
+    (a factor with ``max == min`` is ignored). Ties go to the first expert.
+    """
+    if not experts:
+        raise ValueError("nearest_expert needs at least one expert context")
+    names = list(ranges)
+    lo = np.array([ranges[f][0] for f in names], dtype=np.float64)
+    span = np.array([ranges[f][1] - ranges[f][0] for f in names], dtype=np.float64)
+    span = np.where(span > 0, span, np.inf)
+    e = (np.array([[float(x[f]) for f in names] for x in experts]) - lo) / span
+    v = (np.array([float(values[f]) for f in names]) - lo) / span
+    return int(np.argmin(np.sqrt(((e - v) ** 2).sum(axis=1))))
+
+
+def normalized_score(R, R_random, R_expert):
+    """``(R - R_random) / (R_expert - R_random)``; arrays broadcast. Requires expert > random."""
+    R, R_random, R_expert = (np.asarray(a, dtype=np.float64) for a in (R, R_random, R_expert))
+    denom = R_expert - R_random
+    if np.any(~np.isfinite(denom)) or np.any(denom <= 0):
+        raise ValueError(
+            f"expert return must exceed random return (expert={R_expert.tolist()}, "
+            f"random={R_random.tolist()})")
+    out = (R - R_random) / denom
+    return float(out) if out.ndim == 0 else out
+
+
+# ----------------------------------------------------------------------------- reference cache
+@dataclasses.dataclass
+class ReferenceReturns:
+    """Reference returns (random policy or expert) per context of one task.
+
+    Attributes:
+      task, kind ("random" | "expert"), factors (factor names).
+      entries: list of ``{"values": {factor: float}, "return": float, ["seed_returns": [...]]}``.
+      source: file it was read from (for error messages), or None.
+    """
+
+    task: str
+    kind: str
+    factors: tuple[str, ...]
+    entries: list
+    source: str | None = None
+
+    def __post_init__(self):
+        self.factors = tuple(self.factors)
+        self._table = {}
+        for e in self.entries:
+            k = _key(e["values"], self.factors)
+            if k in self._table:
+                raise ReferenceFileError(
+                    f"{self._where()}: duplicate {self.kind} entry for context "
+                    f"{dict(zip(self.factors, k))}")
+            self._table[k] = float(e["return"])
+
+    def _where(self) -> str:
+        return self.source or f"{self.kind} reference returns for {self.task}"
+
+    @classmethod
+    def from_seed_returns(cls, task: str, kind: str, names: Sequence[str],
+                          items: Iterable[tuple[Mapping[str, float], Sequence[float]]]):
+        """Build from ``(values, per-seed mean returns)`` pairs; the reference is the max."""
+        entries = []
+        for values, seed_returns in items:
+            sr = [float(x) for x in seed_returns]
+            if not sr:
+                raise ValueError(f"no seed returns for context {dict(values)}")
+            entries.append({"values": {f: float(values[f]) for f in names},
+                            "return": max(sr), "seed_returns": sr})
+        return cls(task=task, kind=kind, factors=tuple(names), entries=entries)
+
+    def lookup(self, values: Mapping[str, float]) -> float:
+        """Reference return at context ``values``; KeyError naming the file if absent."""
+        k = _key(values, self.factors)
+        if k not in self._table:
+            raise KeyError(
+                f"{self._where()}: no {self.kind} return for context "
+                f"{dict(zip(self.factors, k))}")
+        return self._table[k]
+
+    def __contains__(self, values) -> bool:
+        return _key(values, self.factors) in self._table
+
+    def to_json(self) -> dict:
+        return {"format": REFERENCE_FORMAT, "version": 1, "kind": self.kind, "task": self.task,
+                "factors": list(self.factors), "entries": self.entries}
+
+
+def save_reference(path, ref: ReferenceReturns) -> None:
+    """Write ``ref`` as JSON to ``path`` (parent directories are created)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(ref.to_json(), indent=1))
+    os.replace(tmp, p)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def load_reference(path, kind: str | None = None, task: str | None = None) -> ReferenceReturns:
+    """Read a reference-return file; checks ``kind``/``task`` when given. Errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ReferenceFileError(f"{p}: reference-return file not found")
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReferenceFileError(f"{p}: not valid JSON ({e})") from None
+
+    def bad(msg):
+        return ReferenceFileError(f"{p}: {msg}")
+
+    if not isinstance(d, dict):
+        raise bad("top level must be a JSON object")
+    if d.get("format") != REFERENCE_FORMAT:
+        raise bad(f"'format' must be {REFERENCE_FORMAT!r}, got {d.get('format')!r}")
+    if d.get("kind") not in ("random", "expert"):
+        raise bad(f"'kind' must be 'random' or 'expert', got {d.get('kind')!r}")
+    if not isinstance(d.get("task"), str):
+        raise bad("'task' must be a string")
+    names = d.get("factors")
+    if not (isinstance(names, list) and names and all(isinstance(f, str) for f in names)):
+        raise bad("'factors' must be a non-empty list of factor names")
+    entries = d.get("entries")
+    if not isinstance(entries, list) or not entries:
+        raise bad("'entries' must be a non-empty list")
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not isinstance(e.get("values"), dict):
+            raise bad(f"entries[{i}] must be an object with a 'values' object")
+        if any(not _is_number(e["values"].get(f)) for f in names):
+            raise bad(f"entries[{i}].values must give a finite number for each of {names}")
+        if not _is_number(e.get("return")):
+            raise bad(f"entries[{i}].return must be a finite number")
+        sr = e.get("seed_returns")
+        if sr is not None and not (isinstance(sr, list) and all(_is_number(x) for x in sr)):
+            raise bad(f"entries[{i}].seed_returns must be a list of finite numbers")
+    if kind is not None and d["kind"] != kind:
+        raise bad(f"expected a {kind!r} reference file, got kind {d['kind']!r}")
+    if task is not None and d["task"] != task:
+        raise bad(f"reference file is for task {d['task']!r}, runs are for task {task!r}")
+    return ReferenceReturns(task=d["task"], kind=d["kind"], factors=tuple(names),
+                            entries=entries, source=str(p))
+
+
+# ----------------------------------------------------------------------------- normaliser
+class Normalizer:
+    """Maps a mean return at a context to the normalised score of protocol.md.
+
+    Args:
+      task: "ball_in_cup" | "walker".
+      random: random-policy reference returns per evaluated context, or None.
+      expert: expert reference returns per expert context, or None (allowed for ball_in_cup only:
+        expert fixed at 1000).
+      assume_random_zero: with ``random=None``, use R_random = 0 instead of failing.
+      eval_contexts: contexts the min-max scaling runs over (default: the evaluation grid).
+    """
+
+    def __init__(self, task: str, random: ReferenceReturns | None = None,
+                 expert: ReferenceReturns | None = None, *, assume_random_zero: bool = False,
+                 eval_contexts: Sequence[Mapping[str, float]] | None = None):
+        self.task = task
+        self.names = factors(task)
+        for ref, kind in ((random, "random"), (expert, "expert")):
+            if ref is None:
+                continue
+            if ref.kind != kind:
+                raise ReferenceFileError(
+                    f"{ref._where()}: expected kind {kind!r}, got {ref.kind!r}")
+            if ref.task != task:
+                raise ReferenceFileError(
+                    f"{ref._where()}: reference file is for task {ref.task!r}, runs are for "
+                    f"task {task!r}")
+        if random is None and not assume_random_zero:
+            raise ValueError(
+                f"no random-policy returns for task {task!r}: pass a random reference file "
+                f"(--random FILE) or explicitly assume R_random = 0 (--assume-random-zero)")
+        if expert is None and task != "ball_in_cup":
+            raise ValueError(
+                f"no expert returns for task {task!r}: pass an expert reference file "
+                f"(--expert FILE); only ball_in_cup has a fixed expert return")
+        self.random, self.expert = random, expert
+        if eval_contexts is None:
+            eval_contexts = [g.values for g in _contexts_module().evaluation_grid(task)]
+        self.ranges = minmax_ranges(eval_contexts, self.names)
+        self.experts = expert_contexts(task)
+
+    def describe(self) -> str:
+        """One line per reference source, for reports."""
+        r = (f"random-policy returns from {Path(self.random.source).name}"
+             if self.random is not None and self.random.source else
+             "random-policy returns given in memory" if self.random is not None else
+             "R_random = 0 ASSUMED (no random-policy file)")
+        e = (f"expert returns from {Path(self.expert.source).name} (nearest expert context)"
+             if self.expert is not None and self.expert.source else
+             "expert returns given in memory (nearest expert context)"
+             if self.expert is not None else
+             f"expert return fixed at {BALL_IN_CUP_EXPERT_RETURN:g}")
+        return f"{r}; {e}"
+
+    def random_return(self, values: Mapping[str, float]) -> float:
+        return 0.0 if self.random is None else self.random.lookup(values)
+
+    def expert_context(self, values: Mapping[str, float]) -> dict[str, float]:
+        return self.experts[nearest_expert(values, self.experts, self.ranges)]
+
+    def expert_return(self, values: Mapping[str, float]) -> float:
+        if self.expert is None:
+            return BALL_IN_CUP_EXPERT_RETURN
+        return self.expert.lookup(self.expert_context(values))
+
+    def score(self, mean_return: float, values: Mapping[str, float]) -> float:
+        rr, re = self.random_return(values), self.expert_return(values)
+        try:
+            return normalized_score(mean_return, rr, re)
+        except ValueError:
+            raise ValueError(
+                f"cannot normalise at context {dict(values)}: expert return {re} (at "
+                f"{self.expert_context(values)}) does not exceed random return {rr}") from None
+
+
+# ----------------------------------------------------------------------------- run results
+@dataclasses.dataclass(frozen=True)
+class ContextResult:
+    """Episode returns of one run at one grid context; ``returns`` shape (episodes,)."""
+
+    index: int
+    values: dict
+    returns: np.ndarray
+
+    @property
+    def mean_return(self) -> float:
+        return float(np.mean(self.returns))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """One run's evaluation (``RUN_DIR/eval/returns.json``)."""
+
+    path: str
+    task: str
+    method: str
+    setting: str
+    seed: int
+    obs: str
+    contexts: tuple
+    train_context: dict | None = None
+
+    def context_by_values(self, values: Mapping[str, float]) -> ContextResult | None:
+        names = tuple(values)
+        k = _key(values, names)
+        for c in self.contexts:
+            if _key(c.values, names) == k:
+                return c
+        return None
+
+
+def run_result_path(run: str | os.PathLike) -> Path:
+    """``run`` itself if it is a file, else ``run/eval/returns.json``."""
+    p = Path(run)
+    return p if p.is_file() else p / RESULTS_RELPATH
+
+
+def load_run_result(run: str | os.PathLike) -> RunResult:
+    """Read and validate a run's results (a run dir or its returns.json). Errors name the file."""
+    p = run_result_path(run)
+    if not p.is_file():
+        raise RunResultError(f"{p}: evaluation results not found (expected {RESULTS_RELPATH} "
+                             f"in the run directory; run the evaluator first)")
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunResultError(f"{p}: not valid JSON ({e})") from None
+
+    def bad(msg):
+        return RunResultError(f"{p}: {msg}")
+
+    if not isinstance(d, dict):
+        raise bad("top level must be a JSON object")
+    for k in ("task", "method", "setting"):
+        if not isinstance(d.get(k), str) or not d[k]:
+            raise bad(f"{k!r} must be a non-empty string")
+    if not isinstance(d.get("seed"), int) or isinstance(d.get("seed"), bool):
+        raise bad("'seed' must be an integer")
+    if d.get("obs") not in OBS_KINDS:
+        raise bad(f"'obs' must be one of {OBS_KINDS}, got {d.get('obs')!r}")
+    try:
+        names = factors(d["task"])
+    except ValueError as e:
+        raise bad(str(e)) from None
+    tc = d.get("train_context")
+    if tc is not None and not (isinstance(tc, dict) and all(_is_number(tc.get(f)) for f in names)):
+        raise bad(f"'train_context' must give a finite number for each of {list(names)}")
+    ctxs = d.get("contexts")
+    if not isinstance(ctxs, list) or not ctxs:
+        raise bad("'contexts' must be a non-empty list")
+    out, seen = [], set()
+    for i, c in enumerate(ctxs):
+        if not isinstance(c, dict):
+            raise bad(f"contexts[{i}] must be an object")
+        idx = c.get("index")
+        if not isinstance(idx, int) or isinstance(idx, bool):
+            raise bad(f"contexts[{i}].index must be an integer")
+        if idx in seen:
+            raise bad(f"duplicate context index {idx}")
+        seen.add(idx)
+        v = c.get("values")
+        if not isinstance(v, dict) or any(not _is_number(v.get(f)) for f in names):
+            raise bad(f"contexts[{i}].values must give a finite number for each of {list(names)}")
+        r = c.get("returns")
+        if not isinstance(r, list) or not r or not all(_is_number(x) for x in r):
+            raise bad(f"contexts[{i}].returns must be a non-empty list of finite numbers")
+        out.append(ContextResult(index=idx, values={f: float(v[f]) for f in names},
+                                 returns=np.asarray(r, dtype=np.float64)))
+    return RunResult(path=str(p), task=d["task"], method=d["method"], setting=d["setting"],
+                     seed=d["seed"], obs=d["obs"], contexts=tuple(out),
+                     train_context=None if tc is None else {f: float(tc[f]) for f in names})
+
+
+# ----------------------------------------------------------------------------- matrices
+@dataclasses.dataclass(frozen=True)
+class ScoreMatrix:
+    """Normalised scores of one method in one regime, pooled over settings.
+
+    Attributes:
+      regime: "interpolation" | "extrapolation" | "mixed".
+      scores: (S, C) array; row i holds the i-th seed (sorted) of every setting.
+      columns: C pairs ``(setting, context index)``.
+      values: C context-value dicts, aligned with ``columns``.
+      seeds: ``{setting: sorted seeds}`` (each of length S).
+    """
+
+    regime: str
+    scores: np.ndarray
+    columns: tuple
+    values: tuple
+    seeds: dict
+
+    def select(self, columns: Sequence[tuple]) -> np.ndarray:
+        """Scores restricted to ``columns`` (in that order): (S, len(columns))."""
+        pos = {c: i for i, c in enumerate(self.columns)}
+        return self.scores[:, [pos[c] for c in columns]]
+
+
+def _check_same_task(runs: Sequence[RunResult]) -> str:
+    if not runs:
+        raise ValueError("no runs given")
+    task = runs[0].task
+    for r in runs[1:]:
+        if r.task != task:
+            raise RunResultError(
+                f"{r.path}: task {r.task!r} differs from task {task!r} of {runs[0].path}; "
+                f"report one task at a time")
+    return task
+
+
+def regime_matrices(runs: Sequence[RunResult], normalizer: Normalizer,
+                    settings: Sequence[str] = POOLED_SETTINGS) -> dict[str, ScoreMatrix]:
+    """(seeds x contexts) normalised-score matrices per regime for ONE method's runs.
+
+    Runs of settings outside ``settings`` are ignored. Every setting present must have the same
+    number of runs (distinct seeds); each run must hold every context its setting scores. Columns
+    are ``(setting, index)`` pairs in settings order then grid order; regimes without columns are
+    omitted.
+    """
+    contexts = _contexts_module()
+    task = _check_same_task(runs)
+    if normalizer.task != task:
+        raise ValueError(f"normaliser is for task {normalizer.task!r}, runs are for {task!r}")
+    by_setting: dict[str, list[RunResult]] = defaultdict(list)
+    for r in runs:
+        if r.setting in settings:
+            by_setting[r.setting].append(r)
+    if not by_setting:
+        raise ValueError(f"no runs of settings {list(settings)} among {len(runs)} run(s)")
+    for s, rs in by_setting.items():
+        rs.sort(key=lambda r: r.seed)
+        for a, b in zip(rs, rs[1:]):
+            if a.seed == b.seed:
+                raise RunResultError(f"{b.path}: seed {b.seed} of setting {s!r} also in {a.path}")
+    counts = {s: len(rs) for s, rs in by_setting.items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"settings have different numbers of seeds {counts} (method "
+                         f"{runs[0].method!r}); pooling needs equal counts")
+    grid = contexts.evaluation_grid(task)
+    cols: dict[str, list] = {g: [] for g in REGIMES}
+    vals: dict[str, list] = {g: [] for g in REGIMES}
+    data: dict[str, list] = {g: [] for g in REGIMES}
+    for s in settings:
+        if s not in by_setting:
+            continue
+        scored = [(g, contexts.regime(task, s, g.values)) for g in grid]
+        scored = [(g, reg) for g, reg in scored if reg is not None]
+        per_run = []
+        for r in by_setting[s]:
+            have = {c.index: c for c in r.contexts}
+            missing = [g.index for g, _ in scored if g.index not in have]
+            if missing:
+                raise RunResultError(f"{r.path}: missing {len(missing)} context(s) scored for "
+                                     f"setting {s!r}: indices {missing[:10]}")
+            per_run.append(have)
+        for g, reg in scored:
+            cols[reg].append((s, g.index))
+            vals[reg].append(dict(g.values))
+            col = []
+            for r, have in zip(by_setting[s], per_run):
+                c = have[g.index]
+                if _key(c.values, normalizer.names) != _key(g.values, normalizer.names):
+                    raise RunResultError(
+                        f"{r.path}: context {g.index} has values {c.values}, the evaluation "
+                        f"grid has {g.values}")
+                col.append(normalizer.score(c.mean_return, c.values))
+            data[reg].append(col)
+    seeds = {s: tuple(r.seed for r in rs) for s, rs in by_setting.items()}
+    out = {}
+    for reg in REGIMES:
+        if cols[reg]:
+            out[reg] = ScoreMatrix(regime=reg, scores=np.asarray(data[reg], dtype=np.float64).T,
+                                   columns=tuple(cols[reg]), values=tuple(vals[reg]),
+                                   seeds=dict(seeds))
+    return out
+
+
+def expert_reference_from_runs(runs: Sequence[RunResult]) -> ReferenceReturns:
+    """Expert reference from runs trained on one context (``train_context`` set).
+
+    The expert return at a context is the max over runs (seeds) of the run's mean episode return
+    at its own training context.
+    """
+    task = _check_same_task(runs)
+    names = factors(task)
+    per: dict[tuple, list] = defaultdict(list)
+    ctx: dict[tuple, dict] = {}
+    for r in runs:
+        if r.train_context is None:
+            raise RunResultError(f"{r.path}: no 'train_context'; not an expert run")
+        c = r.context_by_values(r.train_context)
+        if c is None:
+            raise RunResultError(f"{r.path}: no evaluation at its train context {r.train_context}")
+        k = _key(r.train_context, names)
+        per[k].append(c.mean_return)
+        ctx[k] = r.train_context
+    return ReferenceReturns.from_seed_returns(task, "expert", names,
+                                              ((ctx[k], per[k]) for k in per))

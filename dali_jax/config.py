@@ -1,0 +1,165 @@
+"""Default configuration, size presets and start-up validation.
+
+Every option a user can set is a field of the ConfigDict returned by `get_config()`;
+`validate(config)` raises a ValueError naming the field and the valid values.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from dali_jax.methods import METHODS
+
+# deter / units / layers / cnn_depth (DreamerV3 sizes) plus tiny ones for tests and CPU runs.
+SIZES = {
+    "nano": dict(deter=32, units=32, layers=1, cnn_depth=4, stoch=4, classes=4),
+    "tiny": dict(deter=64, units=64, layers=1, cnn_depth=8, stoch=8, classes=8),
+    "mini": dict(deter=128, units=128, layers=2, cnn_depth=16, stoch=16, classes=16),
+    "small": dict(deter=512, units=512, layers=2, cnn_depth=32, stoch=32, classes=32),
+    "medium": dict(deter=1024, units=640, layers=3, cnn_depth=48, stoch=32, classes=32),
+    "large": dict(deter=2048, units=768, layers=4, cnn_depth=64, stoch=32, classes=32),
+    "xlarge": dict(deter=4096, units=1024, layers=5, cnn_depth=96, stoch=32, classes=32),
+}
+
+TASKS = ("ball_in_cup", "walker")
+OBS_MODES = ("features", "pixels")
+SETTINGS = ("default", "single_0", "single_1", "double_box", "specific")
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "ball_in_cup"  # ball_in_cup | walker
+    c.obs = "features"  # features | pixels
+    c.method = "dali_d"  # one of methods.METHODS
+    c.seed = 0
+    c.logdir = ""  # empty: runs/<task>_<method>_<obs>_<setting>_s<seed>
+    c.context_setting = "double_box"  # default | single_0 | single_1 | double_box | specific
+    c.num_contexts = 100  # contexts sampled for the training set
+    c.specific_context = ml_collections.ConfigDict({"factor_0": -1.0, "factor_1": -1.0})
+    c.compute_dtype = "auto"  # auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16
+
+    m = c.model = ml_collections.ConfigDict()
+    m.size = "small"  # nano | tiny | mini | small | medium | large | xlarge
+    m.encdec_release_quirk = True  # encoder/decoder MLPs 5 x 1024 at every size (release)
+    m.encdec_layers = 5  # used with the quirk
+    m.encdec_units = 1024  # used with the quirk
+    m.unimix = 0.01
+    m.free_nats = 1.0
+    m.action_clip = 1.0
+
+    x = c.context = ml_collections.ConfigDict()
+    x.encoder = "transformer"  # transformer | attention | gru | mlp
+    x.hidden = 256
+    x.dim = 8
+    x.window = 64  # K
+    x.readout = "flatten"  # flatten (release; ties g_phi to K) | mean
+    x.loss = "forward"  # forward | inverse | both
+    x.loss_scale = 1.0
+    x.head_units = 128
+    x.head_layers = 2
+    x.lambda_cross = 1.0
+    x.chi_fit_map = True  # also fit the c -> s map of the chi term (release: never trained)
+    x.shallow_into_dynamics = False  # release: c into img_step for shallow variants too
+    x.release_compat = False  # reproduce the release's defects 1-3 (see methods.py)
+
+    t = c.train = ml_collections.ConfigDict()
+    t.batch_size = 16
+    t.batch_length = 64
+    t.imag_horizon = 15
+    t.horizon = 333  # gamma = 1 - 1/horizon
+    t.return_lambda = 0.95
+    t.actent = 3e-4
+    t.slow_critic_fraction = 0.02
+    t.slowreg = 1.0
+    t.retnorm_decay = 0.99
+    t.model_lr = 1e-4
+    t.model_eps = 1e-8
+    t.model_clip = 1000.0
+    t.actor_lr = 3e-5
+    t.actor_eps = 1e-5
+    t.actor_clip = 100.0
+    t.critic_lr = 3e-5
+    t.critic_eps = 1e-5
+    t.critic_clip = 100.0
+    t.loss_scales = ml_collections.ConfigDict(dict(
+        recon=1.0, reward=1.0, cont=1.0, dyn=0.5, rep=0.1))
+
+    r = c.run = ml_collections.ConfigDict()
+    r.steps = 200_000  # env steps
+    r.num_envs = 4
+    r.train_ratio = 512.0  # replayed steps per env step
+    r.prefill = 1024  # random-policy env steps before training
+    r.replay_capacity = 1_000_000
+    r.log_every_s = 60.0
+    r.save_every_s = 600.0
+    r.eval_every = 10_000  # env steps; 0 disables periodic evaluation
+    r.eval_episodes = 4
+    r.eval_contexts = 3  # held-out contexts of the grid evaluated periodically
+    r.episode_length = 1000
+    r.parallel_envs = True  # subprocess envs
+    r.devices = 0  # 0: all local devices for data parallelism
+    return c
+
+
+def resolve_sizes(config) -> dict:
+    """Concrete network sizes for config.model.size (+ the release's enc/dec quirk)."""
+    s = dict(SIZES[config.model.size])
+    if config.model.encdec_release_quirk:
+        s["enc_layers"], s["enc_units"] = config.model.encdec_layers, config.model.encdec_units
+    else:
+        s["enc_layers"], s["enc_units"] = s["layers"], s["units"]
+    return s
+
+
+def _choice(name, value, options):
+    if value not in options:
+        raise ValueError(f"config.{name} must be one of {', '.join(map(str, options))}; "
+                         f"got {value!r}")
+
+
+def _positive(name, value, integer=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if integer:
+        ok = ok and float(value).is_integer()
+    if not ok:
+        kind = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"config.{name} must be {kind}; got {value!r}")
+
+
+def validate(config) -> None:
+    """Check every user-facing field; raises ValueError naming the field and valid values."""
+    _choice("task", config.task, TASKS)
+    _choice("obs", config.obs, OBS_MODES)
+    _choice("method", config.method, METHODS)
+    _choice("context_setting", config.context_setting, SETTINGS)
+    _choice("compute_dtype", config.compute_dtype, ("auto", "float32", "bfloat16"))
+    _choice("model.size", config.model.size, tuple(SIZES))
+    _choice("context.encoder", config.context.encoder, ("transformer", "attention", "gru", "mlp"))
+    _choice("context.readout", config.context.readout, ("flatten", "mean"))
+    _choice("context.loss", config.context.loss, ("forward", "inverse", "both"))
+    for name in ("context.window", "context.hidden", "context.dim", "context.head_units",
+                 "train.batch_size", "train.batch_length", "train.imag_horizon",
+                 "run.num_envs", "num_contexts", "model.encdec_layers", "model.encdec_units",
+                 "run.episode_length"):
+        _positive(name, _get(config, name), integer=True)
+    for name in ("train.horizon", "train.model_lr", "train.actor_lr", "train.critic_lr",
+                 "train.model_clip", "train.actor_clip", "train.critic_clip", "run.train_ratio"):
+        _positive(name, _get(config, name))
+    if not 0.0 <= config.train.return_lambda <= 1.0:
+        raise ValueError(f"config.train.return_lambda must be in [0, 1]; "
+                         f"got {config.train.return_lambda!r}")
+    if not 0.0 < config.train.slow_critic_fraction <= 1.0:
+        raise ValueError("config.train.slow_critic_fraction must be in (0, 1]; "
+                         f"got {config.train.slow_critic_fraction!r}")
+    if config.run.steps < 0 or config.run.prefill < 0:
+        raise ValueError("config.run.steps and config.run.prefill must be >= 0")
+    if config.context.release_compat and config.context.window != config.train.batch_length:
+        raise ValueError("config.context.release_compat uses the full training chunk as the "
+                         "window: config.context.window must equal config.train.batch_length "
+                         f"({config.context.window} != {config.train.batch_length})")
+
+
+def _get(config, dotted):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node

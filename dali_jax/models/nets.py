@@ -1,0 +1,238 @@
+"""Flax building blocks of DreamerV3: dense blocks, MLPs, image encoder/decoder, heads.
+
+Conventions (DreamerV3 / the DALI release):
+- A normalised dense layer is act(LayerNorm(x @ W)) with no bias; LayerNorm eps 1e-3 in float32.
+- Un-normalised layers (outputs) have a bias.
+- Weights: truncated normal, std sqrt(scale / fan_avg) / 0.8796; scale 0 gives zeros.
+- `dtype` is the compute dtype (float32 or bfloat16); parameters are always float32.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dali_jax.models import distributions as D
+
+f32 = jnp.float32
+
+
+def winit(scale: float = 1.0):
+    """Truncated-normal fan-avg initialiser (zeros when scale == 0)."""
+    if scale == 0.0:
+        return nn.initializers.zeros
+    return nn.initializers.variance_scaling(scale, "fan_avg", "truncated_normal")
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis in float32 (eps 1e-3), cast back to the input dtype."""
+    eps: float = 1e-3
+
+    @nn.compact
+    def __call__(self, x):
+        dtype = x.dtype
+        x = x.astype(f32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        x = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        x = x * self.param("scale", nn.initializers.ones, (x.shape[-1],), f32)
+        x = x + self.param("bias", nn.initializers.zeros, (x.shape[-1],), f32)
+        return x.astype(dtype)
+
+
+class Dense(nn.Module):
+    """y = act(LayerNorm(x W)) when `norm`, else act(x W + b). (..., in) -> (..., units)."""
+    units: int
+    norm: bool = True
+    act: str = "silu"
+    outscale: float = 1.0
+    dtype: jnp.dtype = f32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", winit(self.outscale), (x.shape[-1], self.units), f32)
+        x = x.astype(self.dtype) @ kernel.astype(self.dtype)
+        if self.norm:
+            x = LayerNorm(name="norm")(x)
+        else:
+            x = x + self.param("bias", nn.initializers.zeros, (self.units,), f32).astype(self.dtype)
+        return get_act(self.act)(x)
+
+
+def get_act(name: str):
+    if name == "none":
+        return lambda x: x
+    return getattr(jax.nn, name)
+
+
+class MLP(nn.Module):
+    """`layers` normalised dense layers of `units`. (..., in) -> (..., units)."""
+    layers: int
+    units: int
+    act: str = "silu"
+    dtype: jnp.dtype = f32
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.layers):
+            x = Dense(self.units, act=self.act, dtype=self.dtype, name=f"h{i}")(x)
+        return x
+
+
+class ConvEncoder(nn.Module):
+    """64x64 images -> flat features. (N, 64, 64, C) uint8/float -> (N, 4*4*8*depth).
+
+    Stride-2 convs (kernel 4) with depth, 2x, 4x, 8x depth channels, each followed by a
+    channel LayerNorm and SiLU; input scaled to [-0.5, 0.5].
+    """
+    depth: int = 32
+    minres: int = 4
+    dtype: jnp.dtype = f32
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.astype(self.dtype) / 255.0 - 0.5
+        stages = int(np.log2(x.shape[-2]) - np.log2(self.minres))
+        depth = self.depth
+        for i in range(stages):
+            x = nn.Conv(depth, (4, 4), (2, 2), padding="SAME", use_bias=False,
+                        kernel_init=winit(), dtype=self.dtype, param_dtype=f32,
+                        name=f"s{i}conv")(x)
+            x = jax.nn.silu(LayerNorm(name=f"s{i}norm")(x))
+            depth *= 2
+        return x.reshape(x.shape[:-3] + (-1,))
+
+
+class ConvDecoder(nn.Module):
+    """Features -> image mean in [0, 1] space (centred at 0.5). (N, F) -> (N, H, W, C).
+
+    Linear -> (minres, minres, 8*depth) -> stride-2 transposed convs (kernel 4) halving
+    the depth, LayerNorm + SiLU between them, plain last layer; +0.5 at the end.
+    """
+    shape: Sequence[int] = (64, 64, 3)
+    depth: int = 32
+    minres: int = 4
+    dtype: jnp.dtype = f32
+
+    @nn.compact
+    def __call__(self, x):
+        stages = int(np.log2(self.shape[-2]) - np.log2(self.minres))
+        depth = self.depth * 2 ** (stages - 1)
+        x = Dense(self.minres * self.minres * depth, norm=False, act="none",
+                  dtype=self.dtype, name="in")(x)
+        x = x.reshape(x.shape[:-1] + (self.minres, self.minres, depth))
+        for i in range(stages):
+            last = i == stages - 1
+            depth = self.shape[-1] if last else depth // 2
+            x = nn.ConvTranspose(depth, (4, 4), (2, 2), padding="SAME", use_bias=last,
+                                 kernel_init=winit(), dtype=self.dtype, param_dtype=f32,
+                                 name=f"s{i}conv")(x)
+            if not last:
+                x = jax.nn.silu(LayerNorm(name=f"s{i}norm")(x))
+        return x.astype(f32) + 0.5
+
+
+class Encoder(nn.Module):
+    """Dict observation -> embedding (..., E).
+
+    Vector keys are concatenated, symlog'd and fed to an MLP; image keys go through the CNN.
+    """
+    vector_keys: Sequence[str] = ("obs",)
+    image_keys: Sequence[str] = ()
+    mlp_layers: int = 5
+    mlp_units: int = 1024
+    cnn_depth: int = 32
+    dtype: jnp.dtype = f32
+
+    @nn.compact
+    def __call__(self, obs):
+        outs = []
+        if self.image_keys:
+            img = jnp.concatenate([obs[k] for k in self.image_keys], -1)
+            batch = img.shape[:-3]
+            flat = img.reshape((-1,) + img.shape[-3:])
+            feat = ConvEncoder(self.cnn_depth, dtype=self.dtype, name="cnn")(flat)
+            outs.append(feat.reshape(batch + feat.shape[-1:]))
+        if self.vector_keys:
+            vec = jnp.concatenate([obs[k].astype(f32) for k in self.vector_keys], -1)
+            outs.append(MLP(self.mlp_layers, self.mlp_units, dtype=self.dtype,
+                            name="mlp")(D.symlog(vec)))
+        return jnp.concatenate([o.astype(f32) for o in outs], -1)
+
+
+class Decoder(nn.Module):
+    """Features (..., F) -> dict of predictions: vectors in symlog space, images in [0,1]."""
+    vector_shapes: dict = None  # key -> dim
+    image_shapes: dict = None  # key -> (H, W, C)
+    mlp_layers: int = 5
+    mlp_units: int = 1024
+    cnn_depth: int = 32
+    dtype: jnp.dtype = f32
+
+    @nn.compact
+    def __call__(self, feat):
+        out = {}
+        if self.image_shapes:
+            keys = list(self.image_shapes)
+            h, w = self.image_shapes[keys[0]][:2]
+            channels = [self.image_shapes[k][-1] for k in keys]
+            batch = feat.shape[:-1]
+            img = ConvDecoder((h, w, sum(channels)), self.cnn_depth, dtype=self.dtype,
+                              name="cnn")(feat.reshape((-1, feat.shape[-1])))
+            img = img.reshape(batch + img.shape[1:])
+            for k, part in zip(keys, jnp.split(img, np.cumsum(channels)[:-1], -1)):
+                out[k] = part
+        if self.vector_shapes:
+            x = MLP(self.mlp_layers, self.mlp_units, dtype=self.dtype, name="mlp")(feat)
+            for k, dim in self.vector_shapes.items():
+                out[k] = Dense(dim, norm=False, act="none", dtype=self.dtype,
+                               name=f"out_{k}")(x).astype(f32)
+        return out
+
+
+class Head(nn.Module):
+    """MLP + linear output. (..., F) -> (..., out). outscale 0 zero-initialises the output."""
+    out: int
+    layers: int = 2
+    units: int = 512
+    outscale: float = 1.0
+    dtype: jnp.dtype = f32
+
+    @nn.compact
+    def __call__(self, x):
+        x = MLP(self.layers, self.units, dtype=self.dtype, name="mlp")(x)
+        return Dense(self.out, norm=False, act="none", outscale=self.outscale,
+                     dtype=self.dtype, name="out")(x).astype(f32)
+
+
+class Actor(nn.Module):
+    """Policy head. (..., F) -> distribution parameters.
+
+    Continuous: (mean, raw_std) each (..., A) from two linear outputs (as in the release);
+    discrete: logits (..., A).
+    """
+    action_dim: int
+    discrete: bool = False
+    layers: int = 2
+    units: int = 512
+    dtype: jnp.dtype = f32
+
+    @nn.compact
+    def __call__(self, x):
+        x = MLP(self.layers, self.units, dtype=self.dtype, name="mlp")(x)
+        out = Dense(self.action_dim, norm=False, act="none", dtype=self.dtype, name="out")(x)
+        if self.discrete:
+            return out.astype(f32)
+        std = Dense(self.action_dim, norm=False, act="none", dtype=self.dtype, name="std")(x)
+        return out.astype(f32), std.astype(f32)
+
+
+def actor_dist(out, discrete: bool, unimix: float = 0.01, min_std=0.1, max_std=1.0):
+    """Actor output -> distribution (OneHot with unimix, or BoundedNormal)."""
+    if discrete:
+        return D.OneHot(D.unimix_logits(out, unimix))
+    mean, raw_std = out
+    return D.BoundedNormal(jnp.tanh(mean), D.bounded_std(raw_std, min_std, max_std))

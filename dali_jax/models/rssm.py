@@ -1,0 +1,190 @@
+"""Recurrent state-space model (DreamerV3) with optional context inputs.
+
+State: dict(deter=(B, D), logit=(B, S, C), stoch=(B, S, C)).
+Where a context c (B, Cc) enters (DALI / cRSSM):
+- `ctx_post`: appended to [h_t, embed_t] before the posterior (shallow integration);
+- `ctx_dyn`: appended to [z_{t-1}, a_{t-1}] at the img_step input (deep integration).
+
+`observe` and `imagine` are pure functions of (params, ...) scanning the cell with
+`jax.lax.scan`; the cell's single steps are `RSSM.obs_step` / `RSSM.img_step`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dali_jax.models import distributions as D
+from dali_jax.models.nets import Dense
+
+f32 = jnp.float32
+sg = jax.lax.stop_gradient
+
+
+class RSSM(nn.Module):
+    deter: int = 512
+    units: int = 512
+    stoch: int = 32
+    classes: int = 32
+    unimix: float = 0.01
+    action_clip: float = 1.0
+    dtype: jnp.dtype = f32
+
+    def setup(self):
+        self.initial_w = self.param("initial", nn.initializers.zeros, (self.deter,), f32)
+        self.img_in = Dense(self.units, dtype=self.dtype)
+        self.gru = Dense(3 * self.deter, act="none", dtype=self.dtype)
+        self.img_out = Dense(self.units, dtype=self.dtype)
+        self.img_stats = Dense(self.stoch * self.classes, norm=False, act="none",
+                               dtype=self.dtype)
+        self.obs_out = Dense(self.units, dtype=self.dtype)
+        self.obs_stats = Dense(self.stoch * self.classes, norm=False, act="none",
+                               dtype=self.dtype)
+
+    # ----------------------------------------------------------------- pieces
+    def _logits(self, layer, x):
+        x = layer(x).astype(f32)
+        x = x.reshape(x.shape[:-1] + (self.stoch, self.classes))
+        return D.unimix_logits(x, self.unimix)
+
+    def initial(self, batch: int):
+        """Learned initial state: h0 = tanh(w), z0 = mode of the prior at h0."""
+        deter = jnp.broadcast_to(jnp.tanh(self.initial_w), (batch, self.deter))
+        logit = self._logits(self.img_stats, self.img_out(deter))
+        stoch = jax.nn.one_hot(jnp.argmax(logit, -1), self.classes, dtype=f32)
+        return dict(deter=deter, logit=logit, stoch=stoch)
+
+    def _clip(self, action):
+        if self.action_clip > 0:
+            action = action * sg(self.action_clip / jnp.maximum(self.action_clip,
+                                                                 jnp.abs(action)))
+        return action
+
+    def img_step(self, state, action, rng, ctx_dyn=None):
+        """Prior step: (state_{t-1}, a_{t-1}[, c]) -> state_t sampled from the prior."""
+        stoch = state["stoch"].reshape(state["stoch"].shape[:-2] + (-1,))
+        parts = [stoch, self._clip(action.astype(f32))]
+        if ctx_dyn is not None:
+            parts.append(ctx_dyn)
+        x = self.img_in(jnp.concatenate(parts, -1))
+        h = state["deter"]
+        gates = self.gru(jnp.concatenate([h.astype(x.dtype), x], -1)).astype(f32)
+        reset, cand, update = jnp.split(gates, 3, -1)
+        reset = jax.nn.sigmoid(reset)
+        cand = jnp.tanh(reset * cand)
+        update = jax.nn.sigmoid(update - 1.0)
+        h = update * cand + (1.0 - update) * h
+        logit = self._logits(self.img_stats, self.img_out(h))
+        stoch = D.OneHot(logit).sample(rng)
+        return dict(deter=h, logit=logit, stoch=stoch)
+
+    def obs_step(self, prev_state, prev_action, embed, is_first, rng, ctx_post=None,
+                 ctx_dyn=None):
+        """Filter step. Resets state and action where is_first (B,) to the learned initial."""
+        keep = 1.0 - is_first.astype(f32)
+        init = self.initial(is_first.shape[0])
+        prev_state = jax.tree_util.tree_map(
+            lambda p, i: p * _bcast(keep, p) + i * _bcast(1.0 - keep, i), prev_state, init)
+        prev_action = prev_action * keep[:, None]
+        r1, r2 = jax.random.split(rng)
+        prior = self.img_step(prev_state, prev_action, r1, ctx_dyn)
+        parts = [prior["deter"], embed]
+        if ctx_post is not None:
+            parts.append(ctx_post)
+        logit = self._logits(self.obs_stats, self.obs_out(jnp.concatenate(parts, -1)))
+        stoch = D.OneHot(logit).sample(r2)
+        post = dict(deter=prior["deter"], logit=logit, stoch=stoch)
+        return post, prior
+
+    def __call__(self, state, action, embed, is_first, rng, ctx_post=None, ctx_dyn=None):
+        """Used only for `init`: touches every parameter."""
+        return self.obs_step(state, action, embed, is_first, rng, ctx_post, ctx_dyn)
+
+
+def _bcast(v, like):
+    return v.reshape(v.shape + (1,) * (like.ndim - 1))
+
+
+def feat(state):
+    """Model features [h, flat(z)]: (..., D + S*C)."""
+    stoch = state["stoch"]
+    return jnp.concatenate([state["deter"], stoch.reshape(stoch.shape[:-2] + (-1,))], -1)
+
+
+def initial_state(rssm: RSSM, params, batch: int):
+    return rssm.apply({"params": params}, batch, method=RSSM.initial)
+
+
+def observe(rssm: RSSM, params, embed, prev_action, is_first, rng, state=None,
+            ctx_post=None, ctx_dyn=None):
+    """Filter a sequence with `lax.scan`.
+
+    embed (B, T, E); prev_action (B, T, A) = action *before* step t; is_first (B, T);
+    ctx_post / ctx_dyn: optional (B, T, Cc). state: optional start state (B, ...), the
+    learned initial state when None. Returns (post, prior), dicts of (B, T, ...).
+    """
+    B, T = embed.shape[:2]
+    if state is None:
+        state = initial_state(rssm, params, B)
+    swap = lambda x: None if x is None else jnp.swapaxes(x, 0, 1)
+    rngs = jax.random.split(rng, T)
+
+    def step(prev, inp):
+        a, e, first, key, cp, cd = inp
+        post, prior = rssm.apply({"params": params}, prev, a, e, first, key, cp, cd,
+                                 method=RSSM.obs_step)
+        return post, (post, prior)
+
+    inputs = (swap(prev_action), swap(embed), swap(is_first), rngs, swap(ctx_post),
+              swap(ctx_dyn))
+    _, (post, prior) = jax.lax.scan(step, state, inputs)
+    return jax.tree_util.tree_map(swap, post), jax.tree_util.tree_map(swap, prior)
+
+
+def imagine(rssm: RSSM, params, policy: Callable, start, horizon: int, rng, ctx_dyn=None):
+    """Open-loop imagination with a policy: `policy(state, rng) -> action` (N, A).
+
+    start: state dict (N, ...). ctx_dyn: optional (N, Cc), held fixed over the horizon.
+    Returns a trajectory dict of (H + 1, N, ...) including the start state and an
+    `action` entry (the action taken in each state).
+    """
+    r0, rng = jax.random.split(rng)
+    start = dict(start, action=policy(start, r0))
+
+    def step(prev, key):
+        k1, k2 = jax.random.split(key)
+        state = rssm.apply({"params": params}, prev, prev["action"], k1, ctx_dyn,
+                           method=RSSM.img_step)
+        return dict(state, action=policy(state, k2)), None
+
+    def scan_step(prev, key):
+        nxt, _ = step(prev, key)
+        return nxt, nxt
+
+    _, traj = jax.lax.scan(scan_step, start, jax.random.split(rng, horizon))
+    return jax.tree_util.tree_map(lambda s, t: jnp.concatenate([s[None], t], 0), start, traj)
+
+
+def imagine_actions(rssm: RSSM, params, start, actions, rng, ctx_dyn=None):
+    """Open-loop imagination under given actions (N, H, A) from start (N, ...).
+
+    Returns prior states (N, H, ...): state k is the result of applying actions[:, k].
+    """
+    def step(prev, inp):
+        a, key = inp
+        state = rssm.apply({"params": params}, prev, a, key, ctx_dyn, method=RSSM.img_step)
+        return state, state
+
+    H = actions.shape[1]
+    _, traj = jax.lax.scan(step, start, (jnp.swapaxes(actions, 0, 1), jax.random.split(rng, H)))
+    return jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), traj)
+
+
+def kl_losses(post, prior, free: float = 1.0):
+    """DreamerV3 KL terms, each (B, T): dyn = max(free, KL(sg(post)||prior)),
+    rep = max(free, KL(post||sg(prior))); KL summed over the S categoricals."""
+    dyn = D.OneHot(sg(post["logit"]), 1).kl(D.OneHot(prior["logit"], 1))
+    rep = D.OneHot(post["logit"], 1).kl(D.OneHot(sg(prior["logit"]), 1))
+    return jnp.maximum(dyn, free), jnp.maximum(rep, free), dyn

@@ -1,0 +1,517 @@
+"""Atomic, verified checkpoints of pytrees (orbax for device arrays, npz for host arrays).
+
+Layout of ``directory``::
+
+    ckpt_00001000/            one complete checkpoint (step 1000)
+      orbax/                  non-empty jax.Array leaves (orbax PyTreeCheckpointer, flat dict)
+      arrays.npz              numpy leaves (e.g. replay contents), empty arrays, PRNG key data
+      meta.json               step, extra, fingerprint, leaf table, file manifest (written last)
+    ckpt_00002000.partial-*/  a save in progress or interrupted by a crash: never read
+
+A save builds everything in ``ckpt_<step>.partial-<id>/`` (orbax itself writes to
+a temporary directory and renames it; ``arrays.npz`` and ``meta.json`` are written
+to ``*.tmp`` and ``os.replace``d), then renames that directory to ``ckpt_<step>``
+in one ``os.rename``. So a ``ckpt_<step>`` directory is either complete or was
+damaged afterwards. Host numpy arrays go to ``arrays.npz`` rather than into
+orbax because orbax rejects zero-size arrays and writes each array as one chunk;
+npz has neither limit and carries a CRC-32 per array.
+
+``meta.json`` lists every file with its size (and CRC-32 for the orbax files);
+``restore`` checks them, the leaf table against the template (paths, shapes,
+dtypes) and the stored config fingerprint against the current one, and raises
+``CheckpointError`` naming the offending file or leaf instead of returning
+anything partial. Python scalars (int, float, bool, str) are stored in
+``meta.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+import zlib
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+__all__ = ["Checkpointer", "CheckpointError", "config_fingerprint"]
+
+FORMAT = "dali_jax.checkpoint/1"
+_FINAL = re.compile(r"^ckpt_(\d+)$")
+_PARTIAL = ".partial-"
+_META = "meta.json"
+_NPZ = "arrays.npz"
+_ORBAX = "orbax"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is corrupt, incomplete or incompatible with the current run."""
+
+
+def config_fingerprint(config: Any) -> str:
+    """sha256 of the canonical JSON of ``config`` (a mapping; other values via ``str``)."""
+    import hashlib
+    text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------ helpers
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: str, write) -> None:
+    """Writes via ``write(fileobj)`` to ``path + '.tmp'``, fsyncs, ``os.replace``s."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(x):
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    raise TypeError(f"checkpoint extra: {type(x).__name__} is not JSON serialisable")
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _encode_path(path) -> list:
+    out = []
+    for k in path:
+        if isinstance(k, jax.tree_util.SequenceKey):
+            out.append(["s", k.idx])
+        elif isinstance(k, jax.tree_util.DictKey):
+            if not isinstance(k.key, (str, int)):
+                raise TypeError(f"checkpoint dict keys must be str or int, got {k.key!r}")
+            out.append(["d", k.key])
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            out.append(["a", k.name])
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            out.append(["i", k.key])
+        else:
+            out.append(["d", str(k)])
+    return out
+
+
+def _path_name(path) -> str:
+    return jax.tree_util.keystr(tuple(path)) or "<root>"
+
+
+def _is_key_array(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _describe(x) -> tuple[str, tuple, str]:
+    """(kind, shape, dtype) of a leaf or template leaf."""
+    if isinstance(x, (bool, int, float, str)) or x is None:
+        return "scalar", (), type(x).__name__
+    if _is_key_array(x):
+        return "key", tuple(x.shape), str(jax.random.key_impl(x))
+    if isinstance(x, jax.ShapeDtypeStruct):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return "key", tuple(x.shape), "?"
+        return "jax", tuple(x.shape), str(np.dtype(x.dtype))
+    if isinstance(x, jax.Array):
+        return "jax", tuple(x.shape), str(x.dtype)
+    if isinstance(x, (np.ndarray, np.generic)):
+        return "numpy", tuple(np.shape(x)), str(x.dtype)
+    raise TypeError(f"unsupported checkpoint leaf type {type(x).__name__}")
+
+
+def _rebuild(leaves: list[tuple[list, Any]]) -> Any:
+    """Nested dicts/lists from encoded paths (used when no template is given)."""
+    if len(leaves) == 1 and not leaves[0][0]:
+        return leaves[0][1]
+    root: Any = None
+    for path, value in leaves:
+        if root is None:
+            root = [] if path[0][0] == "s" else {}
+        node = root
+        for i, (kind, key) in enumerate(path):
+            last = i == len(path) - 1
+            nxt = None if last else ([] if path[i + 1][0] == "s" else {})
+            if isinstance(node, list):
+                while len(node) <= key:
+                    node.append(None)
+                if last:
+                    node[key] = value
+                elif node[key] is None:
+                    node[key] = nxt
+                node = None if last else node[key]
+            else:
+                if last:
+                    node[key] = value
+                else:
+                    node = node.setdefault(key, nxt)
+    return root
+
+
+# ---------------------------------------------------------------- checkpointer
+class Checkpointer:
+    """Saves and restores ``(step, tree, extra)`` under ``directory``, keeping the last ``keep``.
+
+    Args:
+      directory: checkpoint root (created if missing).
+      keep: number of most recent checkpoints kept after each save.
+      fingerprint: identity of the run's config: a str (e.g. ``config_fingerprint(cfg)``)
+        or a JSON-able mapping (then a mismatch names the differing fields). Stored
+        with every save; ``restore`` raises ``CheckpointError`` if the stored one
+        differs from this one.
+    """
+
+    def __init__(self, directory: str, keep: int = 2, fingerprint: str | Mapping | None = None):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.keep = int(keep)
+        self.fingerprint = json.loads(json.dumps(fingerprint, default=str)) \
+            if fingerprint is not None else None
+        os.makedirs(self.directory, exist_ok=True)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._orbax = None
+
+    # ----------------------------------------------------------------- listing
+    def steps(self) -> list[int]:
+        """Steps of the complete (final-named) checkpoints, ascending."""
+        out = []
+        for name in os.listdir(self.directory):
+            m = _FINAL.match(name)
+            if m and os.path.isdir(os.path.join(self.directory, name)):
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.directory, f"ckpt_{int(step):08d}")
+
+    def _checkpointer(self):
+        if self._orbax is None:
+            import orbax.checkpoint as ocp
+            self._orbax = ocp.PyTreeCheckpointer()
+        return self._orbax
+
+    # ------------------------------------------------------------------ saving
+    def save(self, step: int, tree: Any, extra: Mapping | None = None,
+             blocking: bool = True) -> None:
+        """Saves ``tree`` (pytree of jax/numpy arrays and python scalars) and ``extra`` (JSON).
+
+        With ``blocking=False`` device arrays are copied to host first and the
+        files are written in a background thread; numpy leaves are NOT copied, so
+        the caller must not modify them until ``wait()`` (``Replay.state_dict``
+        returns fresh copies). A previous pending save is waited for first; an
+        error of a background save is raised by the next ``save``/``wait``.
+        """
+        self.wait()
+        step = int(step)
+        # Must be JSON (numpy scalars/arrays are converted); a detached copy.
+        extra = json.loads(json.dumps(dict(extra or {}), default=_json_default))
+        leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+        if not blocking:
+            # Host copy now: later donation or mutation of device buffers cannot race.
+            leaves = [(p, jax.device_get(x) if isinstance(x, jax.Array) and not _is_key_array(x)
+                       else x) for p, x in leaves]
+        if blocking:
+            self._save(step, leaves, extra)
+            return
+
+        def run():
+            try:
+                self._save(step, leaves, extra)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in wait()
+                self._error = exc
+        self._thread = threading.Thread(target=run, name="checkpoint-save", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Blocks until a background save has finished; re-raises its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def _save(self, step: int, leaves: list, extra: dict) -> None:
+        self._remove_partials()
+        final = self.path(step)
+        tmp = f"{final}{_PARTIAL}{uuid.uuid4().hex[:8]}"
+        os.makedirs(tmp)
+        table, orbax_tree, npz = [], {}, {}
+        for i, (path, x) in enumerate(leaves):
+            kind, shape, dtype = _describe(x)
+            entry = {"path": _encode_path(path), "name": _path_name(path), "kind": kind,
+                     "shape": list(shape), "dtype": dtype}
+            key = f"l{i:05d}"
+            if kind == "scalar":
+                entry.update(store="json", value=x)
+            elif kind == "key":
+                entry.update(store="npz", key=key)
+                npz[key] = np.asarray(jax.random.key_data(x))
+            elif kind == "jax" and x.size > 0:
+                entry.update(store="orbax", key=key)
+                orbax_tree[key] = x
+            else:
+                entry.update(store="npz", key=key)
+                npz[key] = np.asarray(jax.device_get(x))
+            table.append(entry)
+        if orbax_tree:
+            self._checkpointer().save(os.path.join(tmp, _ORBAX), orbax_tree)
+        if npz:
+            _write_atomic(os.path.join(tmp, _NPZ), lambda f: np.savez(f, **npz))
+        files = {}
+        for root, _, names in os.walk(tmp):
+            for name in names:
+                full = os.path.join(root, name)
+                rel = os.path.relpath(full, tmp)
+                files[rel] = {"size": os.path.getsize(full),
+                              "crc32": None if rel == _NPZ else _crc32(full)}
+        meta = {"format": FORMAT, "step": step, "time": time.time(),
+                "fingerprint": self.fingerprint, "extra": extra, "leaves": table,
+                "files": files}
+        _write_atomic(os.path.join(tmp, _META),
+                      lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        _fsync_dir(tmp)
+        if os.path.exists(final):  # same step saved again: swap in the new one
+            old = f"{final}{_PARTIAL}old-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(self.directory)
+        for s in self.steps()[:-self.keep]:
+            self._delete(self.path(s))
+
+    def _delete(self, path: str) -> None:
+        # Rename first so that a crash mid-delete never leaves a half final dir.
+        trash = f"{path}{_PARTIAL}del-{uuid.uuid4().hex[:8]}"
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _remove_partials(self) -> None:
+        for name in os.listdir(self.directory):
+            if name.startswith("ckpt_") and _PARTIAL in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    # --------------------------------------------------------------- restoring
+    def restore(self, template: Any = None, step: int | None = None) -> tuple[int, Any, dict]:
+        """Loads the latest (or the given) checkpoint: ``(step, tree, extra)``.
+
+        With ``template`` (a pytree like the saved one; leaves may be arrays or
+        ``jax.ShapeDtypeStruct``) the result has the template's structure and leaf
+        types, jax leaves placed with the template leaf's sharding; without it,
+        nested dicts/lists of the saved kinds. Raises ``FileNotFoundError`` when
+        there is no checkpoint and ``CheckpointError`` when it is unusable.
+        """
+        self.wait()
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        path = self.path(step)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no checkpoint {path}")
+        try:
+            return self._restore(path, template)
+        except CheckpointError as exc:
+            others = [s for s in self.steps() if s != step]
+            if not others:
+                raise
+            raise CheckpointError(
+                f"{exc} [other checkpoints in {self.directory}: steps {others}; restore one "
+                f"with restore(step=...) or move {path} away]") from exc
+
+    def _restore(self, path: str, template: Any) -> tuple[int, Any, dict]:
+        meta = self._read_meta(path)
+        self._verify_files(path, meta)
+        self._check_fingerprint(path, meta)
+        table = meta["leaves"]
+        if template is not None:
+            t_leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+            self._check_template(path, table, t_leaves)
+            targets = [x for _, x in t_leaves]
+        else:
+            targets = [None] * len(table)
+
+        values = self._load_values(path, table)
+        out = []
+        for entry, target in zip(table, targets):
+            out.append(self._convert(entry, values[entry.get("key")] if entry["store"] != "json"
+                                     else entry["value"], target))
+        if template is not None:
+            tree = jax.tree_util.tree_unflatten(treedef, out)
+        else:
+            tree = _rebuild([(e["path"], v) for e, v in zip(table, out)]) if out else None
+        return int(meta["step"]), tree, meta["extra"]
+
+    def read_extra(self, step: int | None = None) -> dict:
+        """``extra`` of the latest (or given) checkpoint, without loading arrays."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return self._read_meta(self.path(step))["extra"]
+
+    def _read_meta(self, path: str) -> dict:
+        mpath = os.path.join(path, _META)
+        if not os.path.isfile(mpath):
+            raise CheckpointError(f"checkpoint {path} is incomplete: {mpath} is missing")
+        try:
+            with open(mpath, "rb") as f:
+                meta = json.loads(f.read().decode())
+        except (ValueError, UnicodeDecodeError, OSError) as exc:
+            raise CheckpointError(f"corrupt checkpoint metadata {mpath}: {exc}") from exc
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or not all(
+                k in meta for k in ("step", "extra", "leaves", "files")):
+            raise CheckpointError(f"corrupt checkpoint metadata {mpath}: not a {FORMAT} file")
+        return meta
+
+    def _verify_files(self, path: str, meta: dict) -> None:
+        for rel, info in meta["files"].items():
+            full = os.path.join(path, rel)
+            if not os.path.isfile(full):
+                raise CheckpointError(f"corrupt checkpoint: file {full} is missing")
+            size = os.path.getsize(full)
+            if size != info["size"]:
+                raise CheckpointError(f"corrupt checkpoint: file {full} has {size} bytes, "
+                                      f"expected {info['size']} (truncated or overwritten)")
+            if info.get("crc32") is not None and _crc32(full) != info["crc32"]:
+                raise CheckpointError(f"corrupt checkpoint: file {full} fails its CRC-32 check")
+
+    def _check_fingerprint(self, path: str, meta: dict) -> None:
+        stored, current = meta.get("fingerprint"), self.fingerprint
+        if current is None or stored == current:
+            return
+        where = os.path.join(path, _META)
+        if isinstance(stored, dict) and isinstance(current, dict):
+            diffs = [f"{k}: checkpoint {stored.get(k, '<absent>')!r} vs now "
+                     f"{current.get(k, '<absent>')!r}"
+                     for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
+            detail = "; ".join(diffs[:10])
+            if len(diffs) > 10:
+                detail += f"; ... ({len(diffs)} fields)"
+        else:
+            detail = f"checkpoint {stored!r} vs now {current!r}"
+        raise CheckpointError(
+            f"incompatible checkpoint {where}: config fingerprint differs: {detail}")
+
+    def _check_template(self, path: str, table: list, t_leaves: list) -> None:
+        where = os.path.join(path, _META)
+        saved = {e["name"]: e for e in table}
+        wanted = {_path_name(p): x for p, x in t_leaves}
+        missing = [n for n in wanted if n not in saved]
+        unexpected = [n for n in saved if n not in wanted]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"incompatible checkpoint {where}: tree structure differs from the template: "
+                f"leaves missing in checkpoint {missing[:10]}, "
+                f"leaves not in template {unexpected[:10]}")
+        order = [e["name"] for e in table]
+        if order != list(wanted):
+            raise CheckpointError(
+                f"incompatible checkpoint {where}: leaf order differs from the template "
+                f"(checkpoint {order[:5]}..., template {list(wanted)[:5]}...)")
+        for name, x in wanted.items():
+            e = saved[name]
+            kind, shape, dtype = _describe(x)
+            if (kind == "scalar") != (e["kind"] == "scalar") or \
+                    (kind == "key") != (e["kind"] == "key"):
+                raise CheckpointError(f"incompatible checkpoint {where}: leaf {name} is a "
+                                      f"{e['kind']} in the checkpoint, a {kind} in the template")
+            if kind == "scalar":
+                continue
+            if tuple(e["shape"]) != shape:
+                raise CheckpointError(
+                    f"incompatible checkpoint {where}: leaf {name} has shape "
+                    f"{tuple(e['shape'])} in the checkpoint, {shape} in the template")
+            if kind != "key" and e["dtype"] != dtype:
+                raise CheckpointError(f"incompatible checkpoint {where}: leaf {name} has dtype "
+                                      f"{e['dtype']} in the checkpoint, {dtype} in the template")
+
+    def _load_values(self, path: str, table: list) -> dict[str, np.ndarray]:
+        values: dict[str, np.ndarray] = {}
+        orbax_keys = [e["key"] for e in table if e["store"] == "orbax"]
+        npz_entries = [e for e in table if e["store"] == "npz"]
+        if orbax_keys:
+            import orbax.checkpoint as ocp
+            opath = os.path.join(path, _ORBAX)
+            try:
+                restore_args = {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in orbax_keys}
+                got = self._checkpointer().restore(
+                    opath, args=ocp.args.PyTreeRestore(item={k: 0 for k in orbax_keys},
+                                                       restore_args=restore_args))
+            except Exception as exc:  # noqa: BLE001 - orbax/tensorstore raise many types
+                raise CheckpointError(f"corrupt checkpoint: cannot read {opath}: "
+                                      f"{type(exc).__name__}: {exc}") from exc
+            values.update(got)
+        if npz_entries:
+            npath = os.path.join(path, _NPZ)
+            try:
+                with np.load(npath, allow_pickle=False) as z:
+                    for e in npz_entries:
+                        try:
+                            values[e["key"]] = z[e["key"]]
+                        except Exception as exc:  # noqa: BLE001
+                            raise CheckpointError(
+                                f"corrupt checkpoint: cannot read leaf {e['name']} ({e['key']}) "
+                                f"from {npath}: {type(exc).__name__}: {exc}") from exc
+            except CheckpointError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise CheckpointError(f"corrupt checkpoint: cannot read {npath}: "
+                                      f"{type(exc).__name__}: {exc}") from exc
+        for e in table:
+            if e["store"] == "json":
+                continue
+            v = values.get(e["key"])
+            want = tuple(e["shape"]) if e["kind"] != "key" else None
+            if v is None or (want is not None and tuple(v.shape) != want):
+                raise CheckpointError(f"corrupt checkpoint {path}: leaf {e['name']} could not be "
+                                      f"read with shape {e['shape']}")
+        return values
+
+    @staticmethod
+    def _convert(entry: dict, value: Any, target: Any) -> Any:
+        kind = entry["kind"]
+        if kind == "scalar":
+            return value
+        if kind == "key":
+            impl = entry["dtype"]
+            key = jax.random.wrap_key_data(value, impl=impl)
+            sharding = getattr(target, "sharding", None)
+            return jax.device_put(key, sharding) if sharding is not None else key
+        value = np.asarray(value)
+        if target is None:
+            return jax.device_put(value) if kind == "jax" else value
+        if isinstance(target, (jax.Array, jax.ShapeDtypeStruct)):
+            sharding = getattr(target, "sharding", None)
+            return jax.device_put(value, sharding) if sharding is not None \
+                else jax.device_put(value)
+        if isinstance(target, np.generic):
+            return value[()]
+        return value

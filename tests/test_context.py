@@ -1,0 +1,132 @@
+"""g_phi windows, the vectorised prefix loss and causality against naive loops."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dali_jax.models import context as C
+
+B, T, K, DO, A, H, CD = 2, 9, 4, 3, 2, 16, 5
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    obs = rng.normal(size=(B, T, DO)).astype(np.float32)
+    act = rng.uniform(-1, 1, size=(B, T, A)).astype(np.float32)
+    first = np.zeros((B, T), bool)
+    first[:, 0] = True
+    first[0, 5] = True
+    prev = np.concatenate([np.zeros_like(act[:, :1]), act[:, :-1]], 1) * (~first)[..., None]
+    return obs, act, first, C.tokens(obs, prev)
+
+
+def _naive_indices(first, k):
+    out = np.zeros(first.shape + (k,), int)
+    for b in range(first.shape[0]):
+        start = 0
+        for t in range(first.shape[1]):
+            if first[b, t]:
+                start = t
+            for j in range(k):
+                out[b, t, j] = max(t - (k - 1) + j, start)
+    return out
+
+
+def test_window_indices_are_causal_episode_bounded_and_edge_padded():
+    _, _, first, _ = _data()
+    idx = np.asarray(C.window_indices(jnp.asarray(first), K))
+    np.testing.assert_array_equal(idx, _naive_indices(first, K))
+    assert (idx <= np.arange(T)[None, :, None]).all()
+    np.testing.assert_array_equal(idx[0, 6], [5, 5, 5, 6])  # new episode at 5
+
+
+@pytest.mark.parametrize("kind,readout", [("transformer", "flatten"), ("transformer", "mean"),
+                                          ("attention", "flatten"), ("gru", "flatten"),
+                                          ("mlp", "flatten")])
+def test_chunk_path_equals_explicit_windows(kind, readout):
+    obs, act, first, tok = _data()
+    enc = C.ContextEncoder(kind, H, CD, K, readout)
+    params = enc.init(jax.random.PRNGKey(0), jnp.zeros((1, K, DO + A)))["params"]
+    idx = C.window_indices(jnp.asarray(first), K)
+    got = enc.apply({"params": params}, tok, idx, method=C.ContextEncoder.chunk)
+    assert got.shape == (B, T, CD)
+    nidx = _naive_indices(first, K)
+    windows = np.asarray(tok)[np.arange(B)[:, None, None], nidx]  # (B, T, K, D)
+    want = enc.apply({"params": params}, jnp.asarray(windows.reshape(B * T, K, -1)))
+    np.testing.assert_allclose(got, np.asarray(want).reshape(B, T, CD), rtol=2e-5, atol=2e-5)
+
+
+def test_prefix_loss_equals_naive_loop_over_prefixes():
+    obs, act, first, tok = _data(1)
+    enc = C.ContextEncoder("transformer", H, CD, K)
+    fwd = C.DynamicsHead(DO, 2, 8)
+    inv = C.DynamicsHead(A, 2, 8)
+    pe = enc.init(jax.random.PRNGKey(0), jnp.zeros((1, K, DO + A)))["params"]
+    pf = fwd.init(jax.random.PRNGKey(1), jnp.zeros((1, DO + A + CD)))["params"]
+    pi = inv.init(jax.random.PRNGKey(2), jnp.zeros((1, 2 * DO + CD)))["params"]
+    f = lambda x: fwd.apply({"params": pf}, x)
+    g = lambda x: inv.apply({"params": pi}, x)
+    idx = C.window_indices(jnp.asarray(first), K)
+    ctx = enc.apply({"params": pe}, tok, idx, method=C.ContextEncoder.chunk)
+    for mode in ("forward", "inverse", "both"):
+        got = np.asarray(C.alignment_loss(f, g, obs, act, idx, ctx, mode))
+        want = np.zeros((B, T))
+        for b in range(B):
+            start = 0
+            for t in range(T):
+                start = t if first[b, t] else start
+                steps = list(range(max(t - K + 1, start), t + 1))  # the real steps of window t
+                window = [steps[0]] * (K - len(steps)) + steps
+                c = enc.apply({"params": pe}, jnp.asarray(np.asarray(tok)[b, window][None]))[0]
+                errs = []
+                for j in steps[:-1]:
+                    e = 0.0
+                    if mode in ("forward", "both"):
+                        pred = f(jnp.concatenate([obs[b, j], act[b, j], c]))
+                        e += float(jnp.mean((pred - obs[b, j + 1]) ** 2))
+                    if mode in ("inverse", "both"):
+                        pred = g(jnp.concatenate([obs[b, j], obs[b, j + 1], c]))
+                        e += float(jnp.mean((pred - act[b, j]) ** 2))
+                    errs.append(e)
+                want[b, t] = np.mean(errs) if errs else 0.0
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert got[0, 5] == 0.0 and got[0, 6] > 0  # episode start: no pair yet
+
+
+def test_context_is_causal():
+    obs, act, first, tok = _data(2)
+    enc = C.ContextEncoder("transformer", H, CD, K)
+    pe = enc.init(jax.random.PRNGKey(0), jnp.zeros((1, K, DO + A)))["params"]
+    idx = C.window_indices(jnp.asarray(first), K)
+    c1 = np.asarray(enc.apply({"params": pe}, tok, idx, method=C.ContextEncoder.chunk))
+    t = 3
+    tok2 = np.asarray(tok).copy()
+    tok2[:, t + 1:] += 10.0
+    c2 = np.asarray(enc.apply({"params": pe}, jnp.asarray(tok2), idx,
+                              method=C.ContextEncoder.chunk))
+    np.testing.assert_array_equal(c1[:, :t + 1], c2[:, :t + 1])
+    assert np.abs(c1[:, t + 1:] - c2[:, t + 1:]).max() > 1e-3
+    # The release's full-chunk window is not causal.
+    full = C.full_chunk_indices(B, T)
+    enc_full = C.ContextEncoder("transformer", H, CD, T)
+    pf = enc_full.init(jax.random.PRNGKey(0), jnp.zeros((1, T, DO + A)))["params"]
+    d1 = enc_full.apply({"params": pf}, tok, full, method=C.ContextEncoder.chunk)
+    d2 = enc_full.apply({"params": pf}, jnp.asarray(tok2), full, method=C.ContextEncoder.chunk)
+    assert np.abs(np.asarray(d1[:, 0] - d2[:, 0])).max() > 1e-4
+
+
+def test_crossmodal_loss_gradients():
+    cm = C.CrossModal(state_dim=6, ctx_dim=3)
+    p = cm.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)), jnp.zeros((1, 6)))["params"]
+    c = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 3))
+    s = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 6))
+    fn = lambda pp, c, s, fit: C.crossmodal_loss(lambda a, b: cm.apply({"params": pp}, a, b),
+                                                  c, s, fit).mean()
+    g_s = jax.grad(fn, argnums=2)(p, c, s, True)
+    assert np.abs(np.asarray(g_s)).max() > 0  # pulls the state towards the context
+    g_p = jax.grad(fn)(p, c, s, False)
+    # without fitting, the c -> s map gets no gradient (the release's behaviour)
+    assert np.abs(np.asarray(g_p["to_state"]["kernel"])).max() == 0
+    assert np.abs(np.asarray(g_p["to_ctx"]["kernel"])).max() > 0
+    g_p = jax.grad(fn)(p, c, s, True)
+    assert np.abs(np.asarray(g_p["to_state"]["kernel"])).max() > 0
