@@ -236,7 +236,7 @@ class Agent:
         """Returns (scalar loss, (post, ctx_wm, metrics)). mp: model params."""
         sw = self.switches
         scales = self.config.train.loss_scales
-        is_first = batch["is_first"].at[:, 0].set(True)  # every chunk starts from h0
+        is_first = jnp.asarray(batch["is_first"]).at[:, 0].set(True)  # chunks start from h0
         obs = {k: batch[k] for k in self.spec.obs}
         embed = self.encoder.apply({"params": mp["encoder"]}, obs)
         ctx, aux = self.context_chunk(mp, batch, embed, is_first)
