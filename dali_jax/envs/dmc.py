@@ -157,6 +157,16 @@ class _ContextMixin:
             self.context_selector = C.RoundRobin(list(self.contexts),
                                                  np.random.default_rng(sel_ss))
 
+    def selector_state(self):
+        """Checkpointable state of the context schedule (None for a custom selector)."""
+        sel = self.context_selector
+        return sel.state_dict() if hasattr(sel, "state_dict") else None
+
+    def load_selector_state(self, state) -> None:
+        """Restores `selector_state()` output (ignored when None)."""
+        if state is not None and hasattr(self.context_selector, "load_state_dict"):
+            self.context_selector.load_state_dict(state)
+
     def _choose_context(self, options: Mapping | None):
         if options is not None and options.get("context_id") is not None:
             cid = options["context_id"]

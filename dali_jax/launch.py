@@ -1,0 +1,134 @@
+"""Command-line launch of experiment files: `--preset NAME` and `--config.a.b=value` overrides.
+
+Unknown fields are rejected with the list of valid fields at that level; values are parsed
+with the type of the default (int, float, bool, str) and a wrong type is rejected; the
+resulting config is validated (`config.validate`) before anything starts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+import ml_collections
+
+from dali_jax import config as config_lib
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _parse_value(name: str, text: str, default):
+    if isinstance(default, bool):
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise UsageError(f"--config.{name} expects a bool (true/false); got {text!r}")
+    if isinstance(default, int):
+        try:
+            return int(float(text)) if float(text).is_integer() else int(text)
+        except ValueError:
+            raise UsageError(f"--config.{name} expects an int; got {text!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise UsageError(f"--config.{name} expects a float; got {text!r}") from None
+    return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, args: Sequence[str]):
+    """Applies `--config.a.b=value` (or `--config.a.b value`) arguments in place."""
+    args = list(args)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--config."):
+            raise UsageError(f"unknown argument {arg!r}; use --preset NAME and "
+                             "--config.FIELD=VALUE")
+        body = arg[len("--config."):]
+        if "=" in body:
+            name, text = body.split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise UsageError(f"{arg} needs a value")
+            name, text = body, args[i + 1]
+            i += 1
+        node = config
+        parts = name.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                where = ".".join(parts[:depth]) or "config"
+                valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                raise UsageError(f"unknown field --config.{name}: {where} has no field "
+                                 f"{part!r}. Valid fields: {', '.join(valid)}")
+            if depth < len(parts) - 1:
+                node = node[part]
+        default = node[parts[-1]]
+        if isinstance(default, ml_collections.ConfigDict):
+            raise UsageError(f"--config.{name} is a group; set one of its fields: "
+                             f"{', '.join(sorted(default.keys()))}")
+        node[parts[-1]] = _parse_value(name, text, default)
+        i += 1
+    return config
+
+
+def parse(get_config: Callable, argv: Sequence[str], presets: Sequence[str]):
+    """argv (without the program name) -> validated ConfigDict."""
+    argv = list(argv)
+    preset = None
+    rest = []
+    i = 0
+    while i < len(argv):
+        if argv[i].startswith("--preset="):
+            preset = argv[i].split("=", 1)[1]
+        elif argv[i] == "--preset":
+            if i + 1 >= len(argv):
+                raise UsageError("--preset needs a value")
+            preset = argv[i + 1]
+            i += 1
+        else:
+            rest.append(argv[i])
+        i += 1
+    if preset is not None and preset not in presets:
+        raise UsageError(f"--preset must be one of {', '.join(presets)}; got {preset!r}")
+    config = get_config(preset)
+    apply_overrides(config, rest)
+    config_lib.validate(config)
+    return config
+
+
+def enable_compilation_cache():
+    """JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR or ~/.cache/dali_jax)."""
+    import jax
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR",
+                          os.path.join(os.path.expanduser("~"), ".cache", "dali_jax", "xla"))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def main(get_config: Callable, presets: Sequence[str], argv=None) -> int:
+    """Entry point of an experiment file: parse, train, print the summary."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        cfg = get_config(None)
+        print(f"usage: {os.path.basename(sys.argv[0])} [--preset {{{','.join(presets)}}}] "
+              "[--config.FIELD=VALUE ...]\n\nfields and defaults:\n" + str(cfg))
+        return 0
+    try:
+        config = parse(get_config, argv, presets)
+    except (UsageError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    enable_compilation_cache()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from dali_jax.training.train import train
+    summary = train(config)
+    keys = ("env_steps", "updates", "episodes", "wall_s", "logdir", "eval/return_mean")
+    print({k: summary[k] for k in keys if k in summary})
+    return 0

@@ -1,0 +1,351 @@
+"""The training driver: envs -> replay -> agent.train_step, with logging, evaluation and
+checkpoint/resume.
+
+Loop (one iteration = one vector-env step of N envs):
+  1. act: `policy_step` on the current params (random actions during prefill);
+  2. store (obs_t, action_t, reward_t, flags_t) in the replay;
+  3. dispatch the updates that are due (train_ratio replayed steps per env step, i.e.
+     train_ratio / (B * T) updates per env step); JAX dispatch is asynchronous, so
+  4. the envs step on the host while the device runs the updates; batches are sampled by
+     a prefetch thread.
+Checkpoints (agent state, replay, counters, RNG, env context schedules) are written every
+`run.save_every_s`, on SIGINT/SIGTERM and at the end; starting again on the same logdir
+resumes. `train(config)` returns a summary dict.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dali_jax import config as config_lib
+from dali_jax.agent import Agent, Spec, count_params
+from dali_jax.envs import contexts as C
+from dali_jax.envs.dmc import make_env
+from dali_jax.envs.vector import VectorEnv
+from dali_jax.training import parallel
+from dali_jax.training.checkpoint import CheckpointError, Checkpointer
+from dali_jax.training.logger import Logger, Progress
+from dali_jax.training.replay import Prefetcher, Replay
+from dali_jax.training.rollout import evaluate_contexts
+from dali_jax.training.signals import GracefulStop
+
+log = logging.getLogger("dali_jax.train")
+
+FLAGS = ("is_first", "is_last", "is_terminal")
+
+
+def default_logdir(config) -> str:
+    return os.path.join("runs", f"{config.task}_{config.method}_{config.obs}_"
+                                f"{config.context_setting}_s{config.seed}")
+
+
+def training_contexts(config) -> dict:
+    """Context set of the run (id -> feature dict), reproducible from the seed."""
+    specific = None
+    if config.context_setting == "specific":
+        f0, f1 = C.FACTORS[config.task]
+        sc = config.specific_context
+        specific = {f0: C.DEFAULTS[config.task][f0] if sc.factor_0 < 0 else sc.factor_0,
+                    f1: C.DEFAULTS[config.task][f1] if sc.factor_1 < 0 else sc.factor_1}
+    return C.make_context_set(config.task, config.context_setting, config.seed,
+                              n=config.num_contexts, specific=specific)
+
+
+def eval_contexts(config, count: int) -> dict:
+    """A few held-out grid contexts for periodic evaluation: the default plus the most
+    extreme double-grid corners of the task, up to `count`."""
+    grid = C.evaluation_grid(config.task)
+    default = [g for g in grid if all(abs(g.values[f] - C.DEFAULTS[config.task][f]) < 1e-9
+                                      for f in C.FACTORS[config.task])]
+    others = [g for g in grid if g.kind == "double"]
+    f0, f1 = C.FACTORS[config.task]
+    others.sort(key=lambda g: -abs(C.normalize_context(config.task, g.values)).sum())
+    chosen = (default + others)[:count]
+    return {g.index: dict(g.values) for g in chosen}
+
+
+def env_spec(space) -> dict:
+    return {k: (tuple(s.shape), np.dtype(s.dtype)) for k, s in space.spaces.items()}
+
+
+class Trainer:
+    """Owns envs, replay, agent state, logger and checkpointer of one run."""
+
+    def __init__(self, config: ml_collections.ConfigDict, env_factory: Optional[Callable] = None,
+                 stop_after_env_steps: Optional[int] = None):
+        config_lib.validate(config)
+        self.config = config
+        self.logdir = config.logdir or default_logdir(config)
+        os.makedirs(self.logdir, exist_ok=True)
+        self.stop_after = stop_after_env_steps
+        run = config.run
+        self.contexts = training_contexts(config)
+        factory = env_factory or functools.partial(make_env, config.task)
+        obs_mode = config.obs
+        self.venv = VectorEnv([functools.partial(
+            factory, contexts=self.contexts, obs_mode=obs_mode,
+            seed=config.seed * 1000 + i, time_limit=run.episode_length)
+            for i in range(run.num_envs)], parallel=run.parallel_envs)
+        obs_spec = env_spec(self.venv.observation_space)
+        act = self.venv.action_space
+        self.action_low, self.action_high = act.low, act.high
+        self.spec = Spec(obs=obs_spec, action_dim=int(np.prod(act.shape)))
+        self.agent = Agent(config, self.spec)
+        self.mesh = parallel.make_mesh(run.devices)
+        self.train_step = parallel.sharded_train_step(self.agent, self.mesh,
+                                                      config.train.batch_size)
+        T = config.train.batch_length
+        rspec = dict(obs_spec)
+        rspec.update(action=((self.spec.action_dim,), np.float32), reward=((), np.float32),
+                     **{f: ((), bool) for f in FLAGS})
+        self.replay = Replay(run.replay_capacity, run.num_envs, rspec, seq_len=T,
+                             seed=config.seed)
+        fp = dict(task=config.task, obs=config.obs, method=config.method,
+                  model=config.model.to_dict(), context=config.context.to_dict())
+        self.ckpt = Checkpointer(os.path.join(self.logdir, "checkpoints"), keep=2,
+                                 fingerprint=fp)
+        self.env_steps = 0
+        self.updates = 0
+        self.episodes = 0
+        self.update_budget = 0.0
+        self.rng = jax.random.PRNGKey(config.seed)
+        self.state = None
+        with open(os.path.join(self.logdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    # ------------------------------------------------------------- checkpoints
+    def _selector_states(self):
+        return [self.venv.call(i, "selector_state") for i in range(self.venv.num_envs)]
+
+    def save(self):
+        extra = dict(env_steps=self.env_steps, updates=self.updates, episodes=self.episodes,
+                     update_budget=self.update_budget, selectors=self._selector_states(),
+                     task=self.config.task, method=self.config.method, obs=self.config.obs,
+                     context_setting=self.config.context_setting, seed=self.config.seed,
+                     time=time.time())
+        tree = dict(agent=jax.device_get(self.state), replay=self.replay.state_dict(),
+                    rng=np.asarray(jax.random.key_data(self.rng)
+                                   if jnp.issubdtype(self.rng.dtype, jax.dtypes.prng_key)
+                                   else self.rng))
+        self.ckpt.save(self.env_steps, tree, extra)
+        log.info("saved checkpoint at %d env steps to %s", self.env_steps,
+                 self.ckpt.path(self.env_steps))
+
+    def restore_or_init(self):
+        template = jax.eval_shape(self.agent.init, jax.random.PRNGKey(0))
+        if self.ckpt.latest_step() is None:
+            self.state = parallel.replicate(
+                self.agent.init(jax.random.PRNGKey(self.config.seed)), self.mesh)
+            return False
+        step, tree, extra = self.ckpt.restore()
+        path = self.ckpt.path(step)
+        check_state(tree.get("agent"), template, path)
+        self.state = parallel.replicate(
+            jax.tree_util.tree_map(jnp.asarray, _like(template, tree["agent"])), self.mesh)
+        self.replay.load_state_dict(tree["replay"])
+        self.rng = jnp.asarray(tree["rng"], jnp.uint32)
+        self.env_steps = int(extra["env_steps"])
+        self.updates = int(extra["updates"])
+        self.episodes = int(extra["episodes"])
+        self.update_budget = float(extra["update_budget"])
+        for i, s in enumerate(extra.get("selectors", [])[:self.venv.num_envs]):
+            self.venv.call(i, "load_selector_state", s)
+        log.info("resumed from %s at %d env steps, %d updates", path, self.env_steps,
+                 self.updates)
+        return True
+
+    # -------------------------------------------------------------------- loop
+    def run(self) -> dict:
+        cfg, run = self.config, self.config.run
+        resumed = self.restore_or_init()
+        logger = Logger(self.logdir, purge_step=self.env_steps if resumed else None)
+        progress = Progress(run.steps, initial=self.env_steps)
+        B, T = cfg.train.batch_size, cfg.train.batch_length
+        ratio = run.train_ratio / (B * T)
+        _, data_sharding = parallel.shardings(self.mesh)
+        prefetch = None
+        timers = dict(policy=0.0, env=0.0, dispatch=0.0, replay_wait=0.0, log=0.0, eval=0.0)
+        last_log = last_save = time.time()
+        t_start = time.time()
+        steps_at_log = self.env_steps
+        metrics = None
+        recent = []
+        ev_every = run.eval_every
+        next_eval = (self.env_steps // ev_every + 1) * ev_every if ev_every else None
+        eval_ctx = eval_contexts(cfg, run.eval_contexts)
+        summary = {}
+        obs = self.venv.reset()
+        carry = self.agent.initial_carry(self.state["params"], self.venv.num_envs)
+        np_rng = np.random.default_rng([cfg.seed, self.env_steps])
+        stopped = False
+        with GracefulStop() as stop:
+            try:
+                while self.env_steps < run.steps:
+                    if stop.stop_requested() or (self.stop_after is not None
+                                                 and self.env_steps >= self.stop_after):
+                        stopped = True
+                        break
+                    t0 = time.perf_counter()
+                    self.rng, k_act, k_upd = jax.random.split(self.rng, 3)
+                    action, carry = self.agent.policy_step(self.state["params"], carry, obs,
+                                                           k_act)
+                    action = np.asarray(action)
+                    if self.env_steps < run.prefill:
+                        action = np_rng.uniform(self.action_low, self.action_high,
+                                                action.shape).astype(np.float32)
+                    t1 = time.perf_counter()
+                    timers["policy"] += t1 - t0
+                    self.replay.add({**{k: obs[k] for k in self.replay.spec if k in obs},
+                                     "action": action})
+                    if self.env_steps >= run.prefill:
+                        self.update_budget += ratio * self.venv.num_envs
+                    if self.update_budget >= 1 and self.replay.can_sample():
+                        if prefetch is None:
+                            prefetch = Prefetcher(lambda: self.replay.sample(B), depth=2,
+                                                  sharding=data_sharding)
+                        while self.update_budget >= 1:
+                            tw = time.perf_counter()
+                            batch = next(prefetch)
+                            timers["replay_wait"] += time.perf_counter() - tw
+                            k_upd, sub = jax.random.split(k_upd)
+                            self.state, metrics = self.train_step(self.state, batch, sub)
+                            self.update_budget -= 1
+                            self.updates += 1
+                    t2 = time.perf_counter()
+                    timers["dispatch"] += t2 - t1
+                    obs, finished = self.venv.step(np.clip(action, self.action_low,
+                                                           self.action_high))
+                    timers["env"] += time.perf_counter() - t2
+                    self.env_steps += self.venv.num_envs
+                    for ep in finished:
+                        self.episodes += 1
+                        recent.append(ep.episode_return)
+                        logger.scalars(self.env_steps, {
+                            "episode/return": ep.episode_return, "episode/length": ep.length})
+                    now = time.time()
+                    if now - last_log >= run.log_every_s or self.env_steps >= run.steps:
+                        tl = time.perf_counter()
+                        scal = self._log_scalars(metrics, timers, now - last_log,
+                                                 self.env_steps - steps_at_log, prefetch,
+                                                 recent)
+                        logger.scalars(self.env_steps, scal)
+                        summary.update(scal)
+                        recent = recent[-20:]
+                        last_log, steps_at_log = now, self.env_steps
+                        timers["log"] += time.perf_counter() - tl
+                    progress.update(self.env_steps, ret=np.mean(recent) if recent else None,
+                                    upd=self.updates)
+                    if next_eval is not None and self.env_steps >= next_eval:
+                        te = time.perf_counter()
+                        ev = self.evaluate(eval_ctx, run.eval_episodes)
+                        logger.scalars(self.env_steps, ev)
+                        summary.update(ev)
+                        next_eval += ev_every
+                        timers["eval"] += time.perf_counter() - te
+                    if now - last_save >= run.save_every_s:
+                        self.save()
+                        last_save = time.time()
+            finally:
+                if prefetch is not None:
+                    prefetch.close()
+                if self.state is not None:
+                    jax.block_until_ready(self.state)
+                    self.save()
+                    self.ckpt.wait()
+                progress.close()
+        summary.update(env_steps=self.env_steps, updates=self.updates, episodes=self.episodes,
+                       wall_s=time.time() - t_start, stopped=stopped, logdir=self.logdir,
+                       timers=timers)
+        if not stopped:
+            final = self.evaluate(eval_ctx, run.eval_episodes)
+            summary.update(final)
+            logger.scalars(self.env_steps, final)
+            with open(os.path.join(self.logdir, "eval_summary.json"), "w") as f:
+                json.dump({k: v for k, v in summary.items() if k != "timers"}
+                          | {"timers": timers}, f, indent=2, default=float)
+        logger.close()
+        self.venv.close()
+        return summary
+
+    def _log_scalars(self, metrics, timers, dt, dsteps, prefetch, recent):
+        out = {}
+        if metrics is not None:
+            out.update({k: float(v) for k, v in jax.device_get(metrics).items()})
+        total = sum(timers.values()) or 1.0
+        out.update({f"time/{k}_frac": v / total for k, v in timers.items()})
+        out["time/env_steps_per_s"] = dsteps / max(dt, 1e-9)
+        out["replay/size"] = len(self.replay)
+        out["train/updates"] = self.updates
+        if prefetch is not None:
+            out["time/prefetch_wait_frac"] = prefetch.wait_fraction()
+        if recent:
+            out["episode/return_recent"] = float(np.mean(recent))
+        return out
+
+    def evaluate(self, contexts: dict, episodes: int) -> dict:
+        """Mean return per held-out context (sampled actions) -> scalars."""
+        params = jax.device_get(self.state["params"])
+        res = evaluate_contexts(self.agent, params, self.config.task, self.config.obs,
+                                contexts, episodes, num_envs=self.venv.num_envs,
+                                seed=self.config.seed + 1, parallel=self.config.run.parallel_envs,
+                                episode_length=self.config.run.episode_length)
+        out = {}
+        for cid, rets in res.items():
+            vals = contexts[cid]
+            name = "_".join(f"{v:g}" for v in vals.values())
+            out[f"eval/return_ctx/{name}"] = float(np.mean(rets))
+        out["eval/return_mean"] = float(np.mean([np.mean(r) for r in res.values()]))
+        return out
+
+
+def _like(template, tree):
+    """Rebuild `tree` (nested dicts from the checkpoint) in the structure of `template`."""
+    leaves = []
+    paths = jax.tree_util.tree_flatten_with_path(template)[0]
+    for path, _ in paths:
+        node = tree
+        for k in path:
+            node = node[_key(k)]
+        leaves.append(node)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
+
+
+def _key(k):
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    raise TypeError(k)
+
+
+def check_state(tree, template, path: str) -> None:
+    """CheckpointError naming `path` and the first leaf whose presence/shape differs."""
+    if tree is None:
+        raise CheckpointError(f"checkpoint {path} holds no agent state")
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(template)[0]:
+        node = tree
+        name = jax.tree_util.keystr(kp)
+        try:
+            for k in kp:
+                node = node[_key(k)]
+        except (KeyError, IndexError, TypeError):
+            raise CheckpointError(f"checkpoint {path} is incompatible with this configuration: "
+                                  f"agent state has no leaf {name}") from None
+        if tuple(np.shape(node)) != tuple(leaf.shape):
+            raise CheckpointError(f"checkpoint {path} is incompatible with this configuration: "
+                                  f"leaf {name} has shape {tuple(np.shape(node))}, expected "
+                                  f"{tuple(leaf.shape)}")
+
+
+def train(config, **kw) -> dict:
+    """Runs (or resumes) a training run; returns its summary."""
+    trainer = Trainer(config, **kw)
+    return trainer.run()

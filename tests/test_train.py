@@ -1,0 +1,124 @@
+"""Trainer: resume without lost transitions, clear checkpoint errors, launch-time config
+validation, experiment presets, and the data-parallel update on two forced CPU devices."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from dali_jax import launch  # noqa: E402
+from dali_jax.training.checkpoint import CheckpointError  # noqa: E402
+from dali_jax.training.train import Trainer  # noqa: E402
+from experiments import ball_in_cup, walker_walk  # noqa: E402
+
+
+def _smoke(logdir, method="dreamer_dr", steps=400):
+    cfg = ball_in_cup.get_config("smoke")
+    cfg.method = method
+    cfg.logdir = str(logdir)
+    cfg.run.steps = steps
+    cfg.run.save_every_s = 1e9
+    return cfg
+
+
+def test_interrupted_run_resumes_without_lost_transitions(tmp_path):
+    cfg = _smoke(tmp_path / "run")
+    first = Trainer(cfg, stop_after_env_steps=240).run()
+    assert first["stopped"] and first["env_steps"] == 240
+    assert not os.path.exists(tmp_path / "run" / "eval_summary.json")
+    second = Trainer(cfg)
+    out = second.run()
+    assert out["env_steps"] == 400 and not out["stopped"]
+    # every env step of both halves is in the replay
+    assert second.replay.num_added == 400 and len(second.replay) == 400
+    # updates: ratio 16 / (4 * 16) = 0.25 per env step after the 100-step prefill
+    assert out["updates"] == pytest.approx(0.25 * (400 - 100), abs=2)
+    summary = json.load(open(tmp_path / "run" / "eval_summary.json"))
+    assert "eval/return_mean" in summary
+    lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert max(l["step"] for l in lines) == 400
+
+
+def test_corrupt_and_incompatible_checkpoints_raise_naming_the_file(tmp_path):
+    cfg = _smoke(tmp_path / "run", steps=120)
+    Trainer(cfg).run()
+    ckdir = tmp_path / "run" / "checkpoints"
+    (ck,) = [d for d in os.listdir(ckdir) if d.startswith("ckpt_")]
+    # incompatible: another model size on the same logdir
+    other = _smoke(tmp_path / "run", steps=200)
+    other.model.size = "tiny"
+    with pytest.raises(CheckpointError, match=ck):
+        Trainer(other).run()
+    # corrupt: truncate the array file
+    npz = [f for f in os.listdir(ckdir / ck) if f.endswith(".npz")][0]
+    with open(ckdir / ck / npz, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match=ck):
+        Trainer(_smoke(tmp_path / "run", steps=200)).run()
+
+
+def test_launch_rejects_bad_overrides_and_presets_hold_the_protocol():
+    with pytest.raises(launch.UsageError, match="Valid fields: .*method"):
+        launch.parse(ball_in_cup.get_config, ["--config.methd=dali_d"], ball_in_cup.PRESETS)
+    with pytest.raises(launch.UsageError, match="expects an int"):
+        launch.parse(ball_in_cup.get_config, ["--config.seed=three"], ball_in_cup.PRESETS)
+    with pytest.raises(ValueError, match="config.obs must be one of features, pixels"):
+        launch.parse(ball_in_cup.get_config, ["--config.obs=rgb"], ball_in_cup.PRESETS)
+    with pytest.raises(launch.UsageError, match="preset must be one of"):
+        launch.parse(ball_in_cup.get_config, ["--preset=huge"], ball_in_cup.PRESETS)
+    c = launch.parse(ball_in_cup.get_config, ["--config.method=dali_d", "--config.obs=pixels",
+                                              "--config.seed", "3",
+                                              "--config.context_setting=double_box"],
+                     ball_in_cup.PRESETS)
+    assert (c.method, c.obs, c.seed, c.context_setting) == ("dali_d", "pixels", 3, "double_box")
+    assert (c.run.steps, c.run.train_ratio, c.run.num_envs, c.model.size) == (
+        200_000, 512.0, 4, "small")
+    w = walker_walk.get_config()
+    assert (w.task, w.run.steps) == ("walker", 500_000)
+    assert c.train.batch_size == 16 and c.train.batch_length == 64 and c.context.window == 64
+
+
+_DP_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    sys.path.insert(0, {root!r}); sys.path.insert(0, os.path.join({root!r}, "tests"))
+    import jax, numpy as np
+    from conftest import tiny_config, feature_spec, random_batch
+    from dali_jax.agent import Agent
+    from dali_jax.training import parallel
+    assert len(jax.devices()) == 2
+    agent = Agent(tiny_config("dali_d"), feature_spec())
+    batch = random_batch(agent.spec)
+    key = jax.random.PRNGKey(3)
+    s1, m1 = agent.train_step(agent.init(jax.random.PRNGKey(0)), batch, key)
+    mesh = parallel.make_mesh(0)
+    step = parallel.sharded_train_step(agent, mesh, 4)
+    rep, data = parallel.shardings(mesh)
+    st = parallel.replicate(agent.init(jax.random.PRNGKey(0)), mesh)
+    s2, m2 = step(st, jax.device_put(batch, data), key)
+    assert len(s2["params"]["actor"]["out"]["kernel"].sharding.device_set) == 2
+    diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(s2))]
+    mets = [abs(float(m1[k]) - float(m2[k])) / (1 + abs(float(m1[k]))) for k in m1]
+    print("MAXDIFF", max(diffs), "METDIFF", max(mets))
+""")
+
+
+def test_data_parallel_update_equals_single_device(tmp_path):
+    script = tmp_path / "dp.py"
+    script.write_text(_DP_SCRIPT.format(root=ROOT))
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [l for l in out.stdout.splitlines() if l.startswith("MAXDIFF")][0]
+    maxdiff, metdiff = float(line.split()[1]), float(line.split()[3])
+    assert maxdiff < 1e-4 and metdiff < 1e-3, line
