@@ -113,6 +113,7 @@ class Agent:
                         actor=make_optimizer(c.actor_lr, c.actor_eps, c.actor_clip),
                         critic=make_optimizer(c.critic_lr, c.critic_eps, c.critic_clip))
         self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
+        self.model_step = jax.jit(self._model_step, donate_argnums=(0,))
         self.policy_step = jax.jit(self._policy_step, static_argnames=("mode",))
 
     # ------------------------------------------------------------------ setup
@@ -350,6 +351,22 @@ class Agent:
         dist = D.TwoHot(self.critic.apply({"params": params["critic"]}, hin))
         return B.critic_loss(dist, slow_mean, ret, traj["weight"], self.config.train.slowreg)
 
+    def _model_step(self, state, batch, rng):
+        """World-model-only update (world model, g_phi, f_psi, chi; no actor-critic):
+        offline model training and representation studies. -> (state, metrics)."""
+        p = state["params"]
+        mp = self._model_params(p)
+        key = jax.random.fold_in(rng, state["step"])
+        (_, (_, _, metrics)), grads = jax.value_and_grad(
+            self.world_model_loss, has_aux=True)(mp, batch, key)
+        if self.release_compat and "context" in grads:
+            grads["context"] = tmap(jnp.zeros_like, grads["context"])
+        metrics["grad_norm/model"] = optax.global_norm(grads)
+        upd, opt_model = self.opt["model"].update(grads, state["opt"]["model"], mp)
+        new = dict(state, params=dict(p, **optax.apply_updates(mp, upd)),
+                   opt=dict(state["opt"], model=opt_model), step=state["step"] + 1)
+        return new, metrics
+
     def _train_step(self, state, batch, rng):
         cfg = self.config.train
         p = state["params"]
@@ -401,6 +418,43 @@ class Agent:
                    opt=dict(model=opt_model, actor=opt_actor, critic=opt_critic),
                    retnorm=aux["retnorm"], step=state["step"] + 1)
         return new, metrics
+
+    # ------------------------------------------------------ imagination tools
+    def decode(self, params, states, ctx=None):
+        """Decoder means in observation space: vectors symexp'd, images clipped to [0, 1].
+        states: (..., ...) RSSM states; ctx broadcast over their leading dims."""
+        rec = self.decoder.apply({"params": params["decoder"]}, self.head_input(states, ctx))
+        return {k: (jnp.clip(v, 0.0, 1.0) if k in self.image_keys else D.symexp(v))
+                for k, v in rec.items()}
+
+    def imagine_open_loop(self, params, start, actions, ctx, rng, first_step=None):
+        """Open-loop imagination under given actions with the context held fixed.
+
+        start: RSSM state (N, ...) (used as is), or, when `first_step` = dict(prev_state,
+        prev_action (N, A), embed (N, E), is_first (N,)) is given, the start posterior is
+        recomputed with `ctx` (so shallow variants, where c only enters the posterior, see
+        it too). actions: (N, H, A); ctx: (N, Cc) or None. Returns (states (N, H, ...),
+        decoded dict (N, H, ...)), the decoded step k being the state after actions[:, k].
+        """
+        sw = self.switches
+        if first_step is not None:
+            r0, rng = jax.random.split(rng)
+            start, _ = self.rssm.apply(
+                {"params": params["rssm"]}, first_step["prev_state"], first_step["prev_action"],
+                first_step["embed"], first_step["is_first"], r0,
+                ctx if sw["posterior"] else None,
+                ctx if sw["dynamics"] else None, method=R.RSSM.obs_step)
+        states = R.imagine_actions(self.rssm, params["rssm"], start, actions, rng,
+                                   ctx if sw["dynamics"] else None)
+        return states, self.decode(params, states, None if ctx is None else ctx[:, None])
+
+    def counterfactual_imagine(self, params, start, actions, ctx, delta, rng, first_step=None):
+        """Baseline and counterfactual open-loop rollouts: the same start, actions and RNG,
+        context ctx (N, Cc) vs ctx + delta (delta (Cc,) or (N, Cc)).
+        Returns (baseline decoded, counterfactual decoded), dicts of (N, H, ...)."""
+        _, base = self.imagine_open_loop(params, start, actions, ctx, rng, first_step)
+        _, cf = self.imagine_open_loop(params, start, actions, ctx + delta, rng, first_step)
+        return base, cf
 
     # ---------------------------------------------------------------- acting
     def initial_carry(self, params, n: int) -> dict:

@@ -1,0 +1,66 @@
+"""Load a trained run (config + agent + parameters) from its logdir, for analysis tools."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+
+from dali_jax.agent import Agent, Spec
+from dali_jax.training.checkpoint import CheckpointError, Checkpointer
+
+
+@dataclasses.dataclass
+class Run:
+    logdir: str
+    config: Any
+    agent: Agent
+    params: dict
+    step: int
+    extra: dict
+
+
+def load_config(logdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(logdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{logdir} is not a dali_jax run directory: no config.json "
+                                f"(expected {path})")
+    try:
+        with open(path) as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def spec_for(config) -> Spec:
+    """Observation/action spec of the run's task, read off one env instance."""
+    from dali_jax.envs.dmc import make_env
+    from dali_jax.training.train import env_spec, training_contexts
+    env = make_env(config.task, training_contexts(config), obs_mode=config.obs, seed=0)
+    try:
+        act = env.action_space
+        return Spec(obs=env_spec(env.observation_space), action_dim=int(act.shape[0]))
+    finally:
+        env.close()
+
+
+def load_run(logdir: str, step: Optional[int] = None, task: Optional[str] = None) -> Run:
+    """-> Run. Raises FileNotFoundError (no run / no checkpoint), CheckpointError (corrupt or
+    incompatible) or ValueError (the run is of another task than `task`)."""
+    config = load_config(logdir)
+    if task is not None and config.task != task:
+        raise ValueError(f"{logdir} is a {config.task} run, not {task}")
+    ckdir = os.path.join(logdir, "checkpoints")
+    ck = Checkpointer(ckdir)
+    if ck.latest_step() is None:
+        raise FileNotFoundError(f"{logdir} has no checkpoint (looked in {ckdir})")
+    agent = Agent(config, spec_for(config))
+    from dali_jax.training.train import _like, check_state
+    step, tree, extra = ck.restore(step=step)
+    template = jax.eval_shape(agent.init, jax.random.PRNGKey(0))
+    check_state(tree.get("agent"), template, ck.path(step))
+    state = jax.tree_util.tree_map(jax.numpy.asarray, _like(template, tree["agent"]))
+    return Run(logdir, config, agent, state["params"], step, extra)
