@@ -187,3 +187,28 @@ def test_policy_context_window_resets_and_pairs(agent_cache):
     idx = np.asarray(C.window_indices(jnp.asarray(first), agent.config.context.window))
     np.testing.assert_allclose(np.asarray(carry["window"]), tok[np.arange(2)[:, None], idx[:, -1]],
                                atol=1e-6)
+
+
+def test_pixel_dali_d_update_and_acting():
+    """Pixel runs: CNN encoder/decoder, tokens from the (stop-gradient) embedding."""
+    from conftest import tiny_config
+    spec = Spec(obs={"image": ((64, 64, 3), np.uint8), "context": ((2,), np.float32)},
+                action_dim=2)
+    agent = Agent(tiny_config("dali_d"), spec)
+    assert agent.token_obs_dim == 4 * 4 * 8 * agent.sizes["cnn_depth"]
+    batch = random_batch(spec, seed=4)
+    state = agent.init(jax.random.PRNGKey(0))
+    recon = []
+    for i in range(4):
+        state, m = agent.train_step(state, batch, jax.random.PRNGKey(i))
+        recon.append(float(m["loss/recon_image"]))
+    assert all(np.isfinite(v) for v in jax.device_get(m).values())
+    assert recon[-1] < recon[0]
+    carry = agent.initial_carry(state["params"], 2)
+    obs = {"image": batch["image"][:2, 0], "context": batch["context"][:2, 0],
+           "is_first": np.ones(2, bool)}
+    a, carry = agent.policy_step(state["params"], carry, obs, jax.random.PRNGKey(0))
+    assert a.shape == (2, 2) and carry["window"].shape == (2, 8, agent.token_obs_dim + 2)
+    dec = agent.decode(state["params"], carry["state"], carry["ctx_prev"])
+    assert dec["image"].shape == (2, 64, 64, 3)
+    assert float(dec["image"].min()) >= 0 and float(dec["image"].max()) <= 1

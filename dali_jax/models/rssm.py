@@ -81,10 +81,12 @@ class RSSM(nn.Module):
         return dict(deter=h, logit=logit, stoch=stoch)
 
     def obs_step(self, prev_state, prev_action, embed, is_first, rng, ctx_post=None,
-                 ctx_dyn=None):
-        """Filter step. Resets state and action where is_first (B,) to the learned initial."""
+                 ctx_dyn=None, init=None):
+        """Filter step. Resets state and action where is_first (B,) to the learned initial
+        state (`init`, computed here when not given)."""
         keep = 1.0 - is_first.astype(f32)
-        init = self.initial(is_first.shape[0])
+        if init is None:
+            init = self.initial(is_first.shape[0])
         prev_state = jax.tree_util.tree_map(
             lambda p, i: p * _bcast(keep, p) + i * _bcast(1.0 - keep, i), prev_state, init)
         prev_action = prev_action * keep[:, None]
@@ -131,9 +133,11 @@ def observe(rssm: RSSM, params, embed, prev_action, is_first, rng, state=None,
     swap = lambda x: None if x is None else jnp.swapaxes(x, 0, 1)
     rngs = jax.random.split(rng, T)
 
+    init = initial_state(rssm, params, B)  # computed once, not at every step
+
     def step(prev, inp):
         a, e, first, key, cp, cd = inp
-        post, prior = rssm.apply({"params": params}, prev, a, e, first, key, cp, cd,
+        post, prior = rssm.apply({"params": params}, prev, a, e, first, key, cp, cd, init,
                                  method=RSSM.obs_step)
         return post, (post, prior)
 
@@ -157,13 +161,10 @@ def imagine(rssm: RSSM, params, policy: Callable, start, horizon: int, rng, ctx_
         k1, k2 = jax.random.split(key)
         state = rssm.apply({"params": params}, prev, prev["action"], k1, ctx_dyn,
                            method=RSSM.img_step)
-        return dict(state, action=policy(state, k2)), None
-
-    def scan_step(prev, key):
-        nxt, _ = step(prev, key)
+        nxt = dict(state, action=policy(state, k2))
         return nxt, nxt
 
-    _, traj = jax.lax.scan(scan_step, start, jax.random.split(rng, horizon))
+    _, traj = jax.lax.scan(step, start, jax.random.split(rng, horizon))
     return jax.tree_util.tree_map(lambda s, t: jnp.concatenate([s[None], t], 0), start, traj)
 
 
