@@ -303,8 +303,14 @@ class Agent:
         sw = self.switches
 
         def policy(state, key):
+            # The actor sees stop-gradient states (DreamerV3); its entropy and log-prob are
+            # taken here so the actor loss need not run the actor a second time.
             d = self._policy_dist(actor_params, sg(self.head_input(state, ctx)))
-            return d.sample(key)
+            a = d.sample(key)
+            out = dict(action=a, entropy=d.entropy())
+            if self.spec.discrete:
+                out["logp"] = d.log_prob(sg(a))
+            return out
 
         ctx_dyn = ctx if sw["dynamics"] else None
         traj = R.imagine(self.rssm, params["rssm"], policy, start,
@@ -334,9 +340,8 @@ class Agent:
         ret = B.lambda_returns(traj["reward"], traj["cont"], value, self.gamma,
                                cfg.return_lambda)
         new_retnorm, scale = B.retnorm_update(retnorm, ret, cfg.retnorm_decay)
-        dist = self._policy_dist(params["actor"], sg(traj["hin"][:-1]))
-        ent = dist.entropy()
-        logp = dist.log_prob(sg(traj["action"][:-1])) if self.spec.discrete else None
+        ent = traj["entropy"][:-1]
+        logp = traj["logp"][:-1] if self.spec.discrete else None
         loss, adv = B.actor_loss(logp, ent, ret, value[:-1], scale, traj["weight"],
                                  cfg.actent, self.spec.discrete)
         return loss, dict(traj=traj, ret=ret, retnorm=new_retnorm, ent=ent, adv=adv,

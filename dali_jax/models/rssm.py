@@ -148,20 +148,25 @@ def observe(rssm: RSSM, params, embed, prev_action, is_first, rng, state=None,
 
 
 def imagine(rssm: RSSM, params, policy: Callable, start, horizon: int, rng, ctx_dyn=None):
-    """Open-loop imagination with a policy: `policy(state, rng) -> action` (N, A).
+    """Imagination with a policy: `policy(state, rng)` -> action (N, A), or a dict with an
+    "action" entry plus per-step extras (e.g. the policy entropy) that are kept too.
 
     start: state dict (N, ...). ctx_dyn: optional (N, Cc), held fixed over the horizon.
     Returns a trajectory dict of (H + 1, N, ...) including the start state and an
     `action` entry (the action taken in each state).
     """
+    def act(state, key):
+        out = policy(state, key)
+        return out if isinstance(out, dict) else {"action": out}
+
     r0, rng = jax.random.split(rng)
-    start = dict(start, action=policy(start, r0))
+    start = dict(start, **act(start, r0))
 
     def step(prev, key):
         k1, k2 = jax.random.split(key)
         state = rssm.apply({"params": params}, prev, prev["action"], k1, ctx_dyn,
                            method=RSSM.img_step)
-        nxt = dict(state, action=policy(state, k2))
+        nxt = dict(state, **act(state, k2))
         return nxt, nxt
 
     _, traj = jax.lax.scan(step, start, jax.random.split(rng, horizon))
