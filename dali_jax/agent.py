@@ -453,6 +453,40 @@ class Agent:
                                    ctx if sw["dynamics"] else None)
         return states, self.decode(params, states, None if ctx is None else ctx[:, None])
 
+    def openloop_report(self, params, batch, rng, context_steps: int = 5):
+        """DreamerV3-style video report for pixel runs: filter the first `context_steps`
+        steps of each sequence, imagine the rest open loop with the recorded actions,
+        decode. batch: (B, T, ...) (a few sequences). Returns {key: (B, T, H, 3W, C)
+        uint8}: true | model | error frames side by side, for every image key."""
+        sw = self.switches
+        is_first = jnp.asarray(batch["is_first"]).at[:, 0].set(True)
+        obs = {k: batch[k] for k in self.spec.obs}
+        embed = self.encoder.apply({"params": params["encoder"]}, obs)
+        ctx, _ = self.context_chunk(params, batch, embed, is_first)
+        prev_act = self.prev_actions(jnp.asarray(batch["action"], f32), is_first)
+        k1, k2 = jax.random.split(rng)
+        n = context_steps
+        post, _ = R.observe(self.rssm, params["rssm"], embed[:, :n], prev_act[:, :n],
+                            is_first[:, :n], k1,
+                            ctx_post=ctx[:, :n] if sw["posterior"] else None,
+                            ctx_dyn=self.dyn_context(ctx, is_first)[:, :n]
+                            if sw["dynamics"] else None)
+        start = tmap(lambda x: x[:, -1], post)
+        c_last = None if ctx is None else ctx[:, n - 1]
+        states = R.imagine_actions(self.rssm, params["rssm"], start,
+                                   jnp.asarray(batch["action"], f32)[:, n - 1:-1], k2,
+                                   c_last if sw["dynamics"] else None)
+        rec_obs = self.decode(params, post, ctx[:, :n] if ctx is not None else None)
+        rec_img = self.decode(params, states, None if c_last is None else c_last[:, None])
+        out = {}
+        for k in self.image_keys:
+            model = jnp.concatenate([rec_obs[k], rec_img[k]], 1)
+            true = jnp.asarray(batch[k], f32) / 255.0
+            err = (model - true + 1.0) / 2.0
+            video = jnp.concatenate([true, model, err], 3)
+            out[k] = (jnp.clip(video, 0, 1) * 255).astype(jnp.uint8)
+        return out
+
     def counterfactual_imagine(self, params, start, actions, ctx, delta, rng, first_step=None):
         """Baseline and counterfactual open-loop rollouts: the same start, actions and RNG,
         context ctx (N, Cc) vs ctx + delta (delta (Cc,) or (N, Cc)).

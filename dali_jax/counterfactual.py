@@ -1,4 +1,5 @@
-"""``python -m dali_jax.counterfactual --logdir RUN [...]``: see ``dali_jax.analysis.counterfactual``."""
+"""``python -m dali_jax.counterfactual --logdir RUN [...]``: see
+``dali_jax.analysis.counterfactual``."""
 import os
 import sys
 

@@ -4,15 +4,36 @@
   batch 16 x 64, train_ratio 512, 4 envs, K = 64); steps are set per task.
 - quick: a CPU run of the featurized default context that finishes in minutes on a 2-core
   machine (a tiny model, shorter batches and window, lower train ratio, short episodes).
+- cpu: the learning check on a 2-core CPU: featurized default context, 100k env steps,
+  a "mini" model, train_ratio 128 and raised learning rates (fewer updates than the paper).
 - smoke: seconds; used by the tests.
 """
 from __future__ import annotations
 
-NAMES = ("paper", "quick", "smoke")
+NAMES = ("paper", "cpu", "quick", "smoke")
 
 
 def apply(c, name: str):
     if name == "paper":
+        return c
+    if name == "cpu":
+        c.method = "dreamer_dr"
+        c.context_setting = "default"
+        c.model.size = "mini"
+        c.model.encdec_release_quirk = False
+        c.train.model_lr = 3e-4
+        c.train.actor_lr = 1e-4
+        c.train.critic_lr = 1e-4
+        c.run.steps = 100_000
+        c.run.train_ratio = 128.0
+        c.run.prefill = 2000
+        c.run.num_envs = 4
+        c.run.parallel_envs = False
+        c.run.eval_every = 20_000
+        c.run.eval_episodes = 2
+        c.run.eval_contexts = 1
+        c.run.log_every_s = 60.0
+        c.run.save_every_s = 300.0
         return c
     if name == "quick":
         c.method = "dreamer_dr"

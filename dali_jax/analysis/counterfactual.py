@@ -27,13 +27,14 @@ Procedure (protocol.md, "Counterfactual imagination"):
    and decodes them (baseline). For every context dimension d, the same is done with
    c + scale * sigma_d * e_d and the SAME random key (counterfactual), so with ``--scale 0``
    the counterfactual equals the baseline exactly.
-5. Influence of dimension d: a classifier ensemble (RBF SVC; MLP 1024x1024, or 64x64 with
-   ``--fast``; AdaBoost with 200 estimators, 50 with ``--fast``) separates baseline from
-   counterfactual imagined trajectories (features: flattened decoded observation vectors;
-   pixels: decoded frames average-pooled to 8x8x3, flattened). Out-of-fold scores from 5-fold
-   CV (pairs of one window kept in one fold) of each classifier are rank-normalised and
-   averaged; the ROC-AUC of that ensemble score, with a 95% CI from 500 bootstrap resamples of
-   the windows, is the influence. ``--dim auto`` shows the highest-AUC dimension.
+5. Influence of dimension d: a classifier ensemble (RBF SVC; MLP 1024x1024 with Adam for 200
+   epochs; AdaBoost with 200 estimators; ``--fast``: MLP 64x64 for 50 epochs, AdaBoost 25)
+   separates baseline from counterfactual imagined trajectories (features: flattened decoded
+   observation vectors; pixels: decoded frames average-pooled to 8x8x3, flattened).
+   Out-of-fold scores from 5-fold CV (pairs of one window kept in one fold) of each classifier
+   are rank-normalised and averaged; the ROC-AUC of that ensemble score, with a 95% CI from
+   500 bootstrap resamples of the windows, is the influence. ``--dim auto`` shows the
+   highest-AUC dimension.
 6. Ball-in-Cup (featurized runs) physical check: zero actions, the chosen dimension shifted by
    each of ``--check-scales`` sigmas; the imagined ball's vertical acceleration is the second
    difference of the decoded ball z (observation index 3: the 8-dim observation is cup x, cup
@@ -77,6 +78,7 @@ __all__ = ["CounterfactualError", "Episodes", "collect_episodes", "influence_auc
 BALL_Z_INDEX = 3  # ball_in_cup obs = [cup x, cup z, ball x, ball z, 4 velocities] (qpos, qvel)
 CONTROL_DT = {"ball_in_cup": 0.02, "walker": 0.025}
 DEFAULT_CHECK_SCALES = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
+FAST_ADABOOST = 25
 POOL = 8  # pixel trajectories are average-pooled to POOL x POOL x 3 for the classifiers
 
 
@@ -177,8 +179,9 @@ def _classifiers(fast: bool, seed: int):
     return {
         "svc_rbf": make_pipeline(StandardScaler(), SVC(kernel="rbf", gamma="scale")),
         "mlp": make_pipeline(StandardScaler(), MLPClassifier(
-            hidden_layer_sizes=mlp, max_iter=200, random_state=seed)),
-        "adaboost": AdaBoostClassifier(n_estimators=50 if fast else 200, random_state=seed),
+            hidden_layer_sizes=mlp, max_iter=50 if fast else 200, random_state=seed)),
+        "adaboost": AdaBoostClassifier(n_estimators=FAST_ADABOOST if fast else 200,
+                                       random_state=seed),
     }
 
 
@@ -214,7 +217,11 @@ def influence_auc(X0, X1, fast: bool = False, seed: int = 0, folds: int = 5,
     y = np.r_[np.zeros(n, int), np.ones(n, int)]
     groups = np.r_[np.arange(n), np.arange(n)]
     per, ranks = {}, []
-    with warnings.catch_warnings():
+    from threadpoolctl import threadpool_limits
+
+    # Small problems: one BLAS thread (oversubscribed BLAS threads slow tiny MLP fits 10x).
+    limit = 1 if fast or X.size < 2_000_000 else None
+    with warnings.catch_warnings(), threadpool_limits(limits=limit):
         warnings.simplefilter("ignore")  # MLP convergence warnings on tiny data
         for name, clf in _classifiers(fast, seed).items():
             s = _oof_scores(clf, X, y, groups, folds, seed)
@@ -283,6 +290,36 @@ def _load(logdir, step, task):
         return load_run(logdir, step=step, task=task)
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         raise CounterfactualError(str(e)) from None
+
+
+def _check_run(logdir, task, dim) -> int:
+    """Config-level checks (task, method with a context, dim range). -> context dims."""
+    from dali_jax.envs import contexts as C
+    from dali_jax.methods import recipe
+    from dali_jax.training.load import load_config
+
+    if not os.path.isdir(logdir):
+        raise CounterfactualError(f"{logdir}: no such run directory")
+    try:
+        cfg = load_config(logdir)
+    except (FileNotFoundError, ValueError) as e:
+        raise CounterfactualError(str(e)) from None
+    if task is not None and cfg.task != task:
+        raise CounterfactualError(f"{logdir} is a {cfg.task} run, not {task}")
+    try:
+        sw = recipe(cfg.method, cfg.context.shallow_into_dynamics, cfg.context.release_compat)
+    except (ValueError, AttributeError, KeyError) as e:
+        raise CounterfactualError(f"{logdir}: {e}") from None
+    if sw["source"] == "none":
+        raise CounterfactualError(
+            f"{logdir}: method {cfg.method!r} has no context (the world model never sees c), "
+            f"so there is nothing to perturb; use a dali_* or crssm_* run")
+    Cc = int(cfg.context.dim) if sw["source"] == "inferred" else len(C.FACTORS[cfg.task])
+    if dim is not None and not 0 <= dim < Cc:
+        raise CounterfactualError(f"--dim {dim} is out of range: the context of this "
+                                  f"{cfg.method} run has {Cc} dimensions, valid 0..{Cc - 1} "
+                                  f"(or 'auto')")
+    return Cc
 
 
 def _gt_sigma(config) -> tuple[np.ndarray, str]:
@@ -449,18 +486,14 @@ def run_counterfactual(logdir: str, dim="auto", scale: float = 3.0, out: str | N
             raise CounterfactualError(f"--dim must be 'auto' or an integer; got {dim!r}") \
                 from None
 
+    # Cheap checks on the run's config before loading the checkpoint.
+    Cc = _check_run(logdir, task, None if dim_auto else dim)
     run = _load(logdir, step, task)
     cfg, agent, params = run.config, run.agent, run.params
     sw = agent.switches
-    if sw["source"] == "none":
-        raise CounterfactualError(
-            f"{logdir}: method {cfg.method!r} has no context (the world model never sees c), "
-            f"so there is nothing to perturb; use a dali_* or crssm_* run")
-    Cc = int(agent.ctx_dim)
-    if not dim_auto and not 0 <= dim < Cc:
-        raise CounterfactualError(f"--dim {dim} is out of range: the context of this "
-                                  f"{cfg.method} run has {Cc} dimensions, valid 0..{Cc - 1} "
-                                  f"(or 'auto')")
+    if int(agent.ctx_dim) != Cc:
+        raise CounterfactualError(f"{logdir}: context has {agent.ctx_dim} dimensions, the "
+                                  f"config says {Cc}")
     task_name = cfg.task
     pixels = bool(agent.image_keys)
     K = int(cfg.context.window)
@@ -685,7 +718,7 @@ def run_counterfactual(logdir: str, dim="auto", scale: float = 3.0, out: str | N
             ci_high=[a["ci_high"] for a in aucs],
             per_classifier=[a["classifiers"] for a in aucs],
             classifiers=dict(svc="RBF SVC", mlp=(64, 64) if fast else (1024, 1024),
-                             adaboost=50 if fast else 200),
+                             adaboost=FAST_ADABOOST if fast else 200),
             folds=5, bootstrap=n_boot, features="pooled 8x8x3 frames" if pixels
             else "decoded observation vectors", fast=bool(fast)),
         physical_check=check, seed_analysis=int(seed), files=sorted(set(files)),
@@ -722,7 +755,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="stride of the windows sigma is computed over (default K // 8)")
     p.add_argument("--all-dims", action="store_true", help="images for every dimension")
     p.add_argument("--fast", action="store_true",
-                   help="small classifiers (MLP 64x64, AdaBoost 50)")
+                   help="small classifiers (MLP 64x64, AdaBoost 25)")
     p.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples of the AUC")
     p.add_argument("--task", default=None, help="expected task (error if the run differs)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")

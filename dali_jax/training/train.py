@@ -238,6 +238,7 @@ class Trainer:
                                                  self.env_steps - steps_at_log, prefetch,
                                                  recent)
                         logger.scalars(self.env_steps, scal)
+                        self._log_images(logger)
                         summary.update(scal)
                         recent = recent[-20:]
                         last_log, steps_at_log = now, self.env_steps
@@ -275,6 +276,22 @@ class Trainer:
         logger.close()
         self.venv.close()
         return summary
+
+    def _log_images(self, logger):
+        """Decoded vs true frames (open-loop report) for pixel runs."""
+        if not self.agent.image_keys or not self.replay.can_sample():
+            return
+        if not hasattr(self, "_report_fn"):
+            self._report_fn = jax.jit(self.agent.openloop_report)
+        batch = self.replay.sample(min(2, self.config.train.batch_size),
+                                   rng=np.random.default_rng(self.env_steps))
+        videos = jax.device_get(self._report_fn(self.state["params"], batch,
+                                                jax.random.PRNGKey(self.env_steps)))
+        for k, v in videos.items():
+            # one strip per sequence: every 4th frame side by side over time
+            strip = np.concatenate(list(v[:, ::4].transpose(0, 2, 1, 3, 4).reshape(
+                v.shape[0], v.shape[2], -1, v.shape[-1])), 0)
+            logger.images(self.env_steps, {f"openloop/{k}": strip})
 
     def _log_scalars(self, metrics, timers, dt, dsteps, prefetch, recent):
         out = {}

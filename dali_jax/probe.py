@@ -1,0 +1,149 @@
+"""Context analysis of a trained DALI run: linear probes and a t-SNE plot of g_phi's context.
+
+    python -m dali_jax.probe --logdir RUN [--episodes N] [--grid G] [--length L] [--out DIR]
+
+Collects uniform-random-policy episodes (features or pixels, as the run) on a G x G grid over
+the train ranges of the task's two factors (N episodes per context), infers the context at
+every step with the run's g_phi (causal windows of K steps, as in training and acting), and
+fits a ridge probe from the context to each true factor on the training episodes; R^2 is
+measured on held-out episodes (the last `--test-per-context` episodes of every context).
+Samples are the steps whose window is full (t >= K - 1, every `--stride` steps); the JSON also
+gives the R^2 of the per-episode mean context. The same probe on the untrained g_phi of the
+run's configuration (the agent's init from the run's seed) is reported as a reference.
+
+Writes into --out (default RUN/probe): ``probe.json`` and ``tsne.png`` (t-SNE of the held-out
+contexts, one panel per factor coloured by its true value).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m dali_jax.probe", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--logdir", required=True, help="run directory (config.json + checkpoints/)")
+    p.add_argument("--episodes", type=int, default=6, help="episodes per context (default 6)")
+    p.add_argument("--grid", type=int, default=4, help="values per factor (default 4: 16 "
+                   "contexts)")
+    p.add_argument("--length", type=int, default=0,
+                   help="env steps per episode (default: min(run episode length, 250), at "
+                        "least K + 10)")
+    p.add_argument("--test-per-context", type=int, default=2,
+                   help="held-out episodes per context (default 2)")
+    p.add_argument("--stride", type=int, default=1, help="probe every STRIDE-th step")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the episodes and the t-SNE")
+    p.add_argument("--alpha", type=float, default=1e-3, help="ridge penalty (default 1e-3)")
+    p.add_argument("--no-random-baseline", action="store_true",
+                   help="skip the untrained-encoder reference probe")
+    p.add_argument("--no-plot", action="store_true", help="skip the t-SNE plot")
+    p.add_argument("--out", default=None, help="output directory (default RUN/probe)")
+    return p
+
+
+def run_probe(args) -> dict:
+    import jax
+    import numpy as np
+
+    from dali_jax.analysis import probe as P
+    from dali_jax.training.load import load_run
+
+    if args.episodes < 2:
+        raise ValueError(f"--episodes must be >= 2 (training and held-out), got {args.episodes}")
+    if not 1 <= args.test_per_context < args.episodes:
+        raise ValueError(f"--test-per-context must be in [1, {args.episodes - 1}], "
+                         f"got {args.test_per_context}")
+    if args.grid < 2:
+        raise ValueError(f"--grid must be >= 2, got {args.grid}")
+    if args.stride < 1:
+        raise ValueError(f"--stride must be >= 1, got {args.stride}")
+    run = load_run(args.logdir, step=args.step)
+    agent, cfg = run.agent, run.config
+    if not agent.inferred:
+        raise ValueError(f"{args.logdir} is a {cfg.method} run: it has no inferred context "
+                         "(the probe needs dali_s, dali_s_chi or dali_d)")
+    K = int(cfg.context.window)
+    length = args.length or max(min(int(cfg.run.episode_length), 250), K + 10)
+    if length < K:
+        raise ValueError(f"--length {length} is shorter than the context window K = {K}")
+    t0 = time.time()
+    contexts = P.context_grid(cfg.task, args.grid)
+    eps = P.collect_random_episodes(cfg.task, contexts, args.episodes, length, seed=args.seed,
+                                    obs_mode=cfg.obs)
+    t_collect = time.time() - t0
+    train, test = P.heldout_split(eps, args.test_per_context)
+    names = list(eps["factor_names"])
+
+    def evaluate(params):
+        ctx = P.episode_contexts(agent, params, eps)
+        X, y, ep = P.step_samples(ctx, eps["factors"], start=K - 1, stride=args.stride)
+        m = train[ep]
+        r_step = P.linear_probe_r2(X[m], y[m], X[~m], y[~m], alpha=args.alpha)
+        mean = ctx[:, K - 1:].mean(1)
+        r_ep = P.linear_probe_r2(mean[train], eps["factors"][train], mean[test],
+                                 eps["factors"][test], alpha=args.alpha)
+        return ctx, X[~m], y[~m], r_step, r_ep
+
+    ctx, Xte, yte, r_step, r_ep = evaluate(run.params)
+    result = dict(
+        logdir=os.path.abspath(args.logdir), task=cfg.task, method=cfg.method, obs=cfg.obs,
+        checkpoint_step=int(run.step), window=K, context_dim=int(ctx.shape[-1]),
+        factors=names, contexts=[contexts[i] for i in sorted(contexts)],
+        episodes_per_context=args.episodes, test_per_context=args.test_per_context,
+        episode_length=length, stride=args.stride, alpha=args.alpha, seed=args.seed,
+        samples=dict(train=int(train.sum() * len(range(K - 1, length + 1, args.stride))),
+                     test=int(len(Xte))),
+        r2_step=dict(zip(names, map(float, r_step))),
+        r2_episode_mean=dict(zip(names, map(float, r_ep))),
+        context_std=[float(s) for s in ctx[:, K - 1:].reshape(-1, ctx.shape[-1]).std(0)])
+    if not args.no_random_baseline:
+        init = jax.jit(agent.init)(jax.random.PRNGKey(int(cfg.seed)))["params"]
+        _, _, _, b_step, b_ep = evaluate(init)
+        result["untrained_encoder"] = dict(r2_step=dict(zip(names, map(float, b_step))),
+                                           r2_episode_mean=dict(zip(names, map(float, b_ep))))
+    out = args.out or os.path.join(args.logdir, "probe")
+    os.makedirs(out, exist_ok=True)
+    if not args.no_plot:
+        path = os.path.join(out, "tsne.png")
+        P.tsne_plot(Xte, yte, path, names=names, seed=args.seed,
+                    title=f"{cfg.task} {cfg.method}: inferred context (held-out episodes)")
+        result["tsne"] = path
+    result["wall_s"] = dict(collect=t_collect, total=time.time() - t0)
+    with open(os.path.join(out, "probe.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    result["json"] = os.path.join(out, "probe.json")
+    return result
+
+
+def main(argv=None) -> int:
+    from dali_jax.training.checkpoint import CheckpointError
+
+    args = _parser().parse_args(argv)
+    try:
+        res = run_probe(args)
+    except (FileNotFoundError, ValueError, KeyError, CheckpointError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    print(f"{res['task']} {res['method']} (step {res['checkpoint_step']}, K={res['window']}): "
+          f"linear-probe R^2 on held-out episodes")
+    for f in res["factors"]:
+        line = (f"  {f:18s} per step {res['r2_step'][f]:+.3f}   "
+                f"episode mean {res['r2_episode_mean'][f]:+.3f}")
+        if "untrained_encoder" in res:
+            u = res["untrained_encoder"]
+            line += (f"   (untrained g_phi: {u['r2_step'][f]:+.3f} / "
+                     f"{u['r2_episode_mean'][f]:+.3f})")
+        print(line)
+    print(f"wrote {res['json']}" + (f" and {res['tsne']}" if "tsne" in res else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
