@@ -137,15 +137,17 @@ def run_episode(env: PointMassEnv, policy: Callable[[dict], Any]) -> float:
 
 def random_policy_return(episodes: int = 100, seed: int = 0, **env_kw) -> float:
     """Mean return of uniform random actions over ``episodes`` episodes of one env
-    (``PointMassEnv(seed=seed, **env_kw)``); actions drawn from default_rng(seed)."""
+    (``PointMassEnv(seed=seed, **env_kw)``); actions drawn from default_rng((seed, 1))."""
     env = PointMassEnv(seed=seed, **env_kw)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng((seed, 1))
     return float(np.mean([run_episode(env, lambda _: rng.uniform(-1, 1, (1,)))
                           for _ in range(episodes)]))
 
 
 def pd_controller(env: PointMassEnv, kp: float = 8.0, kd: float = 2.0):
-    """Saturated PD controller on (x, v / v_max): a near-optimal reference policy."""
+    """Saturated PD controller on (x, v / v_max): a near-optimal reference policy (with the
+    default env, its mean return ~41.1 is within 1% of the best full-throttle / full-brake
+    schedule followed by PD hold, ~41.3; uniform random actions get ~8.5)."""
     def policy(obs):
         x, v = float(obs["obs"][0]), float(obs["obs"][1])
         return np.array([np.clip(kp * (env.target - x) - kd * v, -1.0, 1.0)], np.float32)
