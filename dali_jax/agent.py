@@ -366,7 +366,7 @@ class Agent:
             self.world_model_loss, has_aux=True)(mp, batch, key)
         if self.release_compat and "context" in grads:
             grads["context"] = tmap(jnp.zeros_like, grads["context"])
-        metrics["grad_norm/model"] = optax.global_norm(grads)
+        metrics["grad_norm/model"] = optax.tree_utils.tree_norm(grads)
         upd, opt_model = self.opt["model"].update(grads, state["opt"]["model"], mp)
         new = dict(state, params=dict(p, **optax.apply_updates(mp, upd)),
                    opt=dict(state["opt"], model=opt_model), step=state["step"] + 1)
@@ -385,7 +385,7 @@ class Agent:
         metrics.update(m)
         if self.release_compat and "context" in grads:
             grads["context"] = tmap(jnp.zeros_like, grads["context"])  # release defect 1
-        metrics["grad_norm/model"] = optax.global_norm(grads)
+        metrics["grad_norm/model"] = optax.tree_utils.tree_norm(grads)
         upd, opt_model = self.opt["model"].update(grads, state["opt"]["model"], mp)
         p = dict(p, **optax.apply_updates(mp, upd))
 
@@ -413,8 +413,8 @@ class Agent:
         traj = aux["traj"]
         metrics.update({
             "loss/actor": a_loss, "loss/critic": c_loss,
-            "grad_norm/actor": optax.global_norm(a_grads),
-            "grad_norm/critic": optax.global_norm(c_grads),
+            "grad_norm/actor": optax.tree_utils.tree_norm(a_grads),
+            "grad_norm/critic": optax.tree_utils.tree_norm(c_grads),
             "behavior/entropy": aux["ent"].mean(), "behavior/return": aux["ret"].mean(),
             "behavior/imag_reward": traj["reward"][1:].mean(),
             "behavior/retnorm_scale": aux["scale"], "behavior/adv_std": aux["adv"].std(),
