@@ -518,13 +518,14 @@ def run_counterfactual(logdir: str, dim="auto", scale: float = 3.0, out: str | N
     t0 = time.time()
     ep = collect_episodes(agent, params, task_name, cfg.obs, default, episodes, L, seed, mode)
     log(f"collected {episodes} episodes of {L} steps in {time.time() - t0:.1f} s")
-    E, T = ep.is_first.shape
+    E = ep.is_first.shape[0]
 
     # 2. tokens, per-step embeddings
     enc = jax.jit(lambda p, o: agent.encoder.apply({"params": p["encoder"]}, o))
-    obs_all = {k: jnp.asarray(v) for k, v in ep.obs.items()}
     if agent.inferred:
-        embed = np.asarray(enc(params, obs_all), np.float32)
+        embed = np.concatenate([  # one episode at a time (one compiled shape)
+            np.asarray(enc(params, {k: jnp.asarray(v[e:e + 1]) for k, v in ep.obs.items()}),
+                       np.float32) for e in range(E)])
         tok_obs = np.asarray(agent._token_obs(ep.obs, jnp.asarray(embed)), np.float32)
         toks = np.asarray(CM.tokens(tok_obs, ep.prev_action), np.float32)  # (E, T, Din)
         infer = jax.jit(agent.infer_context)

@@ -110,6 +110,17 @@ def _load(logdir: str, step: int | None, task: str | None):
         raise EvaluateError(str(e)) from None
 
 
+def _run_task(logdir: str) -> str:
+    from dali_jax.training.load import load_config
+
+    if not os.path.isdir(logdir):
+        raise EvaluateError(f"{logdir}: no such run directory")
+    try:
+        return load_config(logdir).task
+    except (FileNotFoundError, ValueError) as e:
+        raise EvaluateError(str(e)) from None
+
+
 def _train_context(config) -> dict | None:
     if config.context_setting != "specific":
         return None
@@ -387,11 +398,12 @@ def _run(args) -> int:
             raise EvaluateError("--random needs --out FILE (the reference file to write)")
         from dali_jax.analysis.normalize import save_reference
 
-        ref = random_reference(
-            args.task, episodes=args.episodes or DEFAULT_RANDOM_EPISODES, seeds=args.seeds,
-            num_envs=args.num_envs, contexts=args.contexts,
-            episode_length=args.episode_length or 1000, parallel=bool(args.parallel),
-            verbose=not args.quiet)
+        episodes = DEFAULT_RANDOM_EPISODES if args.episodes is None else args.episodes
+        length = 1000 if args.episode_length is None else args.episode_length
+        ref = random_reference(args.task, episodes=episodes, seeds=args.seeds,
+                               num_envs=args.num_envs, contexts=args.contexts,
+                               episode_length=length, parallel=bool(args.parallel),
+                               verbose=not args.quiet)
         save_reference(args.out, ref)
         if not args.quiet:
             rets = [e["return"] for e in ref.entries]
@@ -403,12 +415,17 @@ def _run(args) -> int:
         raise EvaluateError("--logdir RUN is required (or --random --task T --out FILE)")
     if args.out:
         raise EvaluateError("--out is for --random; results go to RUN/eval/")
-    result = evaluate_run(args.logdir, episodes=args.episodes or DEFAULT_EPISODES,
-                          mode=args.mode, num_envs=args.num_envs, contexts=args.contexts,
-                          seed=args.seed, episode_length=args.episode_length, step=args.step,
-                          task=args.task, parallel=args.parallel,
-                          method_label=args.method_label, verbose=not args.quiet)
-    norm = _normalizer(result["task"], args.random_reference, args.expert_reference)
+    if args.expert_reference is not None and args.random_reference is None:
+        raise EvaluateError("--expert-reference needs --random-reference as well")
+    norm = None
+    if args.random_reference is not None:  # check the reference files before evaluating
+        norm = _normalizer(_run_task(args.logdir), args.random_reference, args.expert_reference)
+    episodes = DEFAULT_EPISODES if args.episodes is None else args.episodes
+    result = evaluate_run(args.logdir, episodes=episodes, mode=args.mode,
+                          num_envs=args.num_envs, contexts=args.contexts, seed=args.seed,
+                          episode_length=args.episode_length, step=args.step, task=args.task,
+                          parallel=args.parallel, method_label=args.method_label,
+                          verbose=not args.quiet)
     jpath, cpath = write_results(args.logdir, result, norm)
     if not args.quiet:
         print(_format_summary(result, regime_summary(result, norm)))
