@@ -53,15 +53,18 @@ def context_grid(task: str, n: int = 4) -> dict[int, dict[str, float]]:
     out, i = {}, 0
     for a in v0:
         for b in v1:
-            out[i] = {f0: float(a), f1: float(b)}
+            out[i] = {f0: round(float(a), 6), f1: round(float(b), 6)}
             i += 1
     return out
 
 
 def collect_random_episodes(task: str, contexts: Mapping | Sequence[Mapping],
                             episodes_per_context: int, length: int, seed: int = 0,
-                            obs_mode: str = "features") -> dict:
+                            obs_mode: str = "features", action_repeat: int = 1) -> dict:
     """Uniform-random-policy episodes of `length` env steps under every context.
+
+    A new uniform action is drawn every `action_repeat` steps and held in between (1: i.i.d.
+    actions, the replay prefill's policy); the stored action is always the one applied.
 
     contexts: {id: {factor: value}} or a list of such dicts (ids 0..n-1); missing factors take
     their defaults. Episodes cut short by a physics instability are discarded and drawn again.
@@ -74,8 +77,8 @@ def collect_random_episodes(task: str, contexts: Mapping | Sequence[Mapping],
         contexts = dict(enumerate(contexts))
     if not contexts:
         raise ValueError("contexts must not be empty")
-    if episodes_per_context < 1 or length < 1:
-        raise ValueError("episodes_per_context and length must be >= 1")
+    if episodes_per_context < 1 or length < 1 or action_repeat < 1:
+        raise ValueError("episodes_per_context, length and action_repeat must be >= 1")
     env = make_env(task, dict(contexts), obs_mode=obs_mode, seed=seed, time_limit=length)
     rng = np.random.default_rng(seed)
     low, high = env.action_space.low, env.action_space.high
@@ -88,7 +91,7 @@ def collect_random_episodes(task: str, contexts: Mapping | Sequence[Mapping],
         for cid in contexts:
             for e in range(episodes_per_context):
                 for _ in range(_MAX_RETRIES):
-                    ep = _random_episode(env, cid, length, rng, low, high, A, keys)
+                    ep = _random_episode(env, cid, length, rng, low, high, A, keys, action_repeat)
                     if ep is not None:
                         break
                 else:
@@ -107,12 +110,13 @@ def collect_random_episodes(task: str, contexts: Mapping | Sequence[Mapping],
     return res
 
 
-def _random_episode(env, cid, length, rng, low, high, A, keys):
+def _random_episode(env, cid, length, rng, low, high, A, keys, repeat=1):
     obs, _ = env.reset(options={"context_id": cid})
     rows = {k: [obs[k]] for k in keys}
     actions, rewards = [], [0.0]
     for t in range(length):
-        a = rng.uniform(low, high, (A,)).astype(np.float32)
+        if t % repeat == 0:
+            a = rng.uniform(low, high, (A,)).astype(np.float32)
         obs, r, terminated, truncated, info = env.step(a)
         actions.append(a)
         rewards.append(r)
