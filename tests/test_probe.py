@@ -3,7 +3,8 @@ experiment (does g_phi's context encode gravity?).
 
 World-model-only experiment (issue 4): uniform-random-policy Ball-in-Cup episodes under 8
 gravity values evenly spaced over the train range [4.9, 14.7] (string length 0.3); a nano
-dali_d model trained with `Agent.model_step` only (world model + g_phi + f_psi); a ridge probe
+dali_d model trained with `Agent.model_step` only (world model + g_phi + its inverse-dynamics
+alignment head); a ridge probe
 from the inferred context of every full window (t >= K - 1) to the true gravity, fitted on
 some episodes of every gravity value and scored on held-out episodes. The same probe on the
 untrained g_phi (the init parameters of the same agent) is the reference.
@@ -63,6 +64,10 @@ def test_step_samples_split_and_inference_match_the_training_windows(agent_cache
     assert eps["is_first"][:, 0].all() and eps["is_last"][:, -1].all()
     assert (eps["action"][:, -1] == 0).all() and np.abs(eps["action"]).max() <= 1.0
     np.testing.assert_allclose(eps["factors"][:, 0], [6, 6, 6, 12, 12, 12])
+    held = P.collect_random_episodes("ball_in_cup", [{"gravity": 6.0}], 1, 12, seed=1,
+                                     action_repeat=5)["action"][0]
+    assert (held[1:5] == held[0]).all() and (held[6:10] == held[5]).all()
+    assert not (held[5] == held[0]).all()
     train, test = P.heldout_split(eps, 1)
     assert test.tolist() == [False, False, True, False, False, True]
     agent = agent_cache("dali_d")
@@ -142,27 +147,35 @@ def world_model_only_experiment(out_dir, seed=0, updates=UPDATES, loss=LOSS, plo
 
 @pytest.mark.slow
 def test_inferred_context_linearly_encodes_gravity_world_model_only(tmp_path):
-    """Trained g_phi: R^2(c -> gravity) >= 0.8 on held-out episodes; untrained: far lower.
+    """Trained g_phi: R^2(c -> gravity) >= 0.8 on held-out episodes, per window; untrained
+    g_phi: about 0.
 
-    The probed context of an episode is the mean of g_phi's context over its full windows
-    (t >= K - 1); the per-window R^2 (every full window of the held-out episodes) is
-    reported and checked against the untrained encoder as well. Measured on the shared
-    2-core CPU machine (seeded; seed 0): episode context 0.90 vs 0.37 untrained, per window
-    0.58 vs 0.01. The per-window figure keeps rising slowly with more updates (about 0.7
-    after 2000), beyond this test's time budget.
+    Probe samples are the contexts of every full window (t >= K - 1) of the episodes; the
+    probe is fitted on 8 episodes per gravity value and scored on the other 8. The R^2 of
+    the per-episode mean context is reported too, but it is weak evidence: the mean raw
+    observation of an episode already gives R^2 0.80 (the state distribution under the
+    random policy depends on gravity), and the untrained g_phi gets 0.37-0.65 on it.
+
+    g_phi is trained with the inverse alignment loss (`context.loss="inverse"`, one of the
+    DALI options): under the default forward loss the context also summarises the window's
+    states, and the per-window R^2 rises much more slowly (0.54 after 1000 updates, 0.69
+    after 2000; "both": 0.74 after 1000), beyond this test's time budget.
+    Measured on the shared 2-core CPU machine, 1500 updates: seed 0 (this test) per window
+    0.869 vs 0.006 untrained, episode mean 0.973 vs 0.369; seeds 1 and 2 per window 0.786
+    and 0.793 (untrained 0.014, 0.010).
     """
     fig = world_model_only_experiment(str(tmp_path))
     tr, un = fig["trained"], fig["untrained_encoder"]
-    print(f"\nR^2 context -> gravity on held-out episodes: trained g_phi "
-          f"{tr['r2_episode_context']:.3f} (per window {tr['r2_per_window']:.3f}); untrained "
-          f"g_phi {un['r2_episode_context']:.3f} (per window {un['r2_per_window']:.3f}); "
+    print(f"\nR^2 context -> gravity on held-out episodes, per window: trained g_phi "
+          f"{tr['r2_per_window']:.3f}, untrained g_phi {un['r2_per_window']:.3f}; episode-mean "
+          f"context: {tr['r2_episode_context']:.3f} vs {un['r2_episode_context']:.3f}; "
           f"{fig['updates']} updates in {fig['wall_s']['train']:.0f} s, total "
           f"{fig['wall_s']['total']:.0f} s wall / {fig['cpu_s']:.0f} s CPU "
           f"({tmp_path / 'probe_figures.json'})")
     assert fig["alignment_loss"][-1] < fig["alignment_loss"][0]
+    assert tr["r2_per_window"] >= 0.8
+    assert un["r2_per_window"] <= 0.2
     assert tr["r2_episode_context"] >= 0.8
-    assert tr["r2_episode_context"] - un["r2_episode_context"] >= 0.3
-    assert tr["r2_per_window"] - un["r2_per_window"] >= 0.3
 
 
 # ------------------------------------------------------------------------------ CLI
