@@ -20,7 +20,11 @@ Per configuration:
   loop body once, so it under-reports the scanned RSSM);
 - GFLOP/s: GFLOP / median; params: trainable parameters (model, actor, critic and, for
   DALI, g_phi and its heads; slow critic excluded);
-- x dr: median divided by dreamer_dr's median at the same size and observation kind.
+- x dr: update time relative to dreamer_dr at the same size and observation kind: the
+  median over `--rounds` interleaved rounds (one update of every method per round) of the
+  per-round ratio, robust to the speed drift of a shared machine;
+- plain matmul: GFLOP/s of a float32 1024 x 1536 x 1024 product measured before and after
+  (and after each configuration, in the JSON), to tell how fast the machine was.
 
 The persistent compilation cache is disabled so compile times are cold (`--cache` keeps
 whatever the environment configures). The compute dtype is the config's (default "auto":
@@ -63,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--horizon", type=int, default=15)
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved rounds (one update of each method per round) for the "
+                        "x dreamer_dr ratios; 0: ratio of the separate medians")
     p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16"),
                    help="compute dtype (default: the config's)")
     p.add_argument("--no-quirk", action="store_true",
@@ -143,6 +150,22 @@ def block(tree):
     return jax.block_until_ready(tree)
 
 
+def matmul_probe(n: int = 1024, k: int = 1536, repeats: int = 15) -> float:
+    """GFLOP/s of a plain float32 (n x k) @ (k x n) product, median of `repeats`: the
+    machine's speed at the time (shared virtual machines vary by 30% or more within an
+    hour), printed with the figures so that runs can be compared."""
+    a = jnp.ones((n, k), jnp.float32)
+    b = jnp.ones((k, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    block(f(a, b))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        block(f(a, b))
+        times.append(time.perf_counter() - t)
+    return 2 * n * n * k / statistics.median(times) / 1e9
+
+
 def bench_one(args, size, obs, method) -> dict:
     config = make_config(args, size, obs, method)
     _, obs_spec, act_dim = PROBLEMS[obs]
@@ -189,7 +212,18 @@ def bench_one(args, size, obs, method) -> dict:
     finite = bool(all(np.isfinite(np.asarray(v)).all() for v in metrics.values()))
     median = statistics.median(times)
     dev = jax.devices()[0]
-    return dict(
+    carry = {"state": state, "i": 100}
+
+    def one_update() -> float:
+        """Time one more update (for the interleaved ratio rounds)."""
+        carry["i"] += 1
+        t = time.perf_counter()
+        carry["state"], m = agent.train_step(carry["state"], batch,
+                                             jax.random.fold_in(key, carry["i"]))
+        block((m, carry["state"]))
+        return time.perf_counter() - t
+
+    return one_update, dict(
         size=size, obs=obs, method=method, params=params,
         batch=args.batch, length=args.length, horizon=args.horizon,
         dtype=jnp.dtype(compute_dtype(config.compute_dtype)).name,
@@ -234,27 +268,44 @@ def main(argv=None):
           f"repeats {args.repeats}, dtype {args.dtype or 'config default (auto)'}, "
           f"sizes {','.join(args.sizes)}, obs {','.join(args.obs)}, "
           f"methods {','.join(args.methods)}", flush=True)
+    probe0 = matmul_probe()
+    print(f"plain matmul (1024 x 1536 x 1024, float32): {probe0:.0f} GFLOP/s", flush=True)
     rows = []
     for size in args.sizes:
         for obs in args.obs:
-            group = []
+            group, runners = [], []
             for method in args.methods:
-                row = bench_one(args, size, obs, method)
+                run, row = bench_one(args, size, obs, method)
+                row["matmul_gflops_per_s"] = matmul_probe()
                 group.append(row)
+                runners.append(run)
                 print(f"  {size} {obs} {method}: {row['median_s']:.3f} s/update, first call "
                       f"{row['first_call_s']:.1f} s, {row['gflop']:.1f} GFLOP, "
                       f"{row['gflops_per_s']:.1f} GFLOP/s", flush=True)
-                jax.clear_caches()
-            base = next((r for r in group if r["method"] == "dreamer_dr"), None)
-            for r in group:
-                r["ratio_to_dreamer_dr"] = (r["median_s"] / base["median_s"]) if base else None
+            base_i = next((i for i, r in enumerate(group) if r["method"] == "dreamer_dr"), None)
+            if base_i is not None and len(group) > 1 and args.rounds > 0:
+                # Interleaved rounds (dr, m1, m2, dr, m1, ...): each ratio is a median of
+                # per-round ratios, so a drift in the machine's speed cancels.
+                per_round = [[run() for run in runners] for _ in range(args.rounds)]
+                for i, r in enumerate(group):
+                    r["interleaved_s"] = [t[i] for t in per_round]
+                    r["ratio_to_dreamer_dr"] = statistics.median(
+                        t[i] / t[base_i] for t in per_round)
+            else:
+                base = group[base_i] if base_i is not None else None
+                for r in group:
+                    r["ratio_to_dreamer_dr"] = (r["median_s"] / base["median_s"]) if base else None
+            del runners
+            jax.clear_caches()
             rows.extend(group)
             if args.json:
                 with open(args.json, "a") as f:
                     for r in group:
                         f.write(json.dumps(r) + "\n")
+    probe1 = matmul_probe()
     print()
-    print(f"device: {dev.device_kind} ({dev.platform})")
+    print(f"device: {dev.device_kind} ({dev.platform}); plain matmul {probe0:.0f} GFLOP/s "
+          f"before, {probe1:.0f} after")
     print(table(rows))
     if not all(r["metrics_finite"] for r in rows):
         print("warning: some metrics were not finite", file=sys.stderr)

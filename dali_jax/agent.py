@@ -208,7 +208,7 @@ class Agent:
             tok = C.tokens(obs_vec, prev)
             idx = C.window_indices(is_first, self.config.context.window)
         ctx = self.ctx_encoder.apply({"params": params["context"]["encoder"]}, tok, idx,
-                                     method=C.ContextEncoder.chunk)
+                                     not self.release_compat, method=C.ContextEncoder.chunk)
         if self.release_compat:
             ctx = sg(ctx)  # release: the encoder is never updated
             # Its alignment loss runs over causal prefixes; we keep that for the metric.
@@ -294,49 +294,53 @@ class Agent:
         return N.actor_dist(self.actor.apply({"params": actor_params}, hin), self.spec.discrete,
                             self.config.model.unimix)
 
-    def imagine(self, params, actor_params, start, ctx, is_terminal, rng):
+    def imagine(self, params, actor_params, start, ctx, is_terminal, rng, heads=None):
         """Imagined trajectory (H + 1, N, ...) from posterior states `start` (N, ...).
 
         ctx: (N, Cc) context held fixed over the horizon (or None). Adds `hin` (head
         inputs), `reward`, `cont` (first from the real is_terminal) and `weight`.
+        heads: optional `heads(hin) -> dict` of further per-state outputs (critic logits).
+        Every head runs inside the imagination scan on one step's N states at a time
+        (on CPU several times faster than on the stacked (H + 1) * N rows); entry 0 of
+        `reward` (arriving in the start state) is unused.
         """
         sw = self.switches
 
         def policy(state, key):
             # The actor sees stop-gradient states (DreamerV3); its entropy and log-prob are
             # taken here so the actor loss need not run the actor a second time.
-            d = self._policy_dist(actor_params, sg(self.head_input(state, ctx)))
+            hin = self.head_input(state, ctx)
+            d = self._policy_dist(actor_params, sg(hin))
             a = d.sample(key)
-            out = dict(action=a, entropy=d.entropy())
+            out = dict(action=a, entropy=d.entropy(), hin=hin)
             if self.spec.discrete:
                 out["logp"] = d.log_prob(sg(a))
+            out["reward"] = D.TwoHot(self.reward.apply({"params": params["reward"]}, hin)).mean()
+            out["cont"] = D.Bernoulli(
+                self.cont.apply({"params": params["cont"]}, hin)[..., 0]).mode()
+            if heads is not None:
+                out.update(heads(hin))
             return out
 
         ctx_dyn = ctx if sw["dynamics"] else None
         traj = R.imagine(self.rssm, params["rssm"], policy, start,
                          self.config.train.imag_horizon, rng, ctx_dyn)
-        hin = self.head_input(traj, ctx)
-        reward = D.TwoHot(self.reward.apply({"params": params["reward"]}, hin)).mean()
-        cont = D.Bernoulli(self.cont.apply({"params": params["cont"]}, hin)[..., 0]).mode()
-        cont = jnp.concatenate([(1.0 - is_terminal.astype(f32))[None], cont[1:]], 0)
-        traj.update(hin=hin, reward=reward, cont=cont,
-                    weight=B.trajectory_weight(cont, self.gamma))
+        cont = jnp.concatenate([(1.0 - is_terminal.astype(f32))[None], traj["cont"][1:]], 0)
+        traj.update(cont=cont, weight=B.trajectory_weight(cont, self.gamma))
         return traj
 
-    def actor_objective(self, params, retnorm, start, ctx, is_terminal, rng):
-        """Actor loss as a function of the full parameter tree (scalar, aux).
-
-        Only the actor receives gradients: the world model, reward, continue and critic
-        parameters and the start states are stop-gradient; for continuous actions the
-        gradient flows through the imagined dynamics into the actions.
-        start: posterior states (N, ...); ctx: (N, Cc) or None; is_terminal: (N,).
-        """
-        cfg = self.config.train
-        frozen = sg({k: params[k] for k in ("rssm", "reward", "cont", "critic")})
-        start = sg(start)
+    def _imagine_frozen(self, params, start, ctx, is_terminal, rng, heads=None):
+        """`imagine` with the world model, start states and context as stop-gradient."""
+        frozen = sg({k: params[k] for k in ("rssm", "reward", "cont")})
         ctx = None if ctx is None else sg(ctx)
-        traj = self.imagine(frozen, params["actor"], start, ctx, is_terminal, rng)
-        value = D.TwoHot(self.critic.apply({"params": frozen["critic"]}, traj["hin"])).mean()
+        return self.imagine(frozen, params["actor"], sg(start), ctx, is_terminal, rng, heads)
+
+    def _critic_logits(self, critic_params, hin):
+        return self.critic.apply({"params": critic_params}, hin)
+
+    def _actor_terms(self, traj, value, retnorm):
+        """Actor loss from a trajectory and its critic values (H + 1, N) -> (loss, aux)."""
+        cfg = self.config.train
         ret = B.lambda_returns(traj["reward"], traj["cont"], value, self.gamma,
                                cfg.return_lambda)
         new_retnorm, scale = B.retnorm_update(retnorm, ret, cfg.retnorm_decay)
@@ -347,14 +351,53 @@ class Agent:
         return loss, dict(traj=traj, ret=ret, retnorm=new_retnorm, ent=ent, adv=adv,
                           scale=scale)
 
+    def _critic_terms(self, logits, slow_logits, weight, ret):
+        """Critic loss from its logits and the slow critic's on the first H states
+        (H, N, bins); weight (H + 1, N) and ret (H, N) are stop-gradient."""
+        slow_mean = sg(D.TwoHot(slow_logits).mean())
+        return B.critic_loss(D.TwoHot(logits), slow_mean, sg(ret), sg(weight),
+                             self.config.train.slowreg)
+
+    def actor_objective(self, params, retnorm, start, ctx, is_terminal, rng):
+        """Actor loss as a function of the full parameter tree (scalar, aux).
+
+        Only the actor receives gradients: the world model, reward, continue and critic
+        parameters and the start states are stop-gradient; for continuous actions the
+        gradient flows through the imagined dynamics into the actions.
+        start: posterior states (N, ...); ctx: (N, Cc) or None; is_terminal: (N,).
+        """
+        heads = lambda hin: {"value_logits": self._critic_logits(sg(params["critic"]), hin)}
+        traj = self._imagine_frozen(params, start, ctx, is_terminal, rng, heads)
+        return self._actor_terms(traj, D.TwoHot(traj["value_logits"]).mean(), retnorm)
+
     def critic_objective(self, params, slow_critic, traj, ret):
         """Critic loss (scalar): two-hot NLL of sg(lambda returns) plus the regulariser
         towards the slow critic's mean; trajectory and returns are stop-gradient."""
-        traj, ret = sg(traj), sg(ret)
-        hin = traj["hin"][:-1]
-        slow_mean = sg(D.TwoHot(self.critic.apply({"params": slow_critic}, hin)).mean())
-        dist = D.TwoHot(self.critic.apply({"params": params["critic"]}, hin))
-        return B.critic_loss(dist, slow_mean, ret, traj["weight"], self.config.train.slowreg)
+        hin = sg(traj["hin"][:-1])
+        return self._critic_terms(self._critic_logits(params["critic"], hin),
+                                  self._critic_logits(slow_critic, hin), traj["weight"], ret)
+
+    def behavior_objective(self, params, slow_critic, retnorm, start, ctx, is_terminal, rng):
+        """actor_objective + critic_objective with one imagination and one critic forward.
+
+        The critic's logits on the trajectory serve both losses: `_routed` sends the actor
+        loss's cotangent only into the trajectory (towards the actor) and the critic loss's
+        only into the critic's parameters, so the gradient equals grad(actor_objective) +
+        grad(critic_objective) (tested) while the critic runs forward once instead of
+        twice. Returns (actor_loss + critic_loss, aux) with aux["loss/actor"] and
+        aux["loss/critic"].
+        """
+        def heads(hin):
+            for_actor, for_critic = _routed(self._critic_logits, params["critic"], hin)
+            slow = sg(self._critic_logits(slow_critic, sg(hin)))
+            return dict(value_logits=for_actor, critic_logits=for_critic, slow_logits=slow)
+
+        traj = self._imagine_frozen(params, start, ctx, is_terminal, rng, heads)
+        a_loss, aux = self._actor_terms(traj, D.TwoHot(traj["value_logits"]).mean(), retnorm)
+        c_loss = self._critic_terms(traj["critic_logits"][:-1], traj["slow_logits"][:-1],
+                                    traj["weight"], aux["ret"])
+        aux.update({"loss/actor": a_loss, "loss/critic": c_loss})
+        return a_loss + c_loss, aux
 
     def _model_step(self, state, batch, rng):
         """World-model-only update (world model, g_phi, f_psi, chi; no actor-critic):
@@ -389,21 +432,21 @@ class Agent:
         upd, opt_model = self.opt["model"].update(grads, state["opt"]["model"], mp)
         p = dict(p, **optax.apply_updates(mp, upd))
 
-        # Actor in imagination from every posterior state of the batch (B * T starts).
+        # Actor and critic in imagination from every posterior state (B * T starts): one
+        # gradient of both losses (each reaches only its own network; see behavior_objective).
         flat = lambda x: x.reshape((-1,) + x.shape[2:])
         start = tmap(flat, post)
         ctx0 = None if ctx_wm is None else flat(ctx_wm)
-        (a_loss, aux), a_grads = jax.value_and_grad(
-            lambda ap: self.actor_objective(dict(p, actor=ap), state["retnorm"], start, ctx0,
-                                            flat(batch["is_terminal"]), k_img),
-            has_aux=True)(p["actor"])
+        ac = {"actor": p["actor"], "critic": p["critic"]}
+        (_, aux), g = jax.value_and_grad(
+            lambda q: self.behavior_objective(dict(p, **q), state["slow_critic"],
+                                              state["retnorm"], start, ctx0,
+                                              flat(batch["is_terminal"]), k_img),
+            has_aux=True)(ac)
+        a_grads, c_grads = g["actor"], g["critic"]
+        a_loss, c_loss = aux["loss/actor"], aux["loss/critic"]
         upd, opt_actor = self.opt["actor"].update(a_grads, state["opt"]["actor"], p["actor"])
         p["actor"] = optax.apply_updates(p["actor"], upd)
-
-        # Critic on the same trajectory, then the slow critic EMA.
-        c_loss, c_grads = jax.value_and_grad(
-            lambda cp: self.critic_objective(dict(p, critic=cp), state["slow_critic"],
-                                             aux["traj"], aux["ret"]))(p["critic"])
         upd, opt_critic = self.opt["critic"].update(c_grads, state["opt"]["critic"],
                                                     p["critic"])
         p["critic"] = optax.apply_updates(p["critic"], upd)
@@ -552,6 +595,28 @@ class Agent:
         if self.ctx_dim:
             new["ctx_prev"] = ctx
         return action, new
+
+
+def _routed(fn, params, x):
+    """(y, y) with y = fn(params, x), computed once; the first copy's cotangent flows only
+    into x, the second's only into params. (Two losses sharing one forward pass, each
+    differentiated with respect to a different input.)"""
+
+    @jax.custom_vjp
+    def route(params, x):
+        y = fn(params, x)
+        return y, y
+
+    def fwd(params, x):
+        y, vjp = jax.vjp(fn, params, x)
+        return (y, y), vjp
+
+    def bwd(vjp, cts):
+        ct_x, ct_params = cts
+        return vjp(ct_params)[0], vjp(ct_x)[1]
+
+    route.defvjp(fwd, bwd)
+    return route(params, x)
 
 
 def count_params(tree) -> int:

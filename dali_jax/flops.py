@@ -189,7 +189,8 @@ def _is_dynamic(leaf) -> bool:
 
 
 def count_flops(fn: Callable, *args, include_elementwise: bool = False,
-                conv_padding: bool = False, on_while: str = "warn", **kwargs) -> int:
+                conv_padding: bool = False, on_while: str = "warn", dce: bool = True,
+                **kwargs) -> int:
     """FLOPs of one call `fn(*args, **kwargs)`, every scan step counted.
 
     Arguments may be arrays or `jax.ShapeDtypeStruct`s (nothing is computed or allocated;
@@ -200,6 +201,9 @@ def count_flops(fn: Callable, *args, include_elementwise: bool = False,
         dot_general and convolutions).
     conv_padding: count convolution taps on zero padding (textbook convention).
     on_while: "warn" (default), "raise" or "ignore" for `while` loops of unknown trip count.
+    dce: first drop the equations no output depends on (as XLA does when it compiles);
+        e.g. a custom VJP that calls a `jax.vjp` function twice and uses half of each
+        result is counted once.
     """
     leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
     dyn_idx = [i for i, leaf in enumerate(leaves) if _is_dynamic(leaf)]
@@ -213,5 +217,10 @@ def count_flops(fn: Callable, *args, include_elementwise: bool = False,
         return fn(*a, **kw)
 
     closed = jax.make_jaxpr(wrapped)(*dyn)
+    if dce:
+        from jax._src.interpreters import partial_eval as pe  # no public DCE entry point
+
+        jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+        closed = jcore.ClosedJaxpr(jaxpr, closed.consts)
     return count_jaxpr_flops(closed, include_elementwise=include_elementwise,
                              conv_padding=conv_padding, on_while=on_while)

@@ -12,68 +12,79 @@ from __future__ import annotations
 
 NAMES = ("paper", "cpu", "quick", "smoke")
 
+# preset -> {dotted config path: value}, applied in this order ("paper" is the default config).
+OVERRIDES: dict[str, dict[str, object]] = {
+    "paper": {},
+    "cpu": {
+        "method": "dreamer_dr",
+        "context_setting": "default",
+        "model.size": "mini",
+        "model.encdec_release_quirk": False,
+        "train.model_lr": 3e-4,
+        "train.actor_lr": 1e-4,
+        "train.critic_lr": 1e-4,
+        "run.steps": 100_000,
+        "run.train_ratio": 128.0,
+        "run.prefill": 2000,
+        "run.num_envs": 4,
+        "run.parallel_envs": False,
+        "run.eval_every": 20_000,
+        "run.eval_episodes": 2,
+        "run.eval_contexts": 1,
+        "run.log_every_s": 60.0,
+        "run.save_every_s": 300.0,
+    },
+    "quick": {
+        "method": "dreamer_dr",
+        "context_setting": "default",
+        "model.size": "tiny",
+        "model.encdec_release_quirk": False,
+        "train.batch_size": 16,
+        "train.batch_length": 32,
+        "context.window": 32,
+        "train.model_lr": 3e-4,
+        "train.actor_lr": 1e-4,
+        "train.critic_lr": 1e-4,
+        "run.steps": 20_000,
+        "run.train_ratio": 64.0,
+        "run.prefill": 1000,
+        "run.num_envs": 2,
+        "run.eval_every": 0,
+        "run.eval_episodes": 2,
+        "run.eval_contexts": 2,
+        "run.log_every_s": 30.0,
+        "run.save_every_s": 120.0,
+    },
+    "smoke": {
+        "model.size": "nano",
+        "model.encdec_release_quirk": False,
+        "train.batch_size": 4,
+        "train.batch_length": 16,
+        "train.imag_horizon": 5,
+        "context.window": 8,
+        "context.hidden": 16,
+        "context.head_units": 16,
+        "run.steps": 400,
+        "run.train_ratio": 16.0,
+        "run.prefill": 100,
+        "run.num_envs": 2,
+        "run.eval_every": 0,
+        "run.eval_episodes": 1,
+        "run.eval_contexts": 1,
+        "run.episode_length": 100,
+        "run.parallel_envs": False,
+        "run.replay_capacity": 10_000,
+    },
+}
+
 
 def apply(c, name: str):
-    if name == "paper":
-        return c
-    if name == "cpu":
-        c.method = "dreamer_dr"
-        c.context_setting = "default"
-        c.model.size = "mini"
-        c.model.encdec_release_quirk = False
-        c.train.model_lr = 3e-4
-        c.train.actor_lr = 1e-4
-        c.train.critic_lr = 1e-4
-        c.run.steps = 100_000
-        c.run.train_ratio = 128.0
-        c.run.prefill = 2000
-        c.run.num_envs = 4
-        c.run.parallel_envs = False
-        c.run.eval_every = 20_000
-        c.run.eval_episodes = 2
-        c.run.eval_contexts = 1
-        c.run.log_every_s = 60.0
-        c.run.save_every_s = 300.0
-        return c
-    if name == "quick":
-        c.method = "dreamer_dr"
-        c.context_setting = "default"
-        c.model.size = "tiny"
-        c.model.encdec_release_quirk = False
-        c.train.batch_size = 16
-        c.train.batch_length = 32
-        c.context.window = 32
-        c.train.model_lr = 3e-4
-        c.train.actor_lr = 1e-4
-        c.train.critic_lr = 1e-4
-        c.run.steps = 20_000
-        c.run.train_ratio = 64.0
-        c.run.prefill = 1000
-        c.run.num_envs = 2
-        c.run.eval_every = 0
-        c.run.eval_episodes = 2
-        c.run.eval_contexts = 2
-        c.run.log_every_s = 30.0
-        c.run.save_every_s = 120.0
-        return c
-    if name == "smoke":
-        c.model.size = "nano"
-        c.model.encdec_release_quirk = False
-        c.train.batch_size = 4
-        c.train.batch_length = 16
-        c.train.imag_horizon = 5
-        c.context.window = 8
-        c.context.hidden = 16
-        c.context.head_units = 16
-        c.run.steps = 400
-        c.run.train_ratio = 16.0
-        c.run.prefill = 100
-        c.run.num_envs = 2
-        c.run.eval_every = 0
-        c.run.eval_episodes = 1
-        c.run.eval_contexts = 1
-        c.run.episode_length = 100
-        c.run.parallel_envs = False
-        c.run.replay_capacity = 10_000
-        return c
-    raise ValueError(f"preset must be one of {', '.join(NAMES)}; got {name!r}")
+    if name not in NAMES:
+        raise ValueError(f"preset must be one of {', '.join(NAMES)}; got {name!r}")
+    for path, value in OVERRIDES[name].items():
+        *parents, leaf = path.split(".")
+        node = c
+        for part in parents:
+            node = getattr(node, part)
+        setattr(node, leaf, value)
+    return c

@@ -36,9 +36,6 @@ def tiny_config(method="dali_d", **overrides):
     return c
 
 
-FEATURE_SPEC = None
-
-
 def feature_spec(obs_dim=8, action_dim=2):
     from dali_jax.agent import Spec
     return Spec(obs={"obs": ((obs_dim,), np.float32), "context": ((2,), np.float32)},

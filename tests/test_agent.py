@@ -87,6 +87,20 @@ def test_gradient_isolation(agent_cache):
     sums = _nonzero(g_crit)
     assert sums["critic"] > 0
     assert all(v == 0 for k, v in sums.items() if k != "critic"), sums
+    # The fused objective of train_step (one critic forward for both losses) has exactly
+    # the gradient of the two separate objectives, and the same loss values.
+    args = (start, flat(ctx), flat(jnp.asarray(batch["is_terminal"])), jax.random.PRNGKey(2))
+    g_both, aux_b = jax.grad(agent.behavior_objective, has_aux=True)(
+        p, state["slow_critic"], state["retnorm"], *args)
+    for k in g_both:
+        want = g_act[k] if k == "actor" else g_crit[k]
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                                       atol=1e-7),
+                               g_both[k], want)
+    np.testing.assert_allclose(aux_b["loss/actor"], agent.actor_objective(p, state["retnorm"],
+                                                                          *args)[0], rtol=1e-4)
+    np.testing.assert_allclose(aux_b["loss/critic"], agent.critic_objective(
+        p, state["slow_critic"], aux["traj"], aux["ret"]), rtol=1e-4)
 
 
 def _run(agent, steps=2, seed=0, batch=None):

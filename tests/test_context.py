@@ -40,20 +40,42 @@ def test_window_indices_are_causal_episode_bounded_and_edge_padded():
     np.testing.assert_array_equal(idx[0, 6], [5, 5, 5, 6])  # new episode at 5
 
 
-@pytest.mark.parametrize("kind,readout", [("transformer", "flatten"), ("transformer", "mean"),
-                                          ("attention", "flatten"), ("gru", "flatten"),
-                                          ("mlp", "flatten")])
-def test_chunk_path_equals_explicit_windows(kind, readout):
+@pytest.mark.parametrize("kind,readout,k", [
+    ("transformer", "flatten", K), ("transformer", "mean", K), ("transformer", "flatten", T),
+    ("transformer", "mean", T + 3), ("attention", "flatten", K), ("attention", "mean", T),
+    ("gru", "flatten", K), ("mlp", "flatten", K)])
+def test_chunk_path_equals_explicit_windows(kind, readout, k):
+    """The chunk path (per-pair attention for transformer / attention) gives the values and
+    the parameter gradients of g_phi applied to each explicitly gathered window; windows
+    shorter than, equal to and longer than the chunk, with an episode start inside it."""
     obs, act, first, tok = _data()
-    enc = C.ContextEncoder(kind, H, CD, K, readout)
-    params = enc.init(jax.random.PRNGKey(0), jnp.zeros((1, K, DO + A)))["params"]
-    idx = C.window_indices(jnp.asarray(first), K)
-    got = enc.apply({"params": params}, tok, idx, method=C.ContextEncoder.chunk)
+    enc = C.ContextEncoder(kind, H, CD, k, readout)
+    params = enc.init(jax.random.PRNGKey(0), jnp.zeros((1, k, DO + A)))["params"]
+    idx = C.window_indices(jnp.asarray(first), k)
+    chunk = lambda p: enc.apply({"params": p}, tok, idx, method=C.ContextEncoder.chunk)
+    got = chunk(params)
     assert got.shape == (B, T, CD)
-    nidx = _naive_indices(first, K)
-    windows = np.asarray(tok)[np.arange(B)[:, None, None], nidx]  # (B, T, K, D)
-    want = enc.apply({"params": params}, jnp.asarray(windows.reshape(B * T, K, -1)))
-    np.testing.assert_allclose(got, np.asarray(want).reshape(B, T, CD), rtol=2e-5, atol=2e-5)
+    nidx = _naive_indices(first, k)
+    windows = jnp.asarray(np.asarray(tok)[np.arange(B)[:, None, None], nidx].reshape(B * T, k, -1))
+    direct = lambda p: enc.apply({"params": p}, windows).reshape(B, T, CD)
+    np.testing.assert_allclose(got, direct(params), rtol=2e-5, atol=2e-5)
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(B, T, CD)), jnp.float32)
+    g_chunk = jax.grad(lambda p: (chunk(p) * weights).sum())(params)
+    g_direct = jax.grad(lambda p: (direct(p) * weights).sum())(params)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                           g_chunk, g_direct)
+
+
+def test_full_chunk_windows_pairs_equal_gather():
+    """Non-causal (release) windows: every position sees the whole chunk."""
+    _, _, _, tok = _data()
+    enc = C.ContextEncoder("transformer", H, CD, T, "flatten")
+    params = enc.init(jax.random.PRNGKey(0), jnp.zeros((1, T, DO + A)))["params"]
+    idx = C.full_chunk_indices(B, T)
+    got = enc.apply({"params": params}, tok, idx, False, method=C.ContextEncoder.chunk)
+    want = enc.apply({"params": params}, jnp.broadcast_to(tok[:, None], (B, T, T, DO + A))
+                     .reshape(B * T, T, -1)).reshape(B, T, CD)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
 def test_prefix_loss_equals_naive_loop_over_prefixes():
@@ -110,8 +132,9 @@ def test_context_is_causal():
     full = C.full_chunk_indices(B, T)
     enc_full = C.ContextEncoder("transformer", H, CD, T)
     pf = enc_full.init(jax.random.PRNGKey(0), jnp.zeros((1, T, DO + A)))["params"]
-    d1 = enc_full.apply({"params": pf}, tok, full, method=C.ContextEncoder.chunk)
-    d2 = enc_full.apply({"params": pf}, jnp.asarray(tok2), full, method=C.ContextEncoder.chunk)
+    d1 = enc_full.apply({"params": pf}, tok, full, False, method=C.ContextEncoder.chunk)
+    d2 = enc_full.apply({"params": pf}, jnp.asarray(tok2), full, False,
+                        method=C.ContextEncoder.chunk)
     assert np.abs(np.asarray(d1[:, 0] - d2[:, 0])).max() > 1e-4
 
 

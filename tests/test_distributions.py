@@ -91,6 +91,25 @@ def test_onehot_straight_through_sample_and_entropy():
     np.testing.assert_allclose(freq, p[0], atol=0.03)
 
 
+def test_onehot_sample_frequencies_chi_square():
+    """Inverse-CDF sampling draws each class with its probability (chi-square against the
+    probabilities, 20k draws of 3 different categoricals), exactly one-hot, never a
+    zero-probability class."""
+    logits = jnp.log(jnp.array([[0.5, 0.0, 0.3, 0.2], [0.01, 0.01, 0.01, 0.97],
+                                [0.25, 0.25, 0.25, 0.25]]))
+    dist = D.OneHot(logits)
+    keys = jax.random.split(jax.random.PRNGKey(3), 20000)
+    s = np.asarray(jax.vmap(dist.sample)(keys))  # (20000, 3, 4)
+    np.testing.assert_allclose(s.sum(-1), 1.0, atol=1e-6)
+    counts = s.round().sum(0)
+    assert counts[0, 1] == 0
+    p = np.exp(np.asarray(dist.logits))
+    for row in range(3):
+        keep = p[row] > 0
+        _, pval = stats.chisquare(counts[row, keep], 20000 * p[row, keep] / p[row, keep].sum())
+        assert pval > 1e-3, (row, counts[row], pval)
+
+
 def test_bernoulli_and_bounded_normal_against_scipy():
     logits = jnp.array([-2.0, 0.3, 4.0])
     b = D.Bernoulli(logits)

@@ -63,7 +63,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
 import sys
 import time
 import warnings
@@ -281,29 +280,17 @@ def _check_int(name, value, lo=1):
 
 
 def _load(logdir, step, task):
-    from dali_jax.training.checkpoint import CheckpointError
-    from dali_jax.training.load import load_run
-
-    if not os.path.isdir(logdir):
-        raise CounterfactualError(f"{logdir}: no such run directory")
-    try:
-        return load_run(logdir, step=step, task=task)
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
-        raise CounterfactualError(str(e)) from None
+    from dali_jax.training.load import load_run_or_raise
+    return load_run_or_raise(logdir, CounterfactualError, step=step, task=task)
 
 
 def _check_run(logdir, task, dim) -> int:
     """Config-level checks (task, method with a context, dim range). -> context dims."""
     from dali_jax.envs import contexts as C
     from dali_jax.methods import recipe
-    from dali_jax.training.load import load_config
+    from dali_jax.training.load import load_config_or_raise
 
-    if not os.path.isdir(logdir):
-        raise CounterfactualError(f"{logdir}: no such run directory")
-    try:
-        cfg = load_config(logdir)
-    except (FileNotFoundError, ValueError) as e:
-        raise CounterfactualError(str(e)) from None
+    cfg = load_config_or_raise(logdir, CounterfactualError)
     if task is not None and cfg.task != task:
         raise CounterfactualError(f"{logdir} is a {cfg.task} run, not {task}")
     try:

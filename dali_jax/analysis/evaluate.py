@@ -99,26 +99,13 @@ def _check_positive(name: str, value, allow_none: bool = False):
 
 # ----------------------------------------------------------------------------- policy eval
 def _load(logdir: str, step: int | None, task: str | None):
-    from dali_jax.training.checkpoint import CheckpointError
-    from dali_jax.training.load import load_run
-
-    if not os.path.isdir(logdir):
-        raise EvaluateError(f"{logdir}: no such run directory")
-    try:
-        return load_run(logdir, step=step, task=task)
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
-        raise EvaluateError(str(e)) from None
+    from dali_jax.training.load import load_run_or_raise
+    return load_run_or_raise(logdir, EvaluateError, step=step, task=task)
 
 
 def _run_task(logdir: str) -> str:
-    from dali_jax.training.load import load_config
-
-    if not os.path.isdir(logdir):
-        raise EvaluateError(f"{logdir}: no such run directory")
-    try:
-        return load_config(logdir).task
-    except (FileNotFoundError, ValueError) as e:
-        raise EvaluateError(str(e)) from None
+    from dali_jax.training.load import load_config_or_raise
+    return load_config_or_raise(logdir, EvaluateError).task
 
 
 def _train_context(config) -> dict | None:

@@ -20,7 +20,7 @@ import math
 import os
 import warnings
 import weakref
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -130,7 +130,8 @@ class _FastRenderer:
 # Context selection shared by the live envs and the CARL adapter.
 
 class _ContextMixin:
-    """Context bookkeeping shared by the live envs and the CARL adapter.
+    """Context bookkeeping, observation assembly and ``close()`` shared by the live envs and
+    the CARL adapter (both set ``obs_mode``, ``_context_obs`` and ``_renderer``).
 
     ``context_selector`` is a ``RoundRobin`` (checkpoint it with ``state_dict()``), or the
     object with ``.next()`` / callable returning a context id that the caller passed.
@@ -179,6 +180,25 @@ class _ContextMixin:
         if cid not in self.contexts:
             raise KeyError(f"context_selector returned unknown context id {cid!r}")
         return cid
+
+    # -- observation and cleanup shared by the live envs and the CARL adapter ------------------
+    def _make_obs(self, get_state: Callable[[], Any]) -> dict[str, np.ndarray]:
+        """Observation dict for `obs_mode`; `get_state()` (called only when the mode has
+        features) gives the state vector, whose non-finite entries become 0."""
+        out = {"context": self._context_obs[self.context_id].copy()}
+        if self.obs_mode != "pixels":
+            state = np.asarray(get_state(), np.float64)
+            if not math.isfinite(float(state.sum())):
+                state = np.nan_to_num(state, nan=0.0, posinf=0.0, neginf=0.0)
+            out["obs"] = state.astype(np.float32)
+        if self.obs_mode != "features":
+            out["image"] = self.render()
+        return out
+
+    def close(self) -> None:
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,20 +383,7 @@ class ContextualDMCEnv(_ContextMixin, gym.Env):
         return None
 
     def _obs(self) -> dict[str, np.ndarray]:
-        out = {"context": self._context_obs[self.context_id].copy()}
-        if self.obs_mode != "pixels":
-            state = self._observe_state()
-            if not math.isfinite(float(state.sum())):
-                state = np.nan_to_num(state, nan=0.0, posinf=0.0, neginf=0.0)
-            out["obs"] = state.astype(np.float32)
-        if self.obs_mode != "features":
-            out["image"] = self.render()
-        return out
-
-    def close(self) -> None:
-        if self._renderer is not None:
-            self._renderer.close()
-            self._renderer = None
+        return self._make_obs(self._observe_state)
 
     # -- state access (tests, cross-checks) ---------------------------------------------------
     def set_state(self, qpos: np.ndarray, qvel: np.ndarray) -> None:
@@ -759,18 +766,7 @@ class CARLDMCAdapter(_ContextMixin, gym.Env):
         return self._renderer.render(self.physics.data.ptr)
 
     def _obs(self, state) -> dict[str, np.ndarray]:
-        out = {"context": self._context_obs[self.context_id].copy()}
-        if self.obs_mode != "pixels":
-            s = np.asarray(state, np.float64)
-            out["obs"] = np.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
-        if self.obs_mode != "features":
-            out["image"] = self.render()
-        return out
-
-    def close(self) -> None:
-        if self._renderer is not None:
-            self._renderer.close()
-            self._renderer = None
+        return self._make_obs(lambda: state)
 
 
 # ---------------------------------------------------------------------------------------------

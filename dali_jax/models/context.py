@@ -26,6 +26,8 @@ the 64 overlapping windows of a chunk cost little more than one.
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -156,9 +158,68 @@ class ContextEncoder(nn.Module):
     def __call__(self, windows):
         return self._block(self._per_step(windows))
 
-    def chunk(self, x, idx):
+    def chunk(self, x, idx, causal: bool = True):
+        """Context of every window of a chunk: x (B, T, Din), idx (B, T, K) -> (B, T, Cc).
+
+        causal: idx holds causal windows (every index of window t in [t - K + 1, t], as
+        `window_indices` gives); False for any indices (e.g. `full_chunk_indices`).
+        """
         per = self._per_step(x)
+        if self.kind in ("transformer", "attention"):
+            return self._attend_pairs(per, idx, causal)
         return self._block({k: gather_windows(v, idx) for k, v in per.items()})
+
+    def _attend_pairs(self, s, idx, causal):
+        """Attention windows of a chunk without gathering queries, keys and values.
+
+        s: per-step quantities (B, T, .); idx: (B, T, K). A window is a multiset of the
+        chunk's tokens, n[t, l] = how often token l fills a position of window t (edge
+        padding repeats one), so the output of query token j in window t is
+        sum_l n[t, l] e^{q_j k_l} vo_l / sum_l n[t, l] e^{q_j k_l}: one (T x T) score
+        matrix per sequence, masked per window by log n. Everything after the attention is
+        per (window t, token j) pair, computed once per pair however often j repeats in
+        the window: the pairs are the static band t - K + 1 <= j <= t (P = sum_t min(t+1, K)
+        <= T K rows; all T^2 pairs when not `causal`), and the window's positions pick their
+        pair at the readout. Same operations as the gather path up to summation order
+        (tested equal).
+        """
+        B, T, K = idx.shape
+        tt, jj, offset = _pairs(T, K, causal)
+        n = jax.nn.one_hot(idx, T, dtype=f32).sum(-2)  # (B, T, T)
+        scores = jnp.einsum("bjd,bld->bjl", s["q"], s["k"]).astype(f32) / np.sqrt(self.hidden)
+        mask = jnp.where(n > 0, jnp.log(jnp.maximum(n, 1.0)), -1e30)
+        att = jax.nn.softmax(scores[:, jj] + mask[:, tt], -1).astype(s["vo"].dtype)  # (B, P, T)
+        a = jnp.einsum("bpl,bld->bpd", att, s["vo"]) + self.out_bias.astype(self.dtype)
+        if self.kind == "attention":
+            x = a
+        else:
+            x = s["p"][:, jj] + a
+            x = x + self.ff2(self.ff1(self.norm2(x)))  # (B, P, H)
+        if self.readout == "flatten":
+            lo = np.maximum(np.arange(T) - K + 1, 0) if causal else np.zeros(T, int)
+            rows = (offset - lo)[None, :, None] + idx  # (B, T, K) pair of each position
+            x = jnp.take_along_axis(x, rows.reshape(B, T * K, 1), axis=1)
+            x = x.reshape(B, T, -1)  # (B, T, K * H)
+        elif self.readout == "mean":
+            w = n[:, tt, jj] / K  # (B, P) share of each pair in its window
+            x = jax.ops.segment_sum(jnp.moveaxis(x * w[..., None].astype(x.dtype), 1, 0),
+                                    tt, T, indices_are_sorted=True)
+            x = jnp.moveaxis(x, 0, 1)  # (B, T, H)
+        else:
+            raise ValueError(f"context readout must be 'flatten' or 'mean', got {self.readout!r}")
+        return self.ctx_out(x).astype(f32)
+
+
+@functools.lru_cache(maxsize=64)
+def _pairs(T: int, K: int, causal: bool):
+    """Static (window t, token j) pairs, sorted by t: j in [max(0, t-K+1), t] when causal,
+    else all j. Returns (tt (P,), jj (P,), offset (T,) = first pair of each window)."""
+    lo = np.maximum(np.arange(T) - K + 1, 0) if causal else np.zeros(T, int)
+    hi = np.arange(T) if causal else np.full(T, T - 1)
+    tt = np.concatenate([np.full(h - l + 1, t) for t, (l, h) in enumerate(zip(lo, hi))])
+    jj = np.concatenate([np.arange(l, h + 1) for l, h in zip(lo, hi)])
+    offset = np.concatenate([[0], np.cumsum(hi - lo + 1)[:-1]])
+    return tt, jj, offset
 
 
 class DynamicsHead(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Type
 
 import jax
 import ml_collections
@@ -64,3 +64,29 @@ def load_run(logdir: str, step: Optional[int] = None, task: Optional[str] = None
     check_state(tree.get("agent"), template, ck.path(step))
     state = jax.tree_util.tree_map(jax.numpy.asarray, _like(template, tree["agent"]))
     return Run(logdir, config, agent, state["params"], step, extra)
+
+
+def _require_dir(logdir: str, error_cls: Type[Exception]) -> None:
+    if not os.path.isdir(logdir):
+        raise error_cls(f"{logdir}: no such run directory")
+
+
+def load_config_or_raise(logdir: str, error_cls: Type[Exception]) -> ml_collections.ConfigDict:
+    """`load_config` for CLI tools: a missing directory, a missing config or bad JSON is
+    raised as `error_cls(message)`."""
+    _require_dir(logdir, error_cls)
+    try:
+        return load_config(logdir)
+    except (FileNotFoundError, ValueError) as e:
+        raise error_cls(str(e)) from None
+
+
+def load_run_or_raise(logdir: str, error_cls: Type[Exception], step: Optional[int] = None,
+                      task: Optional[str] = None) -> Run:
+    """`load_run` for CLI tools: a missing directory and every error `load_run` documents are
+    raised as `error_cls(message)`."""
+    _require_dir(logdir, error_cls)
+    try:
+        return load_run(logdir, step=step, task=task)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        raise error_cls(str(e)) from None

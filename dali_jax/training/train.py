@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from dali_jax import config as config_lib
-from dali_jax.agent import Agent, Spec, count_params
+from dali_jax.agent import Agent, Spec
 from dali_jax.envs import contexts as C
 from dali_jax.envs.dmc import make_env
 from dali_jax.envs.vector import VectorEnv
@@ -67,7 +67,6 @@ def eval_contexts(config, count: int) -> dict:
     default = [g for g in grid if all(abs(g.values[f] - C.DEFAULTS[config.task][f]) < 1e-9
                                       for f in C.FACTORS[config.task])]
     others = [g for g in grid if g.kind == "double"]
-    f0, f1 = C.FACTORS[config.task]
     others.sort(key=lambda g: -abs(C.normalize_context(config.task, g.values)).sum())
     chosen = (default + others)[:count]
     return {g.index: dict(g.values) for g in chosen}
