@@ -77,28 +77,29 @@ def test_gradient_isolation(agent_cache):
     start = jax.tree_util.tree_map(flat, post)
     # Give the zero-initialised reward and critic heads some weights so gradients can flow.
     p = jax.tree_util.tree_map(lambda x: x + 0.01, p)
-    g_act, aux = jax.grad(agent.actor_objective, has_aux=True)(
+    g_act, aux = jax.jit(jax.grad(agent.actor_objective, has_aux=True))(
         p, state["retnorm"], start, flat(ctx), flat(jnp.asarray(batch["is_terminal"])),
         jax.random.PRNGKey(2))
     sums = _nonzero(g_act)
     assert sums["actor"] > 0
     assert all(v == 0 for k, v in sums.items() if k != "actor"), sums
-    g_crit = jax.grad(agent.critic_objective)(p, state["slow_critic"], aux["traj"], aux["ret"])
+    g_crit = jax.jit(jax.grad(agent.critic_objective))(p, state["slow_critic"], aux["traj"],
+                                                       aux["ret"])
     sums = _nonzero(g_crit)
     assert sums["critic"] > 0
     assert all(v == 0 for k, v in sums.items() if k != "critic"), sums
     # The fused objective of train_step (one critic forward for both losses) has exactly
     # the gradient of the two separate objectives, and the same loss values.
     args = (start, flat(ctx), flat(jnp.asarray(batch["is_terminal"])), jax.random.PRNGKey(2))
-    g_both, aux_b = jax.grad(agent.behavior_objective, has_aux=True)(
+    g_both, aux_b = jax.jit(jax.grad(agent.behavior_objective, has_aux=True))(
         p, state["slow_critic"], state["retnorm"], *args)
     for k in g_both:
         want = g_act[k] if k == "actor" else g_crit[k]
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                                        atol=1e-7),
                                g_both[k], want)
-    np.testing.assert_allclose(aux_b["loss/actor"], agent.actor_objective(p, state["retnorm"],
-                                                                          *args)[0], rtol=1e-4)
+    np.testing.assert_allclose(aux_b["loss/actor"], jax.jit(agent.actor_objective)(
+        p, state["retnorm"], *args)[0], rtol=1e-4)
     np.testing.assert_allclose(aux_b["loss/critic"], agent.critic_objective(
         p, state["slow_critic"], aux["traj"], aux["ret"]), rtol=1e-4)
 
