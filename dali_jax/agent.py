@@ -17,8 +17,6 @@ context tokens, ctx_prev (N, Cc)).
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -301,8 +299,9 @@ class Agent:
         inputs), `reward`, `cont` (first from the real is_terminal) and `weight`.
         heads: optional `heads(hin) -> dict` of further per-state outputs (critic logits).
         Every head runs inside the imagination scan on one step's N states at a time
-        (on CPU several times faster than on the stacked (H + 1) * N rows); entry 0 of
-        `reward` (arriving in the start state) is unused.
+        (on CPU several times faster than on the stacked (H + 1) * N rows); reward and
+        continue heads run on the imagined states only (entry 0 of `reward` is zero and
+        unused, entry 0 of `cont` comes from is_terminal).
         """
         sw = self.switches
 
@@ -315,16 +314,19 @@ class Agent:
             out = dict(action=a, entropy=d.entropy(), hin=hin)
             if self.spec.discrete:
                 out["logp"] = d.log_prob(sg(a))
-            out["reward"] = D.TwoHot(self.reward.apply({"params": params["reward"]}, hin)).mean()
-            out["cont"] = D.Bernoulli(
-                self.cont.apply({"params": params["cont"]}, hin)[..., 0]).mode()
             if heads is not None:
                 out.update(heads(hin))
             return out
 
+        def outputs(state):  # reward and continue flag arriving in each imagined state
+            hin = state["hin"]
+            return dict(
+                reward=D.TwoHot(self.reward.apply({"params": params["reward"]}, hin)).mean(),
+                cont=D.Bernoulli(self.cont.apply({"params": params["cont"]}, hin)[..., 0]).mode())
+
         ctx_dyn = ctx if sw["dynamics"] else None
         traj = R.imagine(self.rssm, params["rssm"], policy, start,
-                         self.config.train.imag_horizon, rng, ctx_dyn)
+                         self.config.train.imag_horizon, rng, ctx_dyn, outputs)
         cont = jnp.concatenate([(1.0 - is_terminal.astype(f32))[None], traj["cont"][1:]], 0)
         traj.update(cont=cont, weight=B.trajectory_weight(cont, self.gamma))
         return traj

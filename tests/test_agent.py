@@ -48,7 +48,6 @@ def test_gradient_isolation(agent_cache):
     p = state["params"]
     batch = random_batch(agent.spec)
     mp = agent._model_params(p)
-    wm = lambda name: (lambda m: agent.world_model_loss(m, batch, jax.random.PRNGKey(1))[1][2][name])
     # KL balancing: dyn trains the prior only, rep the posterior only (on the logits; over
     # time the posterior sample also feeds later priors, so use a single step for params).
     from dali_jax.models import rssm as R
@@ -58,22 +57,28 @@ def test_gradient_isolation(agent_cache):
     g = jax.grad(lambda a, b: R.kl_losses({"logit": a}, {"logit": b}, 0.0)[1].sum(), (0, 1))(lp, lq)
     assert float(jnp.abs(g[0]).sum()) > 0 and float(jnp.abs(g[1]).sum()) == 0
     one = {k: v[:, :1] for k, v in batch.items()}
-    wm1 = lambda name: (lambda m: agent.world_model_loss(m, one, jax.random.PRNGKey(1))[1][2][name])
+
+    @jax.jit
+    def wm_grads(m):  # one compiled program for the four world-model gradients
+        def grad(b, name):
+            return jax.grad(lambda m: agent.world_model_loss(m, b, jax.random.PRNGKey(1))[1][2][
+                name])(m)
+        return dict(dyn=grad(one, "loss/dyn")["rssm"], rep=grad(one, "loss/rep")["rssm"],
+                    rec=grad(batch, "loss/recon_obs"), ali=grad(batch, "loss/dali"))
+
     absum = lambda t: float(sum(jnp.abs(x).sum() for x in jax.tree_util.tree_leaves(t)))
-    g_dyn = jax.grad(wm1("loss/dyn"))(mp)["rssm"]
-    g_rep = jax.grad(wm1("loss/rep"))(mp)["rssm"]
+    g = wm_grads(mp)
+    g_dyn, g_rep, g_rec, g_ali = g["dyn"], g["rep"], g["rec"], g["ali"]
     assert absum(g_dyn["obs_stats"]) == 0 and absum(g_dyn["obs_out"]) == 0
     assert absum(g_dyn["img_stats"]) > 0
     assert absum(g_rep["img_stats"]) == 0 and absum(g_rep["obs_stats"]) > 0
     # The world-model losses see c as stop-gradient; only the alignment loss trains g_phi.
-    g_rec = jax.grad(wm("loss/recon_obs"))(mp)
     assert absum(g_rec["context"]) == 0 and absum(g_rec["encoder"]) > 0
-    g_ali = jax.grad(wm("loss/dali"))(mp)
     assert absum(g_ali["context"]["encoder"]) > 0 and absum(g_ali["context"]["forward"]) > 0
     assert absum({k: g_ali[k] for k in ("rssm", "decoder", "reward", "cont")}) == 0
     # Actor loss: only the actor; critic loss: only the critic.
     flat = lambda x: x.reshape((-1,) + x.shape[2:])
-    (_, (post, ctx, _)) = agent.world_model_loss(mp, batch, jax.random.PRNGKey(1))
+    (_, (post, ctx, _)) = jax.jit(agent.world_model_loss)(mp, batch, jax.random.PRNGKey(1))
     start = jax.tree_util.tree_map(flat, post)
     # Give the zero-initialised reward and critic heads some weights so gradients can flow.
     p = jax.tree_util.tree_map(lambda x: x + 0.01, p)

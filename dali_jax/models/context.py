@@ -77,6 +77,8 @@ class ContextEncoder(nn.Module):
 
     def setup(self):
         H = self.hidden
+        if self.readout not in ("flatten", "mean"):
+            raise ValueError(f"context readout must be 'flatten' or 'mean', got {self.readout!r}")
         if self.kind in ("transformer", "attention", "gru"):
             self.proj = Dense(H, dtype=self.dtype)
         if self.kind in ("transformer", "attention"):
@@ -122,19 +124,17 @@ class ContextEncoder(nn.Module):
             return self.ctx_out(self.lin_out(self._gru(s["p"]))).astype(f32)
         logits = jnp.einsum("...qd,...kd->...qk", s["q"], s["k"]) / np.sqrt(self.hidden)
         att = jax.nn.softmax(logits.astype(f32), -1).astype(s["vo"].dtype)
-        a = jnp.einsum("...qk,...kd->...qd", att, s["vo"]) + self.out_bias.astype(self.dtype)
-        if self.kind == "attention":
-            x = a
-        else:
-            x = s["p"] + a
-            x = x + self.ff2(self.ff1(self.norm2(x)))
-        if self.readout == "flatten":
-            x = x.reshape(x.shape[:-2] + (-1,))
-        elif self.readout == "mean":
-            x = x.mean(-2)
-        else:
-            raise ValueError(f"context readout must be 'flatten' or 'mean', got {self.readout!r}")
+        x = self._after_attention(s["p"], jnp.einsum("...qk,...kd->...qd", att, s["vo"]))
+        x = x.reshape(x.shape[:-2] + (-1,)) if self.readout == "flatten" else x.mean(-2)
         return self.ctx_out(x).astype(f32)
+
+    def _after_attention(self, p, a):
+        """Output bias, then (transformer) residual and pre-LN feed-forward: (..., H)."""
+        a = a + self.out_bias.astype(self.dtype)
+        if self.kind == "attention":
+            return a
+        x = p + a
+        return x + self.ff2(self.ff1(self.norm2(x)))
 
     def _gru(self, p):
         """GRU over the window axis of p (..., K, H) -> final hidden (..., H)."""
@@ -189,24 +189,18 @@ class ContextEncoder(nn.Module):
         scores = jnp.einsum("bjd,bld->bjl", s["q"], s["k"]).astype(f32) / np.sqrt(self.hidden)
         mask = jnp.where(n > 0, jnp.log(jnp.maximum(n, 1.0)), -1e30)
         att = jax.nn.softmax(scores[:, jj] + mask[:, tt], -1).astype(s["vo"].dtype)  # (B, P, T)
-        a = jnp.einsum("bpl,bld->bpd", att, s["vo"]) + self.out_bias.astype(self.dtype)
-        if self.kind == "attention":
-            x = a
-        else:
-            x = s["p"][:, jj] + a
-            x = x + self.ff2(self.ff1(self.norm2(x)))  # (B, P, H)
+        x = self._after_attention(s["p"][:, jj],
+                                  jnp.einsum("bpl,bld->bpd", att, s["vo"]))  # (B, P, H)
         if self.readout == "flatten":
             lo = np.maximum(np.arange(T) - K + 1, 0) if causal else np.zeros(T, int)
             rows = (offset - lo)[None, :, None] + idx  # (B, T, K) pair of each position
             x = jnp.take_along_axis(x, rows.reshape(B, T * K, 1), axis=1)
             x = x.reshape(B, T, -1)  # (B, T, K * H)
-        elif self.readout == "mean":
+        else:  # mean
             w = n[:, tt, jj] / K  # (B, P) share of each pair in its window
             x = jax.ops.segment_sum(jnp.moveaxis(x * w[..., None].astype(x.dtype), 1, 0),
                                     tt, T, indices_are_sorted=True)
             x = jnp.moveaxis(x, 0, 1)  # (B, T, H)
-        else:
-            raise ValueError(f"context readout must be 'flatten' or 'mean', got {self.readout!r}")
         return self.ctx_out(x).astype(f32)
 
 

@@ -147,11 +147,14 @@ def observe(rssm: RSSM, params, embed, prev_action, is_first, rng, state=None,
     return jax.tree_util.tree_map(swap, post), jax.tree_util.tree_map(swap, prior)
 
 
-def imagine(rssm: RSSM, params, policy: Callable, start, horizon: int, rng, ctx_dyn=None):
+def imagine(rssm: RSSM, params, policy: Callable, start, horizon: int, rng, ctx_dyn=None,
+            outputs: Callable | None = None):
     """Imagination with a policy: `policy(state, rng)` -> action (N, A), or a dict with an
     "action" entry plus per-step extras (e.g. the policy entropy) that are kept too.
 
     start: state dict (N, ...). ctx_dyn: optional (N, Cc), held fixed over the horizon.
+    outputs: optional `outputs(state) -> dict` of per-state outputs (e.g. predicted reward)
+    computed for the imagined states only; their entry 0 (the start state) is zeros.
     Returns a trajectory dict of (H + 1, N, ...) including the start state and an
     `action` entry (the action taken in each state).
     """
@@ -167,9 +170,11 @@ def imagine(rssm: RSSM, params, policy: Callable, start, horizon: int, rng, ctx_
         state = rssm.apply({"params": params}, prev, prev["action"], k1, ctx_dyn,
                            method=RSSM.img_step)
         nxt = dict(state, **act(state, k2))
-        return nxt, nxt
+        return nxt, (nxt if outputs is None else dict(nxt, **outputs(nxt)))
 
     _, traj = jax.lax.scan(step, start, jax.random.split(rng, horizon))
+    start = dict(start, **{k: jnp.zeros(v.shape[1:], v.dtype) for k, v in traj.items()
+                           if k not in start})
     return jax.tree_util.tree_map(lambda s, t: jnp.concatenate([s[None], t], 0), start, traj)
 
 
