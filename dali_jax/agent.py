@@ -110,9 +110,13 @@ class Agent:
         self.opt = dict(model=make_optimizer(c.model_lr, c.model_eps, c.model_clip),
                         actor=make_optimizer(c.actor_lr, c.actor_eps, c.actor_clip),
                         critic=make_optimizer(c.critic_lr, c.critic_eps, c.critic_clip))
-        self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
-        self.model_step = jax.jit(self._model_step, donate_argnums=(0,))
-        self.policy_step = jax.jit(self._policy_step, static_argnames=("mode",))
+        level = config.get("xla_opt_level", -1)  # run configs saved before the field
+        opts = self.compiler_options = (
+            None if level < 0 else {"xla_backend_optimization_level": level})
+        self.train_step = jax.jit(self._train_step, donate_argnums=(0,), compiler_options=opts)
+        self.model_step = jax.jit(self._model_step, donate_argnums=(0,), compiler_options=opts)
+        self.policy_step = jax.jit(self._policy_step, static_argnames=("mode",),
+                                   compiler_options=opts)
 
     # ------------------------------------------------------------------ setup
     def _embed_dim(self):

@@ -36,6 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_contexts = 100  # contexts sampled for the training set
     c.specific_context = ml_collections.ConfigDict({"factor_0": -1.0, "factor_1": -1.0})
     c.compute_dtype = "auto"  # auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16
+    # XLA backend (LLVM) optimisation level of the agent's compiled functions: -1 = XLA's
+    # default (2). 0 compiles about 30% faster and runs CPU steps about 2x slower: for tests
+    # and debugging runs that are mostly compilation.
+    c.xla_opt_level = -1  # -1 | 0 | 1 | 2 | 3
 
     m = c.model = ml_collections.ConfigDict()
     m.size = "small"  # nano | tiny | mini | small | medium | large | xlarge
@@ -132,6 +136,7 @@ def validate(config) -> None:
     _choice("method", config.method, METHODS)
     _choice("context_setting", config.context_setting, SETTINGS)
     _choice("compute_dtype", config.compute_dtype, ("auto", "float32", "bfloat16"))
+    _choice("xla_opt_level", config.xla_opt_level, (-1, 0, 1, 2, 3))
     _choice("model.size", config.model.size, tuple(SIZES))
     _choice("context.encoder", config.context.encoder, ("transformer", "attention", "gru", "mlp"))
     _choice("context.readout", config.context.readout, ("flatten", "mean"))

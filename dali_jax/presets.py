@@ -7,7 +7,7 @@
 - cpu: the learning check on a 2-core CPU (about an hour): featurized default context,
   100k env steps, the "tiny" model, train_ratio 64 and raised learning rates (1/8 of the
   paper's updates), 10 evaluation episodes every 20k steps.
-- smoke: seconds; used by the tests.
+- smoke: seconds; used by the tests (compiled at XLA -O0: faster to compile, slower to run).
 """
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ OVERRIDES: dict[str, dict[str, object]] = {
         "run.save_every_s": 120.0,
     },
     "smoke": {
+        "xla_opt_level": 0,
         "model.size": "nano",
         "model.encdec_release_quirk": False,
         "train.batch_size": 4,

@@ -27,6 +27,7 @@ def tiny_config(method="dali_d", **overrides):
     c.model.encdec_release_quirk = False
     c.train.batch_size, c.train.batch_length, c.train.imag_horizon = 4, 16, 5
     c.context.window, c.context.hidden, c.context.head_units = 8, 16, 16
+    c.xla_opt_level = 0  # these tests are mostly compilation (see config.xla_opt_level)
     for key, value in overrides.items():
         node = c
         *path, last = key.split(".")

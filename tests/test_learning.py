@@ -69,7 +69,7 @@ def ball_in_cup_batch():
 def _loss_curves(method, batch, steps, **overrides):
     spec = Spec(obs={"obs": ((8,), np.float32), "context": ((2,), np.float32)}, action_dim=2)
     cfg = tiny_config(method, **{"train.batch_size": BIC_B, "train.batch_length": BIC_T,
-                                 **overrides})
+                                 "xla_opt_level": -1, **overrides})  # many steps: optimise
     agent = Agent(cfg, spec)
     state = agent.init(jax.random.PRNGKey(0))
     history = []
@@ -170,7 +170,7 @@ def _toy_config():
     return tiny_config("dreamer_dr", **{
         "train.batch_size": 8, "train.batch_length": 16, "train.imag_horizon": 10,
         "train.horizon": 20, "train.model_lr": 1e-3, "train.actor_lr": 3e-4,
-        "train.critic_lr": 3e-4})
+        "train.critic_lr": 3e-4, "xla_opt_level": -1})
 
 
 def _act(agent, params, carry, tr, key, mode):

@@ -106,7 +106,7 @@ def world_model_only_experiment(out_dir, seed=0, updates=UPDATES, loss=LOSS, plo
     cfg = tiny_config("dali_d", **{
         "train.batch_size": 16, "train.batch_length": 40, "train.model_lr": 2e-3,
         "context.window": 32, "context.hidden": 32, "context.head_units": 64,
-        "context.loss": loss})
+        "context.loss": loss, "xla_opt_level": -1})
     K = cfg.context.window
     agent = Agent(cfg, Spec(obs={"obs": ((8,), np.float32), "context": ((2,), np.float32)},
                             action_dim=2))

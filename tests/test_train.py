@@ -68,6 +68,8 @@ def test_launch_rejects_bad_overrides_and_presets_hold_the_protocol():
         launch.parse(ball_in_cup.get_config, ["--config.methd=dali_d"], ball_in_cup.PRESETS)
     with pytest.raises(launch.UsageError, match="expects an int"):
         launch.parse(ball_in_cup.get_config, ["--config.seed=three"], ball_in_cup.PRESETS)
+    with pytest.raises(ValueError, match="config.xla_opt_level must be one of -1, 0, 1, 2, 3"):
+        launch.parse(ball_in_cup.get_config, ["--config.xla_opt_level=5"], ball_in_cup.PRESETS)
     with pytest.raises(ValueError, match="config.obs must be one of features, pixels"):
         launch.parse(ball_in_cup.get_config, ["--config.obs=rgb"], ball_in_cup.PRESETS)
     with pytest.raises(launch.UsageError, match="preset must be one of"):

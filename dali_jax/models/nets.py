@@ -33,14 +33,19 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dtype = x.dtype
-        x = x.astype(f32)
-        mean = x.mean(-1, keepdims=True)
-        var = jnp.square(x - mean).mean(-1, keepdims=True)
-        x = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        x = x * self.param("scale", nn.initializers.ones, (x.shape[-1],), f32)
-        x = x + self.param("bias", nn.initializers.zeros, (x.shape[-1],), f32)
-        return x.astype(dtype)
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), f32)
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), f32)
+        return layer_norm(x, scale, bias, self.eps)
+
+
+def layer_norm(x, scale, bias, eps: float = 1e-3):
+    """LayerNorm's function: (..., D) with scale, bias (D,) -> (..., D) in x's dtype."""
+    dtype = x.dtype
+    x = x.astype(f32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    x = (x - mean) * jax.lax.rsqrt(var + eps)
+    return (x * scale + bias).astype(dtype)
 
 
 class Dense(nn.Module):

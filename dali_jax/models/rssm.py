@@ -10,6 +10,7 @@ Where a context c (B, Cc) enters (DALI / cRSSM):
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import flax.linen as nn
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dali_jax.models import distributions as D
-from dali_jax.models.nets import Dense
+from dali_jax.models.nets import Dense, layer_norm
 
 f32 = jnp.float32
 sg = jax.lax.stop_gradient
@@ -64,6 +65,13 @@ class RSSM(nn.Module):
 
     def img_step(self, state, action, rng, ctx_dyn=None):
         """Prior step: (state_{t-1}, a_{t-1}[, c]) -> state_t sampled from the prior."""
+        h = self.deter_step(state, action, ctx_dyn)
+        logit = self.prior_logits(h)
+        stoch = D.OneHot(logit).sample(rng)
+        return dict(deter=h, logit=logit, stoch=stoch)
+
+    def deter_step(self, state, action, ctx_dyn=None):
+        """GRU update: (state_{t-1}, a_{t-1}[, c]) -> h_t (N, deter)."""
         stoch = state["stoch"].reshape(state["stoch"].shape[:-2] + (-1,))
         parts = [stoch, self._clip(action.astype(f32))]
         if ctx_dyn is not None:
@@ -75,21 +83,25 @@ class RSSM(nn.Module):
         reset = jax.nn.sigmoid(reset)
         cand = jnp.tanh(reset * cand)
         update = jax.nn.sigmoid(update - 1.0)
-        h = update * cand + (1.0 - update) * h
-        logit = self._logits(self.img_stats, self.img_out(h))
-        stoch = D.OneHot(logit).sample(rng)
-        return dict(deter=h, logit=logit, stoch=stoch)
+        return update * cand + (1.0 - update) * h
 
-    def obs_step(self, prev_state, prev_action, embed, is_first, rng, ctx_post=None,
-                 ctx_dyn=None, init=None):
-        """Filter step. Resets state and action where is_first (B,) to the learned initial
-        state (`init`, computed here when not given)."""
+    def prior_logits(self, h):
+        """(..., deter) -> prior logits (..., S, C) with unimix."""
+        return self._logits(self.img_stats, self.img_out(h))
+
+    def _reset(self, prev_state, prev_action, is_first, init):
         keep = 1.0 - is_first.astype(f32)
         if init is None:
             init = self.initial(is_first.shape[0])
         prev_state = jax.tree_util.tree_map(
             lambda p, i: p * _bcast(keep, p) + i * _bcast(1.0 - keep, i), prev_state, init)
-        prev_action = prev_action * keep[:, None]
+        return prev_state, prev_action * keep[:, None]
+
+    def obs_step(self, prev_state, prev_action, embed, is_first, rng, ctx_post=None,
+                 ctx_dyn=None, init=None):
+        """Filter step. Resets state and action where is_first (B,) to the learned initial
+        state (`init`, computed here when not given)."""
+        prev_state, prev_action = self._reset(prev_state, prev_action, is_first, init)
         r1, r2 = jax.random.split(rng)
         prior = self.img_step(prev_state, prev_action, r1, ctx_dyn)
         parts = [prior["deter"], embed]
@@ -99,6 +111,29 @@ class RSSM(nn.Module):
         stoch = D.OneHot(logit).sample(r2)
         post = dict(deter=prior["deter"], logit=logit, stoch=stoch)
         return post, prior
+
+    def post_projection(self, embed, ctx_post=None):
+        """The [embed, c] half of the posterior layer's matmul, for whole sequences at once:
+        (..., E) [, (..., Cc)] -> (..., units). Call after the layer's parameters exist."""
+        x = embed if ctx_post is None else jnp.concatenate([embed, ctx_post.astype(embed.dtype)],
+                                                           -1)
+        kernel = self.obs_out.variables["params"]["kernel"][self.deter:]
+        return x.astype(self.dtype) @ kernel.astype(self.dtype)
+
+    def filter_step(self, prev_state, prev_action, proj, is_first, rng, ctx_dyn=None,
+                    init=None):
+        """`obs_step` for `observe`: the embedding half of the posterior layer comes
+        precomputed (`proj` (B, units) from `post_projection`), and the prior's logits and
+        sample are left to the caller (they do not feed the recurrence). Same random
+        stream as obs_step. Returns the posterior state."""
+        prev_state, prev_action = self._reset(prev_state, prev_action, is_first, init)
+        _, r2 = jax.random.split(rng)
+        h = self.deter_step(prev_state, prev_action, ctx_dyn)
+        v = self.obs_out.variables["params"]
+        x = h.astype(self.dtype) @ v["kernel"][:self.deter].astype(self.dtype) + proj
+        x = jax.nn.silu(layer_norm(x, v["norm"]["scale"], v["norm"]["bias"]))
+        logit = self._logits(self.obs_stats, x)
+        return dict(deter=h, logit=logit, stoch=D.OneHot(logit).sample(r2))
 
     def __call__(self, state, action, embed, is_first, rng, ctx_post=None, ctx_dyn=None):
         """Used only for `init`: touches every parameter."""
@@ -134,17 +169,23 @@ def observe(rssm: RSSM, params, embed, prev_action, is_first, rng, state=None,
     rngs = jax.random.split(rng, T)
 
     init = initial_state(rssm, params, B)  # computed once, not at every step
+    apply = functools.partial(rssm.apply, {"params": params})
+    proj = apply(embed, ctx_post, method=RSSM.post_projection)  # (B, T, units), one matmul
 
     def step(prev, inp):
-        a, e, first, key, cp, cd = inp
-        post, prior = rssm.apply({"params": params}, prev, a, e, first, key, cp, cd, init,
-                                 method=RSSM.obs_step)
-        return post, (post, prior)
+        a, pr, first, key, cd = inp
+        post = apply(prev, a, pr, first, key, cd, init, method=RSSM.filter_step)
+        return post, post
 
-    inputs = (swap(prev_action), swap(embed), swap(is_first), rngs, swap(ctx_post),
-              swap(ctx_dyn))
-    _, (post, prior) = jax.lax.scan(step, state, inputs)
-    return jax.tree_util.tree_map(swap, post), jax.tree_util.tree_map(swap, prior)
+    inputs = (swap(prev_action), swap(proj), swap(is_first), rngs, swap(ctx_dyn))
+    _, post = jax.lax.scan(step, state, inputs)
+    post = jax.tree_util.tree_map(swap, post)
+    # The prior needs only h_t: its head runs on all (B, T) states at once. Its sample uses
+    # obs_step's key for it (unused by the losses, so removed when jitted).
+    logit = apply(post["deter"], method=RSSM.prior_logits)
+    r1 = jax.vmap(lambda k: jax.random.split(k)[0])(rngs)
+    stoch = jax.vmap(lambda lg, k: D.OneHot(lg).sample(k), (1, 0), 1)(logit, r1)
+    return post, dict(deter=post["deter"], logit=logit, stoch=stoch)
 
 
 def imagine(rssm: RSSM, params, policy: Callable, start, horizon: int, rng, ctx_dyn=None,

@@ -33,7 +33,8 @@ def sharded_train_step(agent, mesh, batch_size: int):
                          f"number of devices ({n})")
     rep, data = shardings(mesh)
     return jax.jit(agent._train_step, in_shardings=(rep, data, rep),
-                   out_shardings=(rep, rep), donate_argnums=(0,))
+                   out_shardings=(rep, rep), donate_argnums=(0,),
+                   compiler_options=agent.compiler_options)
 
 
 def replicate(tree, mesh):
