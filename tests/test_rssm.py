@@ -77,6 +77,12 @@ def test_imagine_equals_python_loop(cell):
         state = dict(nxt, action=policy(nxt, k2))
         for name in ("deter", "stoch", "action"):
             np.testing.assert_allclose(traj[name][t + 1], state[name], rtol=1e-5, atol=1e-5)
+    # Per-state outputs run on the imagined states only: zeros in the start state's slot.
+    out = R.imagine(rssm, params, policy, start, H, key, ctx_dyn=ctx[:, 0],
+                    outputs=lambda s: {"h_sum": s["deter"].sum(-1)})
+    assert "h_sum" not in traj
+    np.testing.assert_array_equal(out["h_sum"][0], np.zeros(B))
+    np.testing.assert_allclose(out["h_sum"][1:], traj["deter"][1:].sum(-1), rtol=1e-5, atol=1e-5)
 
 
 def test_action_clip_bounds_the_action_input(cell):

@@ -11,7 +11,7 @@ Where a context c (B, Cc) enters (DALI / cRSSM):
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable
 
 import flax.linen as nn
 import jax
