@@ -301,7 +301,7 @@ class Agent:
 
         ctx: (N, Cc) context held fixed over the horizon (or None). Adds `hin` (head
         inputs), `reward`, `cont` (first from the real is_terminal) and `weight`.
-        heads: optional `heads(hin) -> dict` of further per-state outputs (critic logits).
+        heads: optional `heads(hin) -> dict` of further per-state outputs (critic values, logits).
         Every head runs inside the imagination scan on one step's N states at a time
         (on CPU several times faster than on the stacked (H + 1) * N rows); reward and
         continue heads run on the imagined states only (entry 0 of `reward` is zero and
@@ -357,12 +357,15 @@ class Agent:
         return loss, dict(traj=traj, ret=ret, retnorm=new_retnorm, ent=ent, adv=adv,
                           scale=scale)
 
-    def _critic_terms(self, logits, slow_logits, weight, ret):
-        """Critic loss from its logits and the slow critic's on the first H states
-        (H, N, bins); weight (H + 1, N) and ret (H, N) are stop-gradient."""
-        slow_mean = sg(D.TwoHot(slow_logits).mean())
-        return B.critic_loss(D.TwoHot(logits), slow_mean, sg(ret), sg(weight),
+    def _critic_terms(self, logits, slow_mean, weight, ret):
+        """Critic loss from its logits (H, N, bins) and the slow critic's mean (H, N) on
+        the first H states; slow_mean, weight (H + 1, N) and ret (H, N) are stop-gradient."""
+        return B.critic_loss(D.TwoHot(logits), sg(slow_mean), sg(ret), sg(weight),
                              self.config.train.slowreg)
+
+    def _value(self, critic_params, hin):
+        """Critic mean (symexp of the two-hot expectation): (..., F) -> (...)."""
+        return D.TwoHot(self._critic_logits(critic_params, hin)).mean()
 
     def actor_objective(self, params, retnorm, start, ctx, is_terminal, rng):
         """Actor loss as a function of the full parameter tree (scalar, aux).
@@ -372,16 +375,16 @@ class Agent:
         gradient flows through the imagined dynamics into the actions.
         start: posterior states (N, ...); ctx: (N, Cc) or None; is_terminal: (N,).
         """
-        heads = lambda hin: {"value_logits": self._critic_logits(sg(params["critic"]), hin)}
+        heads = lambda hin: {"value": self._value(sg(params["critic"]), hin)}
         traj = self._imagine_frozen(params, start, ctx, is_terminal, rng, heads)
-        return self._actor_terms(traj, D.TwoHot(traj["value_logits"]).mean(), retnorm)
+        return self._actor_terms(traj, traj["value"], retnorm)
 
     def critic_objective(self, params, slow_critic, traj, ret):
         """Critic loss (scalar): two-hot NLL of sg(lambda returns) plus the regulariser
         towards the slow critic's mean; trajectory and returns are stop-gradient."""
         hin = sg(traj["hin"][:-1])
         return self._critic_terms(self._critic_logits(params["critic"], hin),
-                                  self._critic_logits(slow_critic, hin), traj["weight"], ret)
+                                  self._value(slow_critic, hin), traj["weight"], ret)
 
     def behavior_objective(self, params, slow_critic, retnorm, start, ctx, is_terminal, rng):
         """actor_objective + critic_objective with one imagination and one critic forward.
@@ -394,13 +397,17 @@ class Agent:
         aux["loss/critic"].
         """
         def heads(hin):
+            # Only the critic's logits leave the scan at full width (the critic loss needs
+            # them against returns known after it); the actor's values and the slow
+            # critic's regularisation target leave it as means.
             for_actor, for_critic = _routed(self._critic_logits, params["critic"], hin)
-            slow = sg(self._critic_logits(slow_critic, sg(hin)))
-            return dict(value_logits=for_actor, critic_logits=for_critic, slow_logits=slow)
+            slow = sg(self._value(slow_critic, sg(hin)))
+            return dict(value=D.TwoHot(for_actor).mean(), critic_logits=for_critic,
+                        slow_value=slow)
 
         traj = self._imagine_frozen(params, start, ctx, is_terminal, rng, heads)
-        a_loss, aux = self._actor_terms(traj, D.TwoHot(traj["value_logits"]).mean(), retnorm)
-        c_loss = self._critic_terms(traj["critic_logits"][:-1], traj["slow_logits"][:-1],
+        a_loss, aux = self._actor_terms(traj, traj["value"], retnorm)
+        c_loss = self._critic_terms(traj["critic_logits"][:-1], traj["slow_value"][:-1],
                                     traj["weight"], aux["ret"])
         aux.update({"loss/actor": a_loss, "loss/critic": c_loss})
         return a_loss + c_loss, aux

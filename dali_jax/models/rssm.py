@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dali_jax.models import distributions as D
-from dali_jax.models.nets import Dense, layer_norm
+from dali_jax.models.nets import Dense, get_act, layer_norm
 
 f32 = jnp.float32
 sg = jax.lax.stop_gradient
@@ -100,25 +100,30 @@ class RSSM(nn.Module):
     def obs_step(self, prev_state, prev_action, embed, is_first, rng, ctx_post=None,
                  ctx_dyn=None, init=None):
         """Filter step. Resets state and action where is_first (B,) to the learned initial
-        state (`init`, computed here when not given)."""
+        state (`init`, computed here when not given). Returns (posterior, prior)."""
         prev_state, prev_action = self._reset(prev_state, prev_action, is_first, init)
         r1, r2 = jax.random.split(rng)
         prior = self.img_step(prev_state, prev_action, r1, ctx_dyn)
-        parts = [prior["deter"], embed]
-        if ctx_post is not None:
-            parts.append(ctx_post)
-        logit = self._logits(self.obs_stats, self.obs_out(jnp.concatenate(parts, -1)))
-        stoch = D.OneHot(logit).sample(r2)
-        post = dict(deter=prior["deter"], logit=logit, stoch=stoch)
+        post = self._posterior(prior["deter"], self.post_projection(embed, ctx_post), r2)
         return post, prior
 
     def post_projection(self, embed, ctx_post=None):
-        """The [embed, c] half of the posterior layer's matmul, for whole sequences at once:
-        (..., E) [, (..., Cc)] -> (..., units). Call after the layer's parameters exist."""
+        """The [embed, c] half of the posterior layer's matmul (its kernel's rows after the
+        first `deter`): (..., E) [, (..., Cc)] -> (..., units). `observe` applies it to
+        whole sequences at once, outside its scan."""
         x = embed if ctx_post is None else jnp.concatenate([embed, ctx_post.astype(embed.dtype)],
                                                            -1)
         kernel = self.obs_out.variables["params"]["kernel"][self.deter:]
         return x.astype(self.dtype) @ kernel.astype(self.dtype)
+
+    def _posterior(self, h, proj, rng):
+        """The posterior layer on [h, embed, c] given the [embed, c] half of its matmul
+        (`proj` (B, units)): the one definition of the posterior. -> state dict."""
+        v = self.obs_out.variables["params"]
+        x = h.astype(self.dtype) @ v["kernel"][:self.deter].astype(self.dtype) + proj
+        x = get_act(self.obs_out.act)(layer_norm(x, v["norm"]["scale"], v["norm"]["bias"]))
+        logit = self._logits(self.obs_stats, x)
+        return dict(deter=h, logit=logit, stoch=D.OneHot(logit).sample(rng))
 
     def filter_step(self, prev_state, prev_action, proj, is_first, rng, ctx_dyn=None,
                     init=None):
@@ -128,15 +133,13 @@ class RSSM(nn.Module):
         stream as obs_step. Returns the posterior state."""
         prev_state, prev_action = self._reset(prev_state, prev_action, is_first, init)
         _, r2 = jax.random.split(rng)
-        h = self.deter_step(prev_state, prev_action, ctx_dyn)
-        v = self.obs_out.variables["params"]
-        x = h.astype(self.dtype) @ v["kernel"][:self.deter].astype(self.dtype) + proj
-        x = jax.nn.silu(layer_norm(x, v["norm"]["scale"], v["norm"]["bias"]))
-        logit = self._logits(self.obs_stats, x)
-        return dict(deter=h, logit=logit, stoch=D.OneHot(logit).sample(r2))
+        return self._posterior(self.deter_step(prev_state, prev_action, ctx_dyn), proj, r2)
 
     def __call__(self, state, action, embed, is_first, rng, ctx_post=None, ctx_dyn=None):
-        """Used only for `init`: touches every parameter."""
+        """Used only for `init`: creates every parameter (the posterior layer through its
+        Dense module, whose kernel `_posterior` then reads), then runs `obs_step`."""
+        parts = [state["deter"], embed] + ([] if ctx_post is None else [ctx_post])
+        self.obs_out(jnp.concatenate(parts, -1))
         return self.obs_step(state, action, embed, is_first, rng, ctx_post, ctx_dyn)
 
 
