@@ -21,7 +21,8 @@ def test_curve_from_records(tmp_path):
         {"step": 10000, "time": 160.0, "eval/return_mean": 250.0},
         {"step": 12000, "time": 170.0, "loss/actor": 1.0},
         {"step": 14000, "time": 200.0, "episode/return": 900.0},
-        {"step": 20000, "time": 400.0, "eval/return_mean": 850.5},
+        {"step": 20000, "time": 390.0, "eval/return_mean": 850.5},
+        {"step": 20000, "time": 400.0, "eval/return_mean": 850.5},  # repeated final eval
     ]
     # A line cut by a crash at the end is skipped.
     _write(tmp_path, recs, tail='{"step": 20004, "episode/re')

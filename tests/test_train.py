@@ -29,6 +29,7 @@ def _smoke(logdir, method="dreamer_dr", steps=400):
 
 def test_interrupted_run_resumes_without_lost_transitions(tmp_path):
     cfg = _smoke(tmp_path / "run")
+    cfg.run.eval_every = 200  # one evaluation in each half; the second at the last step
     first = Trainer(cfg, stop_after_env_steps=240).run()
     assert first["stopped"] and first["env_steps"] == 240
     assert not os.path.exists(tmp_path / "run" / "eval_summary.json")
@@ -43,6 +44,10 @@ def test_interrupted_run_resumes_without_lost_transitions(tmp_path):
     assert "eval/return_mean" in summary
     lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     assert max(l["step"] for l in lines) == 400
+    # The evaluation at the last step is the final one: logged once, not run again.
+    evals = [l for l in lines if "eval/return_mean" in l]
+    assert [l["step"] for l in evals] == [200, 400]
+    assert summary["eval/return_mean"] == evals[-1]["eval/return_mean"]
 
 
 def test_corrupt_and_incompatible_checkpoints_raise_naming_the_file(tmp_path):

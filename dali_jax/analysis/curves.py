@@ -58,18 +58,18 @@ def learning_curve(records: Sequence[dict], bin_size: int = 10_000, name: str = 
     """Eval points, binned training-episode means and wall time from logger records."""
     if bin_size <= 0:
         raise ValueError(f"bin_size must be a positive number of env steps; got {bin_size!r}")
-    eval_steps, eval_returns = [], []
+    evals: dict[int, float] = {}  # a repeated step (older runs' final evaluation) counts once
     sums: dict[int, list[float]] = {}
     times = [r["time"] for r in records if isinstance(r.get("time"), (int, float))]
     for r in records:
         step = int(r["step"])
         if EVAL_KEY in r and math.isfinite(r[EVAL_KEY]):
-            eval_steps.append(step)
-            eval_returns.append(float(r[EVAL_KEY]))
+            evals[step] = float(r[EVAL_KEY])
         if EPISODE_KEY in r and math.isfinite(r[EPISODE_KEY]):
             sums.setdefault(step // bin_size, []).append(float(r[EPISODE_KEY]))
     bins = [(b * bin_size, sum(v) / len(v), len(v)) for b, v in sorted(sums.items())]
-    return Curve(name=name, eval_steps=eval_steps, eval_returns=eval_returns, bins=bins,
+    steps = sorted(evals)
+    return Curve(name=name, eval_steps=steps, eval_returns=[evals[k] for k in steps], bins=bins,
                  wall_s=(max(times) - min(times)) if times else 0.0,
                  last_step=max((int(r["step"]) for r in records), default=0))
 

@@ -180,6 +180,7 @@ class Trainer:
         recent = []
         ev_every = run.eval_every
         next_eval = (self.env_steps // ev_every + 1) * ev_every if ev_every else None
+        last_eval = None  # (env steps, scalars) of the latest periodic evaluation
         eval_ctx = eval_contexts(cfg, run.eval_contexts)
         summary = {}
         obs = self.venv.reset()
@@ -249,6 +250,7 @@ class Trainer:
                         ev = self.evaluate(eval_ctx, run.eval_episodes)
                         logger.scalars(self.env_steps, ev)
                         summary.update(ev)
+                        last_eval = (self.env_steps, ev)
                         next_eval += ev_every
                         timers["eval"] += time.perf_counter() - te
                     if now - last_save >= run.save_every_s:
@@ -266,9 +268,12 @@ class Trainer:
                        wall_s=time.time() - t_start, stopped=stopped, logdir=self.logdir,
                        timers=timers)
         if not stopped:
-            final = self.evaluate(eval_ctx, run.eval_episodes)
+            if last_eval is not None and last_eval[0] == self.env_steps:
+                final = last_eval[1]  # the periodic evaluation just ran on these params
+            else:
+                final = self.evaluate(eval_ctx, run.eval_episodes)
+                logger.scalars(self.env_steps, final)
             summary.update(final)
-            logger.scalars(self.env_steps, final)
             with open(os.path.join(self.logdir, "eval_summary.json"), "w") as f:
                 json.dump({k: v for k, v in summary.items() if k != "timers"}
                           | {"timers": timers}, f, indent=2, default=float)
