@@ -464,12 +464,14 @@ class BallInCupEnv(ContextualDMCEnv):
 
 
 def _tolerance_gaussian(x: float, lower: float, margin: float, value_at_margin: float) -> float:
-    """dm_control rewards.tolerance(x, (lower, inf), margin) with the gaussian sigmoid."""
+    """dm_control rewards.tolerance(x, (lower, inf), margin) with the gaussian sigmoid.
+    numpy's log/sqrt/exp, as dm_control uses: on CPUs where numpy's SIMD kernels differ from
+    libm's by an ulp (seen with AVX-512), `math` would not reproduce its rewards exactly."""
     if x >= lower:
         return 1.0
-    scale = math.sqrt(-2.0 * math.log(value_at_margin))
+    scale = np.sqrt(-2.0 * np.log(value_at_margin))
     dist = (lower - x) / margin
-    return math.exp(-0.5 * (dist * scale) ** 2)
+    return float(np.exp(-0.5 * (dist * scale) ** 2))
 
 
 def _tolerance_linear(x: float, lower: float, margin: float, value_at_margin: float) -> float:
