@@ -5,8 +5,8 @@
 - quick: a CPU run of the featurized default context that finishes in minutes on a 2-core
   machine (a tiny model, shorter batches and window, lower train ratio, short episodes).
 - cpu: the learning check on a 2-core CPU (about an hour): featurized default context,
-  100k env steps, the "tiny" model, train_ratio 64 and raised learning rates (1/8 of the
-  paper's updates), 10 evaluation episodes every 20k steps.
+  100k env steps, the "tiny" model, batch 16 x 32, train_ratio 64 (12.5k updates, 1/4 of
+  the paper's), raised learning rates, 10 evaluation episodes every 10k steps.
 - smoke: seconds; used by the tests (compiled at XLA -O0: faster to compile, slower to run).
 """
 from __future__ import annotations
@@ -21,6 +21,10 @@ OVERRIDES: dict[str, dict[str, object]] = {
         "context_setting": "default",
         "model.size": "tiny",
         "model.encdec_release_quirk": False,
+        # Shorter chunks, twice the updates for the same replayed steps: learned the catch
+        # about twice as fast as 16 x 64 did on this preset.
+        "train.batch_length": 32,
+        "context.window": 32,
         "train.model_lr": 3e-4,
         "train.actor_lr": 1e-4,
         "train.critic_lr": 1e-4,
@@ -29,7 +33,7 @@ OVERRIDES: dict[str, dict[str, object]] = {
         "run.prefill": 2000,
         "run.num_envs": 4,
         "run.parallel_envs": False,
-        "run.eval_every": 20_000,
+        "run.eval_every": 10_000,
         "run.eval_episodes": 10,
         "run.eval_contexts": 1,
         "run.log_every_s": 60.0,
