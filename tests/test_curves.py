@@ -29,7 +29,8 @@ def test_curve_from_records(tmp_path):
     c = curves.load_curve(tmp_path, bin_size=10_000)
     assert c.eval_steps == [10000, 20000]
     assert c.eval_returns == [250.0, 850.5]
-    assert c.final_eval == 850.5
+    assert c.last_eval == 850.5
+    assert c.bin_size == 10_000
     # bin 0: (0 + 300 + 600) / 3 = 300 over 3 episodes; bin 1: 900 over 1
     assert c.bins == [(0, 300.0, 3), (10000, 900.0, 1)]
     assert c.wall_s == pytest.approx(300.0)

@@ -3,7 +3,7 @@
     python -m dali_jax.curves RUN [RUN ...] [--bin 10000] [--out DIR]
 
 Per run: the periodic evaluation returns (``eval/return_mean`` against env steps), the
-training-episode returns averaged in bins of ``--bin`` env steps, the final evaluation and
+training-episode returns averaged in bins of ``--bin`` env steps, the last evaluation and
 the wall-clock time between the first and the last record. Prints one table per run and,
 with ``--out``, writes ``curves.csv`` and ``curves.png`` there.
 """
@@ -30,9 +30,10 @@ class Curve:
     bins: list[tuple[int, float, int]]  # (first env step of the bin, mean return, episodes)
     wall_s: float
     last_step: int
+    bin_size: int
 
     @property
-    def final_eval(self) -> float | None:
+    def last_eval(self) -> float | None:
         return self.eval_returns[-1] if self.eval_returns else None
 
 
@@ -71,7 +72,8 @@ def learning_curve(records: Sequence[dict], bin_size: int = 10_000, name: str = 
     steps = sorted(evals)
     return Curve(name=name, eval_steps=steps, eval_returns=[evals[k] for k in steps], bins=bins,
                  wall_s=(max(times) - min(times)) if times else 0.0,
-                 last_step=max((int(r["step"]) for r in records), default=0))
+                 last_step=max((int(r["step"]) for r in records), default=0),
+                 bin_size=bin_size)
 
 
 def load_curve(logdir, bin_size: int = 10_000) -> Curve:
@@ -82,7 +84,7 @@ def load_curve(logdir, bin_size: int = 10_000) -> Curve:
 def format_curve(c: Curve) -> str:
     lines = [f"{c.name}: {c.last_step} env steps, {c.wall_s / 60:.1f} min between the first "
              f"and last record; last evaluation "
-             + ("none" if c.final_eval is None else f"{c.final_eval:.0f}")]
+             + ("none" if c.last_eval is None else f"{c.last_eval:.0f}")]
     lines.append("  evaluation: " + (", ".join(
         f"{s // 1000}k {v:.0f}" for s, v in zip(c.eval_steps, c.eval_returns)) or "none"))
     lines.append("  training episodes (bin start: mean over n): " + (", ".join(
@@ -101,7 +103,7 @@ def write_csv(curves: Sequence[Curve], path) -> None:
                 w.writerow([c.name, "train_bin", s, f"{m:.3f}", n])
 
 
-def plot_curves(curves: Sequence[Curve], path, bin_size: int = 10_000) -> None:
+def plot_curves(curves: Sequence[Curve], path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -110,7 +112,7 @@ def plot_curves(curves: Sequence[Curve], path, bin_size: int = 10_000) -> None:
         color = f"C{i}"
         ax.plot(c.eval_steps, c.eval_returns, "o-", color=color, label=f"{c.name} (eval)")
         if c.bins:
-            ax.plot([s + bin_size / 2 for s, _, _ in c.bins], [m for _, m, _ in c.bins], "--",
+            ax.plot([s + c.bin_size / 2 for s, _, _ in c.bins], [m for _, m, _ in c.bins], "--",
                     color=color, alpha=0.6, label=f"{c.name} (training episodes)")
     ax.set_xlabel("env steps")
     ax.set_ylabel("return")
@@ -136,6 +138,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         write_csv(curves, os.path.join(args.out, "curves.csv"))
-        plot_curves(curves, os.path.join(args.out, "curves.png"), args.bin)
+        plot_curves(curves, os.path.join(args.out, "curves.png"))
         print(f"wrote {os.path.join(args.out, 'curves.csv')} and curves.png")
     return 0
