@@ -28,6 +28,8 @@ def main():
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--train-ratio", type=float, default=None)
     args = ap.parse_args()
+    from dali_jax import hostmem
+    hostmem.tune_malloc()
     import jax
     from dali_jax.training.train import Trainer
     if args.task == "ball_in_cup":

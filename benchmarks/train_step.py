@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dali_jax import config as config_lib
+from dali_jax import hostmem
 from dali_jax.agent import Agent, Spec, compute_dtype, count_params
 from dali_jax.flops import count_flops
 
@@ -79,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--cache", action="store_true",
                    help="keep the persistent compilation cache if one is configured")
     p.add_argument("--json", default=None, help="append one JSON line per configuration")
+    p.add_argument("--no-tune-malloc", action="store_true",
+                   help="leave glibc malloc at its defaults (dali_jax.hostmem)")
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.batch, args.length, args.repeats = "nano", 4, 16, 2
@@ -258,12 +261,13 @@ def table(rows) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    malloc = False if args.no_tune_malloc else hostmem.tune_malloc()
     if not args.cache:
         jax.config.update("jax_enable_compilation_cache", False)
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} (platform {dev.platform}, {jax.device_count()} device(s)); "
           f"jax {jax.__version__}; python {platform.python_version()}; "
-          f"{os.cpu_count()} CPU cores")
+          f"{os.cpu_count()} CPU cores; malloc tuned: {malloc}")
     print(f"batch {args.batch} x {args.length}, horizon {args.horizon}, "
           f"repeats {args.repeats}, dtype {args.dtype or 'config default (auto)'}, "
           f"sizes {','.join(args.sizes)}, obs {','.join(args.obs)}, "

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import ml_collections
 
 from dali_jax import config as config_lib
+from dali_jax import hostmem
 
 
 class UsageError(ValueError):
@@ -125,8 +126,9 @@ def main(get_config: Callable, presets: Sequence[str], argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("MUJOCO_GL", "egl")
-    enable_compilation_cache()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    hostmem.tune_malloc()
+    enable_compilation_cache()
     from dali_jax.training.train import train
     summary = train(config)
     keys = ("env_steps", "updates", "episodes", "wall_s", "logdir", "eval/return_mean")

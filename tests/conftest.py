@@ -8,6 +8,10 @@ _cache = os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR",
     os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache"))
 
+from dali_jax import hostmem  # noqa: E402
+
+hostmem.tune_malloc()  # before the first computation (see dali_jax/hostmem.py)
+
 import jax  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", _cache)

@@ -43,6 +43,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from dali_jax import hostmem
+
 __all__ = ["EvaluateError", "select_contexts", "evaluate_run", "write_results",
            "regime_summary", "random_reference", "RandomPolicy", "main"]
 
@@ -423,6 +425,7 @@ def _run(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 with a message on bad input)."""
     args = _parser().parse_args(argv)
+    hostmem.tune_malloc()
     try:
         return _run(args)
     except EvaluateError as e:
