@@ -92,6 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
     r.num_envs = 4
     r.train_ratio = 512.0  # replayed steps per env step
     r.prefill = 1024  # random-policy env steps before training
+    # Control steps each uniform random prefill action is held: 1 draws i.i.d. actions
+    # (DreamerV3); 10 (0.2 s in Ball-in-Cup) swings the ball into the cup in about 1 episode
+    # in 4 where i.i.d. actions never do (benchmarks/RESULTS.md, learning checks).
+    r.prefill_hold = 1
     r.replay_capacity = 1_000_000
     r.log_every_s = 60.0
     r.save_every_s = 600.0
@@ -144,7 +148,7 @@ def validate(config) -> None:
     for name in ("context.window", "context.hidden", "context.dim", "context.head_units",
                  "train.batch_size", "train.batch_length", "train.imag_horizon",
                  "run.num_envs", "num_contexts", "model.encdec_layers", "model.encdec_units",
-                 "run.episode_length"):
+                 "run.episode_length", "run.prefill_hold"):
         _positive(name, _get(config, name), integer=True)
     for name in ("train.horizon", "train.model_lr", "train.actor_lr", "train.critic_lr",
                  "train.model_clip", "train.actor_clip", "train.critic_clip", "run.train_ratio"):

@@ -129,3 +129,19 @@ def test_data_parallel_update_equals_single_device(tmp_path):
     line = [l for l in out.stdout.splitlines() if l.startswith("MAXDIFF")][0]
     maxdiff, metdiff = float(line.split()[1]), float(line.split()[3])
     assert maxdiff < 1e-4 and metdiff < 1e-3, line
+
+
+def test_prefill_actions_are_held_for_prefill_hold_steps():
+    from dali_jax.training.train import prefill_action
+    low, high = np.array([-1.0, -0.5]), np.array([1.0, 0.5])
+    acts = np.stack([prefill_action(3, t, 10, low, high, (4, 2)) for t in range(40)])
+    assert acts.shape == (40, 4, 2) and acts.dtype == np.float32
+    assert np.all(acts >= low) and np.all(acts <= high)
+    for block in range(4):  # constant within a block of 10 control steps ...
+        block_acts = acts[block * 10:(block + 1) * 10]
+        np.testing.assert_array_equal(block_acts, np.repeat(block_acts[:1], 10, 0))
+    assert np.all(acts[0] != acts[10]) and np.all(acts[10] != acts[20])  # ... new across blocks
+    assert len({tuple(a) for a in acts[0]}) == 4  # each env its own action
+    np.testing.assert_array_equal(acts[17], prefill_action(3, 17, 10, low, high, (4, 2)))  # resumable
+    iid = np.stack([prefill_action(3, t, 1, low, high, (4, 2)) for t in range(3)])
+    assert np.all(iid[0] != iid[1])  # hold 1: a new draw every step

@@ -76,6 +76,16 @@ def env_spec(space) -> dict:
     return {k: (tuple(s.shape), np.dtype(s.dtype)) for k, s in space.spaces.items()}
 
 
+def prefill_action(seed: int, step: int, hold: int, low, high, shape) -> np.ndarray:
+    """Uniform random action of the prefill for per-env control step `step`, (num_envs, A).
+
+    Each draw is held for `hold` control steps (1: i.i.d. per step, as DreamerV3); seeded
+    by (seed, step // hold), so a resumed run continues the same stream.
+    """
+    rng = np.random.default_rng([seed, step // hold])
+    return rng.uniform(low, high, shape).astype(np.float32)
+
+
 class Trainer:
     """Owns envs, replay, agent state, logger and checkpointer of one run."""
 
@@ -185,7 +195,6 @@ class Trainer:
         summary = {}
         obs = self.venv.reset()
         carry = self.agent.initial_carry(self.state["params"], self.venv.num_envs)
-        np_rng = np.random.default_rng([cfg.seed, self.env_steps])
         stopped = False
         with GracefulStop() as stop:
             try:
@@ -200,8 +209,9 @@ class Trainer:
                                                            k_act)
                     action = np.asarray(action)
                     if self.env_steps < run.prefill:
-                        action = np_rng.uniform(self.action_low, self.action_high,
-                                                action.shape).astype(np.float32)
+                        action = prefill_action(cfg.seed, self.env_steps // self.venv.num_envs,
+                                                run.prefill_hold, self.action_low,
+                                                self.action_high, action.shape)
                     t1 = time.perf_counter()
                     timers["policy"] += t1 - t0
                     self.replay.add({**{k: obs[k] for k in self.replay.spec if k in obs},
