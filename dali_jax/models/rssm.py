@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dali_jax.models import distributions as D
-from dali_jax.models.nets import Dense, get_act, layer_norm
+from dali_jax.models.nets import Dense, layer_norm
 
 f32 = jnp.float32
 sg = jax.lax.stop_gradient
@@ -121,7 +121,7 @@ class RSSM(nn.Module):
         (`proj` (B, units)): the one definition of the posterior. -> state dict."""
         v = self.obs_out.variables["params"]
         x = h.astype(self.dtype) @ v["kernel"][:self.deter].astype(self.dtype) + proj
-        x = get_act(self.obs_out.act)(layer_norm(x, v["norm"]["scale"], v["norm"]["bias"]))
+        x = layer_norm(x, v["norm"]["scale"], v["norm"]["bias"], act=self.obs_out.act)
         logit = self._logits(self.obs_stats, x)
         return dict(deter=h, logit=logit, stoch=D.OneHot(logit).sample(rng))
 
