@@ -284,8 +284,8 @@ class Agent:
                 total = total + cfg.lambda_cross * chi
         metrics = {f"loss/{k}": v.mean() for k, v in losses.items()}
         metrics["model/kl"] = kl.mean()
-        metrics["model/post_ent"] = D.OneHot(post["logit"], 1).entropy().mean()
-        metrics["model/prior_ent"] = D.OneHot(prior["logit"], 1).entropy().mean()
+        metrics["model/post_ent"] = D.OneHot(post["logit"], 1, normalized=True).entropy().mean()
+        metrics["model/prior_ent"] = D.OneHot(prior["logit"], 1, normalized=True).entropy().mean()
         metrics["model/reward_pred"] = rew.mean().mean()
         if ctx is not None:
             metrics["context/std"] = ctx.std(axis=(0, 1)).mean()

@@ -128,3 +128,23 @@ def test_bernoulli_and_bounded_normal_against_scipy():
     np.testing.assert_allclose(n.log_prob(x), ref.logpdf(np.asarray(x)).sum(-1), rtol=1e-5)
     np.testing.assert_allclose(n.entropy(), ref.entropy().sum(-1), rtol=1e-5)
     assert float(std.min()) >= 0.1 and float(std.max()) <= 1.0
+
+
+def test_onehot_normalized_flag_matches_renormalising():
+    """Skipping log_softmax on unimix log-probabilities changes neither values nor the
+    gradient with respect to the raw logits."""
+    raw = jax.random.normal(jax.random.PRNGKey(3), (5, 4, 8)) * 3.0
+    target = jax.nn.one_hot(jnp.arange(20).reshape(5, 4) % 8, 8)
+    other = D.unimix_logits(jax.random.normal(jax.random.PRNGKey(4), (5, 4, 8)))
+
+    def stats(raw, normalized):
+        d = D.OneHot(D.unimix_logits(raw), 1, normalized=normalized)
+        o = D.OneHot(other, 1, normalized=normalized)
+        s = d.sample(jax.random.PRNGKey(5))
+        return (d.log_prob(target).sum() + 0.3 * d.entropy().sum() + 0.7 * d.kl(o).sum()
+                + jnp.sum(s * jnp.arange(8.0)))
+
+    a = jax.value_and_grad(stats)(raw, False)
+    b = jax.value_and_grad(stats)(raw, True)
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
+    np.testing.assert_allclose(a[1], b[1], atol=1e-5)

@@ -76,12 +76,16 @@ def unimix_logits(logits, unimix: float = 0.01):
 class OneHot:
     """Categorical over the last axis with straight-through one-hot samples.
 
-    logits: (..., K), already normalised log-probabilities (e.g. from `unimix_logits`).
+    logits: (..., K) unnormalised logits, normalised here with log_softmax; pass
+    `normalized=True` for log-probabilities that already sum to one (`unimix_logits`'
+    output) to skip that pass (same values and gradients: log_softmax is the identity
+    there, and its Jacobian's correction term vanishes on a normalised input).
     `event_dims` trailing batch axes are summed in log_prob / entropy / kl (32 latents -> 1).
     """
 
-    def __init__(self, logits, event_dims: int = 0):
-        self.logits = jax.nn.log_softmax(logits.astype(f32), -1)
+    def __init__(self, logits, event_dims: int = 0, normalized: bool = False):
+        logits = logits.astype(f32)
+        self.logits = logits if normalized else jax.nn.log_softmax(logits, -1)
         self.event_dims = event_dims
 
     def _sum(self, x):

@@ -96,8 +96,34 @@ def _norm_act_bwd(eps, act, res, dy):
 _norm_act.defvjp(_norm_act_fwd, _norm_act_bwd)
 
 
+@jax.custom_vjp
+def deferred_matmul(x, kernel, tap):
+    """x @ kernel whose backward pass leaves the kernel's gradient to the caller.
+
+    x (..., I), kernel (I, O), tap: zeros (..., O) in the output's dtype. The kernel gets a
+    zero cotangent and `tap` receives the output's cotangent. Inside a `lax.scan` whose
+    taps are a scanned input, the kernel's gradient is then sum_t x_t^T dy_t over stacked
+    inputs and tap cotangents: one large matmul after the loop instead of a small one plus
+    an accumulation per step (`rssm.observe`).
+    """
+    return x @ kernel
+
+
+def _deferred_fwd(x, kernel, tap):
+    return x @ kernel, kernel
+
+
+def _deferred_bwd(kernel, dy):
+    return dy @ kernel.T, jnp.zeros_like(kernel), dy
+
+
+deferred_matmul.defvjp(_deferred_fwd, _deferred_bwd)
+
+
 class Dense(nn.Module):
-    """y = act(LayerNorm(x W)) when `norm`, else act(x W + b). (..., in) -> (..., units)."""
+    """y = act(LayerNorm(x W)) when `norm`, else act(x W + b). (..., in) -> (..., units).
+
+    tap: optional zeros (..., units); when given, the matmul is a `deferred_matmul`."""
     units: int
     norm: bool = True
     act: str = "silu"
@@ -105,9 +131,10 @@ class Dense(nn.Module):
     dtype: jnp.dtype = f32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, tap=None):
         kernel = self.param("kernel", winit(self.outscale), (x.shape[-1], self.units), f32)
-        x = x.astype(self.dtype) @ kernel.astype(self.dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        x = x @ kernel if tap is None else deferred_matmul(x, kernel, tap)
         if self.norm:
             return LayerNorm(act=self.act, name="norm")(x)
         x = x + self.param("bias", nn.initializers.zeros, (self.units,), f32).astype(self.dtype)
@@ -285,6 +312,6 @@ class Actor(nn.Module):
 def actor_dist(out, discrete: bool, unimix: float = 0.01, min_std=0.1, max_std=1.0):
     """Actor output -> distribution (OneHot with unimix, or BoundedNormal)."""
     if discrete:
-        return D.OneHot(D.unimix_logits(out, unimix))
+        return D.OneHot(D.unimix_logits(out, unimix), normalized=True)
     mean, raw_std = out
     return D.BoundedNormal(jnp.tanh(mean), D.bounded_std(raw_std, min_std, max_std))

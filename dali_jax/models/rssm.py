@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dali_jax.models import distributions as D
-from dali_jax.models.nets import Dense, layer_norm
+from dali_jax.models.nets import Dense, deferred_matmul, layer_norm
 
 f32 = jnp.float32
 sg = jax.lax.stop_gradient
@@ -45,8 +45,8 @@ class RSSM(nn.Module):
                                dtype=self.dtype)
 
     # ----------------------------------------------------------------- pieces
-    def _logits(self, layer, x):
-        x = layer(x).astype(f32)
+    def _logits(self, layer, x, tap=None):
+        x = layer(x, tap).astype(f32)
         x = x.reshape(x.shape[:-1] + (self.stoch, self.classes))
         return D.unimix_logits(x, self.unimix)
 
@@ -67,18 +67,25 @@ class RSSM(nn.Module):
         """Prior step: (state_{t-1}, a_{t-1}[, c]) -> state_t sampled from the prior."""
         h = self.deter_step(state, action, ctx_dyn)
         logit = self.prior_logits(h)
-        stoch = D.OneHot(logit).sample(rng)
+        stoch = D.OneHot(logit, normalized=True).sample(rng)
         return dict(deter=h, logit=logit, stoch=stoch)
 
-    def deter_step(self, state, action, ctx_dyn=None):
-        """GRU update: (state_{t-1}, a_{t-1}[, c]) -> h_t (N, deter)."""
+    def deter_step(self, state, action, ctx_dyn=None, taps=None, inputs=None):
+        """GRU update: (state_{t-1}, a_{t-1}[, c]) -> h_t (N, deter).
+
+        taps / inputs: see `filter_step` (deferred weight gradients)."""
+        taps = taps or {}
         stoch = state["stoch"].reshape(state["stoch"].shape[:-2] + (-1,))
         parts = [stoch, self._clip(action.astype(f32))]
         if ctx_dyn is not None:
             parts.append(ctx_dyn)
-        x = self.img_in(jnp.concatenate(parts, -1))
+        x_in = jnp.concatenate(parts, -1)
+        x = self.img_in(x_in, taps.get("img_in"))
         h = state["deter"]
-        gates = self.gru(jnp.concatenate([h.astype(x.dtype), x], -1)).astype(f32)
+        x_gru = jnp.concatenate([h.astype(x.dtype), x], -1)
+        if inputs is not None:
+            inputs.update(img_in=x_in.astype(self.dtype), gru=x_gru.astype(self.dtype))
+        gates = self.gru(x_gru, taps.get("gru")).astype(f32)
         reset, cand, update = jnp.split(gates, 3, -1)
         reset = jax.nn.sigmoid(reset)
         cand = jnp.tanh(reset * cand)
@@ -116,24 +123,36 @@ class RSSM(nn.Module):
         kernel = self.obs_out.variables["params"]["kernel"][self.deter:]
         return x.astype(self.dtype) @ kernel.astype(self.dtype)
 
-    def _posterior(self, h, proj, rng):
+    def _posterior(self, h, proj, rng, taps=None, inputs=None):
         """The posterior layer on [h, embed, c] given the [embed, c] half of its matmul
         (`proj` (B, units)): the one definition of the posterior. -> state dict."""
+        taps = taps or {}
         v = self.obs_out.variables["params"]
-        x = h.astype(self.dtype) @ v["kernel"][:self.deter].astype(self.dtype) + proj
+        h_in, kernel = h.astype(self.dtype), v["kernel"][:self.deter].astype(self.dtype)
+        tap = taps.get("obs_out")
+        x = (h_in @ kernel if tap is None else deferred_matmul(h_in, kernel, tap)) + proj
         x = layer_norm(x, v["norm"]["scale"], v["norm"]["bias"], act=self.obs_out.act)
-        logit = self._logits(self.obs_stats, x)
-        return dict(deter=h, logit=logit, stoch=D.OneHot(logit).sample(rng))
+        if inputs is not None:
+            inputs.update(obs_out=h_in, obs_stats=x.astype(self.dtype))
+        logit = self._logits(self.obs_stats, x, taps.get("obs_stats"))
+        return dict(deter=h, logit=logit, stoch=D.OneHot(logit, normalized=True).sample(rng))
 
     def filter_step(self, prev_state, prev_action, proj, is_first, rng, ctx_dyn=None,
-                    init=None):
+                    init=None, taps=None):
         """`obs_step` for `observe`: the embedding half of the posterior layer comes
         precomputed (`proj` (B, units) from `post_projection`), and the prior's logits and
         sample are left to the caller (they do not feed the recurrence). Same random
-        stream as obs_step. Returns the posterior state."""
+        stream as obs_step. Returns the posterior state.
+
+        taps: optional dict layer -> zeros (B, out) for the layers of `DEFERRED`; their
+        matmuls then defer the kernel gradient (`nets.deferred_matmul`) and the step
+        returns (posterior, dict layer -> that matmul's input (B, in))."""
         prev_state, prev_action = self._reset(prev_state, prev_action, is_first, init)
         _, r2 = jax.random.split(rng)
-        return self._posterior(self.deter_step(prev_state, prev_action, ctx_dyn), proj, r2)
+        inputs = None if taps is None else {}
+        h = self.deter_step(prev_state, prev_action, ctx_dyn, taps, inputs)
+        post = self._posterior(h, proj, r2, taps, inputs)
+        return post if taps is None else (post, inputs)
 
     def __call__(self, state, action, embed, is_first, rng, ctx_post=None, ctx_dyn=None):
         """Used only for `init`: creates every parameter (the posterior layer through its
@@ -164,6 +183,10 @@ def observe(rssm: RSSM, params, embed, prev_action, is_first, rng, state=None,
     embed (B, T, E); prev_action (B, T, A) = action *before* step t; is_first (B, T);
     ctx_post / ctx_dyn: optional (B, T, Cc). state: optional start state (B, ...), the
     learned initial state when None. Returns (post, prior), dicts of (B, T, ...).
+
+    Under differentiation the kernels of `DEFERRED` get their gradients after the scan, as
+    one (in x B*T) @ (B*T x out) matmul each (`_filter`), instead of a B-row matmul and
+    an accumulation per step; values and gradients equal the plain scan's (tested).
     """
     B, T = embed.shape[:2]
     if state is None:
@@ -174,21 +197,66 @@ def observe(rssm: RSSM, params, embed, prev_action, is_first, rng, state=None,
     init = initial_state(rssm, params, B)  # computed once, not at every step
     apply = functools.partial(rssm.apply, {"params": params})
     proj = apply(embed, ctx_post, method=RSSM.post_projection)  # (B, T, units), one matmul
-
-    def step(prev, inp):
-        a, pr, first, key, cd = inp
-        post = apply(prev, a, pr, first, key, cd, init, method=RSSM.filter_step)
-        return post, post
-
-    inputs = (swap(prev_action), swap(proj), swap(is_first), rngs, swap(ctx_dyn))
-    _, post = jax.lax.scan(step, state, inputs)
+    post = _filter(rssm, params, state, swap(prev_action), swap(proj), swap(is_first), rngs,
+                   swap(ctx_dyn), init)
     post = jax.tree_util.tree_map(swap, post)
     # The prior needs only h_t: its head runs on all (B, T) states at once. Its sample uses
     # obs_step's key for it (unused by the losses, so removed when jitted).
     logit = apply(post["deter"], method=RSSM.prior_logits)
     r1 = jax.vmap(lambda k: jax.random.split(k)[0])(rngs)
-    stoch = jax.vmap(lambda lg, k: D.OneHot(lg).sample(k), (1, 0), 1)(logit, r1)
+    stoch = jax.vmap(lambda lg, k: D.OneHot(lg, normalized=True).sample(k), (1, 0), 1)(logit, r1)
     return post, dict(deter=post["deter"], logit=logit, stoch=stoch)
+
+
+# Layers of the filter step whose kernel gradients `observe` computes after its scan, with
+# each kernel's row range used inside the scan (obs_out: only its h half; its [embed, c]
+# half is `post_projection`, outside the scan).
+DEFERRED = ("img_in", "gru", "obs_out", "obs_stats")
+
+
+def _filter(rssm, params, state, actions, proj, is_first, rngs, ctx_dyn, init):
+    """The filter scan over time-major inputs (T, B, ...) -> posterior states (T, B, ...),
+    with a custom VJP that defers the `DEFERRED` kernels' gradients (see `observe`)."""
+
+    def scan(params, state, actions, proj, ctx_dyn, init, taps):
+        apply = functools.partial(rssm.apply, {"params": params})
+
+        def step(prev, inp):
+            a, pr, first, key, cd, tap = inp
+            out = apply(prev, a, pr, first, key, cd, init, tap, method=RSSM.filter_step)
+            post, inputs = out if tap is not None else (out, None)
+            return post, (post, inputs)
+
+        _, (post, inputs) = jax.lax.scan(step, state,
+                                         (actions, proj, is_first, rngs, ctx_dyn, taps))
+        return post, inputs
+
+    @jax.custom_vjp
+    def run(params, state, actions, proj, ctx_dyn, init):
+        return scan(params, state, actions, proj, ctx_dyn, init, None)[0]
+
+    def run_fwd(params, state, actions, proj, ctx_dyn, init):
+        T, B = proj.shape[:2]
+        taps = {k: jnp.zeros((T, B, params[k]["kernel"].shape[1]), rssm.dtype)
+                for k in DEFERRED}
+        (post, inputs), vjp = jax.vjp(scan, params, state, actions, proj, ctx_dyn, init, taps)
+        return post, (vjp, inputs)
+
+    def run_bwd(res, d_post):
+        vjp, inputs = res
+        d_params, d_state, d_actions, d_proj, d_ctx, d_init, d_taps = vjp(
+            (d_post, jax.tree_util.tree_map(jnp.zeros_like, inputs)))
+        d_params = dict(d_params)
+        for k in DEFERRED:
+            x, dy = inputs[k], d_taps[k]
+            g = jnp.einsum("tbi,tbo->io", x, dy, preferred_element_type=f32)
+            kernel = d_params[k]["kernel"]
+            g = kernel.at[:g.shape[0]].add(g) if g.shape[0] < kernel.shape[0] else kernel + g
+            d_params[k] = dict(d_params[k], kernel=g)
+        return d_params, d_state, d_actions, d_proj, d_ctx, d_init
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(params, state, actions, proj, ctx_dyn, init)
 
 
 def imagine(rssm: RSSM, params, policy: Callable, start, horizon: int, rng, ctx_dyn=None,
@@ -240,6 +308,7 @@ def imagine_actions(rssm: RSSM, params, start, actions, rng, ctx_dyn=None):
 def kl_losses(post, prior, free: float = 1.0):
     """DreamerV3 KL terms, each (B, T): dyn = max(free, KL(sg(post)||prior)),
     rep = max(free, KL(post||sg(prior))); KL summed over the S categoricals."""
-    dyn = D.OneHot(sg(post["logit"]), 1).kl(D.OneHot(prior["logit"], 1))
-    rep = D.OneHot(post["logit"], 1).kl(D.OneHot(sg(prior["logit"]), 1))
+    cat = lambda logit: D.OneHot(logit, 1, normalized=True)
+    dyn = cat(sg(post["logit"])).kl(cat(prior["logit"]))
+    rep = cat(post["logit"]).kl(cat(sg(prior["logit"])))
     return jnp.maximum(dyn, free), jnp.maximum(rep, free), dyn
