@@ -89,7 +89,7 @@ def test_observe_gradient_equals_python_loop(cell):
 
     args = (params, jnp.asarray(embed), jnp.asarray(act), jnp.asarray(ctx))
     v1, g1 = jax.jit(jax.value_and_grad(scanned, argnums=(0, 1, 2, 3)))(*args)
-    v2, g2 = jax.value_and_grad(looped, argnums=(0, 1, 2, 3))(*args)
+    v2, g2 = jax.jit(jax.value_and_grad(looped, argnums=(0, 1, 2, 3)))(*args)
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
