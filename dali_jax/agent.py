@@ -17,6 +17,7 @@ context tokens, ctx_prev (N, Cc)).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -296,30 +297,40 @@ class Agent:
         return N.actor_dist(self.actor.apply({"params": actor_params}, hin), self.spec.discrete,
                             self.config.model.unimix)
 
-    def imagine(self, params, actor_params, start, ctx, is_terminal, rng, heads=None):
+    def imagine(self, params, actor_params, start, ctx, is_terminal, rng, heads=None,
+                taps=None):
         """Imagined trajectory (H + 1, N, ...) from posterior states `start` (N, ...).
 
         ctx: (N, Cc) context held fixed over the horizon (or None). Adds `hin` (head
         inputs), `reward`, `cont` (first from the real is_terminal) and `weight`.
-        heads: optional `heads(hin) -> dict` of further per-state outputs (critic values, logits).
+        heads: optional `heads(hin, tap) -> dict` of further per-state outputs (critic
+        values, logits); `tap` is None in the start state, else the step's entry of `taps`.
+        taps: optional dict(actor=[(H, N, units)] * layers, ...) of zeros: the actor's MLP
+        layers then defer their kernel gradients (`nets.deferred_matmul`) and the
+        trajectory gets `_inputs` = dict(actor=[each layer's input], ...) for the imagined
+        states (entry 0 zeros), with the `_inputs` entries `heads` returns.
         Every head runs inside the imagination scan on one step's N states at a time
-        (on CPU several times faster than on the stacked (H + 1) * N rows); reward and
+        (on CPU faster than on the stacked (H + 1) * N rows); reward and
         continue heads run on the imagined states only (entry 0 of `reward` is zero and
         unused, entry 0 of `cont` comes from is_terminal).
         """
         sw = self.switches
 
-        def policy(state, key):
+        def policy(state, key, tap=None):
             # The actor sees stop-gradient states (DreamerV3); its entropy and log-prob are
             # taken here so the actor loss need not run the actor a second time.
             hin = self.head_input(state, ctx)
-            d = self._policy_dist(actor_params, sg(hin))
+            actor = functools.partial(self.actor.apply, {"params": actor_params}, sg(hin))
+            raw, rec = (actor(), None) if tap is None else actor(tap["actor"])
+            d = N.actor_dist(raw, self.spec.discrete, self.config.model.unimix)
             a = d.sample(key)
             out = dict(action=a, entropy=d.entropy(), hin=hin)
             if self.spec.discrete:
                 out["logp"] = d.log_prob(sg(a))
             if heads is not None:
-                out.update(heads(hin))
+                out.update(heads(hin, tap))
+            if tap is not None:
+                out["_inputs"] = dict(out.pop("_inputs", {}), actor=rec)
             return out
 
         def outputs(state):  # reward and continue flag arriving in each imagined state
@@ -329,20 +340,23 @@ class Agent:
                 cont=D.Bernoulli(self.cont.apply({"params": params["cont"]}, hin)[..., 0]).mode())
 
         ctx_dyn = ctx if sw["dynamics"] else None
-        traj = R.imagine(self.rssm, params["rssm"], policy, start,
-                         self.config.train.imag_horizon, rng, ctx_dyn, outputs)
+        pol = policy if taps is not None else (lambda state, key: policy(state, key))
+        traj = R.imagine(self.rssm, params["rssm"], pol, start,
+                         self.config.train.imag_horizon, rng, ctx_dyn, outputs, taps)
         cont = jnp.concatenate([(1.0 - is_terminal.astype(f32))[None], traj["cont"][1:]], 0)
         traj.update(cont=cont, weight=B.trajectory_weight(cont, self.gamma))
         return traj
 
-    def _imagine_frozen(self, params, start, ctx, is_terminal, rng, heads=None):
+    def _imagine_frozen(self, params, start, ctx, is_terminal, rng, heads=None, taps=None):
         """`imagine` with the world model, start states and context as stop-gradient."""
         frozen = sg({k: params[k] for k in ("rssm", "reward", "cont")})
         ctx = None if ctx is None else sg(ctx)
-        return self.imagine(frozen, params["actor"], sg(start), ctx, is_terminal, rng, heads)
+        return self.imagine(frozen, params["actor"], sg(start), ctx, is_terminal, rng, heads,
+                            taps)
 
-    def _critic_logits(self, critic_params, hin):
-        return self.critic.apply({"params": critic_params}, hin)
+    def _critic_logits(self, critic_params, hin, taps=None):
+        """(..., F) -> (..., bins); with taps (see `nets.MLP`) -> (logits, layer inputs)."""
+        return self.critic.apply({"params": critic_params}, hin, taps)
 
     def _actor_terms(self, traj, value, retnorm):
         """Actor loss from a trajectory and its critic values (H + 1, N) -> (loss, aux)."""
@@ -375,7 +389,7 @@ class Agent:
         gradient flows through the imagined dynamics into the actions.
         start: posterior states (N, ...); ctx: (N, Cc) or None; is_terminal: (N,).
         """
-        heads = lambda hin: {"value": self._value(sg(params["critic"]), hin)}
+        heads = lambda hin, tap: {"value": self._value(sg(params["critic"]), hin)}
         traj = self._imagine_frozen(params, start, ctx, is_terminal, rng, heads)
         return self._actor_terms(traj, traj["value"], retnorm)
 
@@ -396,21 +410,69 @@ class Agent:
         twice. Returns (actor_loss + critic_loss, aux) with aux["loss/actor"] and
         aux["loss/critic"].
         """
-        def heads(hin):
-            # Only the critic's logits leave the scan at full width (the critic loss needs
-            # them against returns known after it); the actor's values and the slow
-            # critic's regularisation target leave it as means.
-            for_actor, for_critic = _routed(self._critic_logits, params["critic"], hin)
-            slow = sg(self._value(slow_critic, sg(hin)))
-            return dict(value=D.TwoHot(for_actor).mean(), critic_logits=for_critic,
-                        slow_value=slow)
+        nets = ("actor", "critic")
+        others = {k: v for k, v in params.items() if k not in nets}
 
-        traj = self._imagine_frozen(params, start, ctx, is_terminal, rng, heads)
-        a_loss, aux = self._actor_terms(traj, traj["value"], retnorm)
-        c_loss = self._critic_terms(traj["critic_logits"][:-1], traj["slow_value"][:-1],
-                                    traj["weight"], aux["ret"])
-        aux.update({"loss/actor": a_loss, "loss/critic": c_loss})
-        return a_loss + c_loss, aux
+        def objective(ac, others, taps):
+            """-> ((loss, aux), layer inputs of the imagined steps or None)."""
+            q = dict(others, **ac)
+
+            def heads(hin, tap):
+                # Only the critic's logits leave the scan at full width (the critic loss
+                # needs them against returns known after it); the actor's values and the
+                # slow critic's regularisation target leave it as means.
+                critic_tap = None if tap is None else tap["critic"]
+                for_actor, for_critic, rec = _routed(self._critic_logits, q["critic"], hin,
+                                                     critic_tap)
+                out = dict(value=D.TwoHot(for_actor).mean(), critic_logits=for_critic,
+                           slow_value=sg(self._value(slow_critic, sg(hin))))
+                if tap is not None:
+                    out["_inputs"] = {"critic": rec}
+                return out
+
+            traj = self._imagine_frozen(q, start, ctx, is_terminal, rng, heads, taps)
+            inputs = traj.pop("_inputs", None)
+            a_loss, aux = self._actor_terms(traj, traj["value"], retnorm)
+            c_loss = self._critic_terms(traj["critic_logits"][:-1], traj["slow_value"][:-1],
+                                        traj["weight"], aux["ret"])
+            aux.update({"loss/actor": a_loss, "loss/critic": c_loss})
+            return (a_loss + c_loss, aux), (None if inputs is None else
+                                            tmap(lambda x: x[1:], inputs))
+
+        # The actor's and critic's MLP kernels get their gradients after the imagination
+        # scan, as one (in x H*N) @ (H*N x units) matmul per layer, instead of an N-row
+        # matmul contracting over the batch plus an accumulation per step: the same
+        # deferral as rssm.observe (tested against the plain gradient).
+        # The other parameters (world model, reward, continue: stop-gradient inside) are an
+        # argument with a zero cotangent, so the objective can be differentiated with
+        # respect to the whole parameter tree.
+        @jax.custom_vjp
+        def run(ac, others):
+            return objective(ac, others, None)[0]
+
+        def run_fwd(ac, others):
+            H, Nst = self.config.train.imag_horizon, start["deter"].shape[0]
+            zeros = lambda net: [jnp.zeros((H, Nst, self.sizes["units"]), self.dtype)
+                                 for _ in range(self.sizes["layers"])]
+            taps = {k: zeros(k) for k in nets}
+            (out, inputs), vjp = jax.vjp(lambda ac, taps: objective(ac, others, taps), ac, taps)
+            return out, (vjp, inputs, tmap(jnp.zeros_like, others))
+
+        def run_bwd(res, d_out):
+            vjp, inputs, d_others = res
+            d_ac, d_taps = vjp((d_out, tmap(jnp.zeros_like, inputs)))
+            d_ac = {k: dict(v) for k, v in d_ac.items()}
+            for k in nets:
+                mlp = dict(d_ac[k]["mlp"])
+                for i, (x, dy) in enumerate(zip(inputs[k], d_taps[k])):
+                    g = jnp.einsum("hni,hno->io", x, dy, preferred_element_type=f32)
+                    layer = mlp[f"h{i}"]
+                    mlp[f"h{i}"] = dict(layer, kernel=layer["kernel"] + g)
+                d_ac[k]["mlp"] = mlp
+            return d_ac, d_others
+
+        run.defvjp(run_fwd, run_bwd)
+        return run({k: params[k] for k in nets}, others)
 
     def _model_step(self, state, batch, rng):
         """World-model-only update (world model, g_phi, f_psi, chi; no actor-critic):
@@ -610,26 +672,34 @@ class Agent:
         return action, new
 
 
-def _routed(fn, params, x):
-    """(y, y) with y = fn(params, x), computed once; the first copy's cotangent flows only
-    into x, the second's only into params. (Two losses sharing one forward pass, each
-    differentiated with respect to a different input.)"""
+def _routed(fn, params, x, taps=None):
+    """(y, y, inputs) with (y, inputs) = fn(params, x, taps), computed once; the first
+    copy's cotangent flows only into x, the second's only into params and taps. (Two
+    losses sharing one forward pass, each differentiated with respect to a different
+    input.) taps: see `nets.MLP`; without them inputs is None."""
 
     @jax.custom_vjp
-    def route(params, x):
-        y = fn(params, x)
-        return y, y
+    def route(params, x, taps):
+        y, inputs = _with_inputs(fn, params, x, taps)
+        return y, y, inputs
 
-    def fwd(params, x):
-        y, vjp = jax.vjp(fn, params, x)
-        return (y, y), vjp
+    def fwd(params, x, taps):
+        (y, inputs), vjp = jax.vjp(lambda p, x, t: _with_inputs(fn, p, x, t), params, x, taps)
+        return (y, y, inputs), (vjp, inputs)
 
-    def bwd(vjp, cts):
-        ct_x, ct_params = cts
-        return vjp(ct_params)[0], vjp(ct_x)[1]
+    def bwd(res, cts):
+        vjp, inputs = res
+        ct_x, ct_params, _ = cts
+        none = tmap(jnp.zeros_like, inputs)
+        d_params, _, d_taps = vjp((ct_params, none))
+        return d_params, vjp((ct_x, none))[1], d_taps
 
     route.defvjp(fwd, bwd)
-    return route(params, x)
+    return route(params, x, taps)
+
+
+def _with_inputs(fn, params, x, taps):
+    return fn(params, x, taps) if taps is not None else (fn(params, x), None)
 
 
 def count_params(tree) -> int:

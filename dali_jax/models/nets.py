@@ -148,17 +148,23 @@ def get_act(name: str):
 
 
 class MLP(nn.Module):
-    """`layers` normalised dense layers of `units`. (..., in) -> (..., units)."""
+    """`layers` normalised dense layers of `units`. (..., in) -> (..., units).
+
+    taps: optional sequence of one tap per layer (`Dense`); then returns (output, list of
+    each layer's input in the compute dtype) for deferred weight gradients."""
     layers: int
     units: int
     act: str = "silu"
     dtype: jnp.dtype = f32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, taps=None):
+        inputs = []
         for i in range(self.layers):
-            x = Dense(self.units, act=self.act, dtype=self.dtype, name=f"h{i}")(x)
-        return x
+            inputs.append(x.astype(self.dtype))
+            x = Dense(self.units, act=self.act, dtype=self.dtype, name=f"h{i}")(
+                x, None if taps is None else taps[i])
+        return x if taps is None else (x, inputs)
 
 
 class ConvEncoder(nn.Module):
@@ -281,10 +287,13 @@ class Head(nn.Module):
     dtype: jnp.dtype = f32
 
     @nn.compact
-    def __call__(self, x):
-        x = MLP(self.layers, self.units, dtype=self.dtype, name="mlp")(x)
-        return Dense(self.out, norm=False, act="none", outscale=self.outscale,
-                     dtype=self.dtype, name="out")(x).astype(f32)
+    def __call__(self, x, taps=None):
+        """taps: see `MLP` (for its layers); then returns (output, MLP layer inputs)."""
+        x = MLP(self.layers, self.units, dtype=self.dtype, name="mlp")(x, taps)
+        x, inputs = (x, None) if taps is None else x
+        out = Dense(self.out, norm=False, act="none", outscale=self.outscale,
+                    dtype=self.dtype, name="out")(x).astype(f32)
+        return out if taps is None else (out, inputs)
 
 
 class Actor(nn.Module):
@@ -300,13 +309,18 @@ class Actor(nn.Module):
     dtype: jnp.dtype = f32
 
     @nn.compact
-    def __call__(self, x):
-        x = MLP(self.layers, self.units, dtype=self.dtype, name="mlp")(x)
+    def __call__(self, x, taps=None):
+        """taps: see `MLP` (for its layers); then returns (output, MLP layer inputs)."""
+        x = MLP(self.layers, self.units, dtype=self.dtype, name="mlp")(x, taps)
+        x, inputs = (x, None) if taps is None else x
         out = Dense(self.action_dim, norm=False, act="none", dtype=self.dtype, name="out")(x)
         if self.discrete:
-            return out.astype(f32)
-        std = Dense(self.action_dim, norm=False, act="none", dtype=self.dtype, name="std")(x)
-        return out.astype(f32), std.astype(f32)
+            out = out.astype(f32)
+        else:
+            std = Dense(self.action_dim, norm=False, act="none", dtype=self.dtype,
+                        name="std")(x)
+            out = (out.astype(f32), std.astype(f32))
+        return out if taps is None else (out, inputs)
 
 
 def actor_dist(out, discrete: bool, unimix: float = 0.01, min_std=0.1, max_std=1.0):

@@ -208,9 +208,9 @@ def observe(rssm: RSSM, params, embed, prev_action, is_first, rng, state=None,
     return post, dict(deter=post["deter"], logit=logit, stoch=stoch)
 
 
-# Layers of the filter step whose kernel gradients `observe` computes after its scan, with
-# each kernel's row range used inside the scan (obs_out: only its h half; its [embed, c]
-# half is `post_projection`, outside the scan).
+# Layers of the filter step whose kernel gradients `observe` computes after its scan. For
+# obs_out that is the gradient of its first `deter` rows (the h half); its [embed, c] rows
+# are used by `post_projection`, outside the scan, and get theirs by autodiff.
 DEFERRED = ("img_in", "gru", "obs_out", "obs_stats")
 
 
@@ -250,9 +250,9 @@ def _filter(rssm, params, state, actions, proj, is_first, rngs, ctx_dyn, init):
         for k in DEFERRED:
             x, dy = inputs[k], d_taps[k]
             g = jnp.einsum("tbi,tbo->io", x, dy, preferred_element_type=f32)
-            kernel = d_params[k]["kernel"]
-            g = kernel.at[:g.shape[0]].add(g) if g.shape[0] < kernel.shape[0] else kernel + g
-            d_params[k] = dict(d_params[k], kernel=g)
+            dk = d_params[k]["kernel"]  # zero inside the scan; obs_out: post_projection's
+            dk = dk.at[:g.shape[0]].add(g) if g.shape[0] < dk.shape[0] else dk + g
+            d_params[k] = dict(d_params[k], kernel=dk)
         return d_params, d_state, d_actions, d_proj, d_ctx, d_init
 
     run.defvjp(run_fwd, run_bwd)
@@ -260,33 +260,39 @@ def _filter(rssm, params, state, actions, proj, is_first, rngs, ctx_dyn, init):
 
 
 def imagine(rssm: RSSM, params, policy: Callable, start, horizon: int, rng, ctx_dyn=None,
-            outputs: Callable | None = None):
+            outputs: Callable | None = None, xs=None):
     """Imagination with a policy: `policy(state, rng)` -> action (N, A), or a dict with an
     "action" entry plus per-step extras (e.g. the policy entropy) that are kept too.
 
     start: state dict (N, ...). ctx_dyn: optional (N, Cc), held fixed over the horizon.
     outputs: optional `outputs(state) -> dict` of per-state outputs (e.g. predicted reward)
     computed for the imagined states only; their entry 0 (the start state) is zeros.
+    xs: optional pytree of per-step inputs (H, ...); the policy is then called as
+    `policy(state, rng, x_t)` in imagined state t + 1 and `policy(start, rng, None)` in the
+    start state, and extras it returns only for imagined states are zeros in entry 0.
     Returns a trajectory dict of (H + 1, N, ...) including the start state and an
     `action` entry (the action taken in each state).
     """
-    def act(state, key):
-        out = policy(state, key)
+    def act(state, key, x=None):
+        out = policy(state, key) if xs is None else policy(state, key, x)
         return out if isinstance(out, dict) else {"action": out}
 
     r0, rng = jax.random.split(rng)
     start = dict(start, **act(start, r0))
 
-    def step(prev, key):
+    def step(prev, inp):
+        key, x = inp
         k1, k2 = jax.random.split(key)
         state = rssm.apply({"params": params}, prev, prev["action"], k1, ctx_dyn,
                            method=RSSM.img_step)
-        nxt = dict(state, **act(state, k2))
-        return nxt, (nxt if outputs is None else dict(nxt, **outputs(nxt)))
+        nxt = dict(state, **act(state, k2, x))
+        carry = dict(state, action=nxt["action"])  # the extras do not feed the recurrence
+        return carry, (nxt if outputs is None else dict(nxt, **outputs(nxt)))
 
-    _, traj = jax.lax.scan(step, start, jax.random.split(rng, horizon))
-    start = dict(start, **{k: jnp.zeros(v.shape[1:], v.dtype) for k, v in traj.items()
-                           if k not in start})
+    carry = {k: start[k] for k in ("deter", "logit", "stoch", "action")}
+    _, traj = jax.lax.scan(step, carry, (jax.random.split(rng, horizon), xs))
+    zeros = lambda tree: jax.tree_util.tree_map(lambda v: jnp.zeros(v.shape[1:], v.dtype), tree)
+    start = dict(start, **{k: zeros(v) for k, v in traj.items() if k not in start})
     return jax.tree_util.tree_map(lambda s, t: jnp.concatenate([s[None], t], 0), start, traj)
 
 
