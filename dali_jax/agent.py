@@ -340,8 +340,7 @@ class Agent:
                 cont=D.Bernoulli(self.cont.apply({"params": params["cont"]}, hin)[..., 0]).mode())
 
         ctx_dyn = ctx if sw["dynamics"] else None
-        pol = policy if taps is not None else (lambda state, key: policy(state, key))
-        traj = R.imagine(self.rssm, params["rssm"], pol, start,
+        traj = R.imagine(self.rssm, params["rssm"], policy, start,
                          self.config.train.imag_horizon, rng, ctx_dyn, outputs, taps)
         cont = jnp.concatenate([(1.0 - is_terminal.astype(f32))[None], traj["cont"][1:]], 0)
         traj.update(cont=cont, weight=B.trajectory_weight(cont, self.gamma))
@@ -413,8 +412,9 @@ class Agent:
         nets = ("actor", "critic")
         others = {k: v for k, v in params.items() if k not in nets}
 
-        def objective(ac, others, taps):
+        def objective(args, taps):
             """-> ((loss, aux), layer inputs of the imagined steps or None)."""
+            ac, others = args
             q = dict(others, **ac)
 
             def heads(hin, tap):
@@ -442,37 +442,25 @@ class Agent:
         # The actor's and critic's MLP kernels get their gradients after the imagination
         # scan, as one (in x H*N) @ (H*N x units) matmul per layer, instead of an N-row
         # matmul contracting over the batch plus an accumulation per step: the same
-        # deferral as rssm.observe (tested against the plain gradient).
-        # The other parameters (world model, reward, continue: stop-gradient inside) are an
-        # argument with a zero cotangent, so the objective can be differentiated with
-        # respect to the whole parameter tree.
-        @jax.custom_vjp
-        def run(ac, others):
-            return objective(ac, others, None)[0]
-
-        def run_fwd(ac, others):
+        # deferral as rssm.observe (tested against the plain gradient). The other
+        # parameters (world model, reward, continue: stop-gradient inside) are an argument
+        # too, so the objective can be differentiated with respect to the whole tree.
+        def make_taps():
             H, Nst = self.config.train.imag_horizon, start["deter"].shape[0]
-            zeros = lambda net: [jnp.zeros((H, Nst, self.sizes["units"]), self.dtype)
-                                 for _ in range(self.sizes["layers"])]
-            taps = {k: zeros(k) for k in nets}
-            (out, inputs), vjp = jax.vjp(lambda ac, taps: objective(ac, others, taps), ac, taps)
-            return out, (vjp, inputs, tmap(jnp.zeros_like, others))
+            return {k: [jnp.zeros((H, Nst, self.sizes["units"]), self.dtype)
+                        for _ in range(self.sizes["layers"])] for k in nets}
 
-        def run_bwd(res, d_out):
-            vjp, inputs, d_others = res
-            d_ac, d_taps = vjp((d_out, tmap(jnp.zeros_like, inputs)))
-            d_ac = {k: dict(v) for k, v in d_ac.items()}
-            for k in nets:
-                mlp = dict(d_ac[k]["mlp"])
-                for i, (x, dy) in enumerate(zip(inputs[k], d_taps[k])):
-                    g = jnp.einsum("hni,hno->io", x, dy, preferred_element_type=f32)
-                    layer = mlp[f"h{i}"]
-                    mlp[f"h{i}"] = dict(layer, kernel=layer["kernel"] + g)
-                d_ac[k]["mlp"] = mlp
+        def add_grads(d_args, grads):
+            d_ac, d_others = d_args
+            d_ac = {k: dict(v, mlp=dict(v["mlp"])) for k, v in d_ac.items()}
+            for k, layers in grads.items():
+                mlp = d_ac[k]["mlp"]
+                for i, g in enumerate(layers):
+                    mlp[f"h{i}"] = dict(mlp[f"h{i}"], kernel=mlp[f"h{i}"]["kernel"] + g)
             return d_ac, d_others
 
-        run.defvjp(run_fwd, run_bwd)
-        return run({k: params[k] for k in nets}, others)
+        run = N.deferred_kernel_vjp(objective, make_taps, add_grads)
+        return run(({k: params[k] for k in nets}, others))
 
     def _model_step(self, state, batch, rng):
         """World-model-only update (world model, g_phi, f_psi, chi; no actor-critic):

@@ -64,8 +64,8 @@ def _norm_affine(x, scale, bias, eps):
     return xhat * scale + bias, xhat, mean, rstd
 
 
-_NORM_ACTS = {  # act -> (f(z), f'(z))
-    "none": (lambda z: z, lambda z: jnp.ones_like(z)),
+_NORM_ACTS = {  # act -> (f(z), f'(z)); the identity's derivative is not multiplied in
+    "none": (lambda z: z, None),
     "silu": (jax.nn.silu,
              lambda z: jax.nn.sigmoid(z) * (1.0 + z * (1.0 - jax.nn.sigmoid(z)))),
 }
@@ -118,6 +118,37 @@ def _deferred_bwd(kernel, dy):
 
 
 deferred_matmul.defvjp(_deferred_fwd, _deferred_bwd)
+
+
+def deferred_kernel_vjp(objective, make_taps, add_grads):
+    """objective(args, taps) -> (out, inputs) as a function f(args) -> out whose kernel
+    gradients are computed after the objective's scans.
+
+    Inside, the kernels enter through `deferred_matmul` with `taps` (zeros from
+    `make_taps()`; None when f is not differentiated) and their gradients are zero;
+    `inputs` is the pytree of those matmuls' stacked inputs (..., I), shaped like the taps
+    but for the last axis. The backward pass sums input x tap cotangent over all leading
+    axes, one (I, O) float32 matmul per tap, and `add_grads(d_args, grads)` adds them into
+    the cotangent of args. Used by `rssm.observe` and `Agent.behavior_objective`.
+    """
+    @jax.custom_vjp
+    def f(args):
+        return objective(args, None)[0]
+
+    def fwd(args):
+        (out, inputs), vjp = jax.vjp(objective, args, make_taps())
+        return out, (vjp, inputs)
+
+    def bwd(res, d_out):
+        vjp, inputs = res
+        d_args, d_taps = vjp((d_out, jax.tree_util.tree_map(jnp.zeros_like, inputs)))
+        grads = jax.tree_util.tree_map(
+            lambda x, dy: jnp.einsum("...i,...o->io", x, dy, preferred_element_type=f32),
+            inputs, d_taps)
+        return (add_grads(d_args, grads),)
+
+    f.defvjp(fwd, bwd)
+    return f
 
 
 class Dense(nn.Module):

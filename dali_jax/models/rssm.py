@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dali_jax.models import distributions as D
-from dali_jax.models.nets import Dense, deferred_matmul, layer_norm
+from dali_jax.models.nets import Dense, deferred_kernel_vjp, deferred_matmul, layer_norm
 
 f32 = jnp.float32
 sg = jax.lax.stop_gradient
@@ -218,7 +218,8 @@ def _filter(rssm, params, state, actions, proj, is_first, rngs, ctx_dyn, init):
     """The filter scan over time-major inputs (T, B, ...) -> posterior states (T, B, ...),
     with a custom VJP that defers the `DEFERRED` kernels' gradients (see `observe`)."""
 
-    def scan(params, state, actions, proj, ctx_dyn, init, taps):
+    def scan(args, taps):
+        params, state, actions, proj, ctx_dyn, init = args
         apply = functools.partial(rssm.apply, {"params": params})
 
         def step(prev, inp):
@@ -231,32 +232,21 @@ def _filter(rssm, params, state, actions, proj, is_first, rngs, ctx_dyn, init):
                                          (actions, proj, is_first, rngs, ctx_dyn, taps))
         return post, inputs
 
-    @jax.custom_vjp
-    def run(params, state, actions, proj, ctx_dyn, init):
-        return scan(params, state, actions, proj, ctx_dyn, init, None)[0]
-
-    def run_fwd(params, state, actions, proj, ctx_dyn, init):
+    def make_taps():
         T, B = proj.shape[:2]
-        taps = {k: jnp.zeros((T, B, params[k]["kernel"].shape[1]), rssm.dtype)
+        return {k: jnp.zeros((T, B, params[k]["kernel"].shape[1]), rssm.dtype)
                 for k in DEFERRED}
-        (post, inputs), vjp = jax.vjp(scan, params, state, actions, proj, ctx_dyn, init, taps)
-        return post, (vjp, inputs)
 
-    def run_bwd(res, d_post):
-        vjp, inputs = res
-        d_params, d_state, d_actions, d_proj, d_ctx, d_init, d_taps = vjp(
-            (d_post, jax.tree_util.tree_map(jnp.zeros_like, inputs)))
-        d_params = dict(d_params)
-        for k in DEFERRED:
-            x, dy = inputs[k], d_taps[k]
-            g = jnp.einsum("tbi,tbo->io", x, dy, preferred_element_type=f32)
-            dk = d_params[k]["kernel"]  # zero inside the scan; obs_out: post_projection's
-            dk = dk.at[:g.shape[0]].add(g) if g.shape[0] < dk.shape[0] else dk + g
+    def add_grads(d_args, grads):
+        d_params = dict(d_args[0])
+        for k, g in grads.items():
+            # zero from inside the scan; obs_out's rows after `deter`: post_projection's
+            dk = d_params[k]["kernel"].at[:g.shape[0]].add(g)
             d_params[k] = dict(d_params[k], kernel=dk)
-        return d_params, d_state, d_actions, d_proj, d_ctx, d_init
+        return (d_params,) + tuple(d_args[1:])
 
-    run.defvjp(run_fwd, run_bwd)
-    return run(params, state, actions, proj, ctx_dyn, init)
+    run = deferred_kernel_vjp(scan, make_taps, add_grads)
+    return run((params, state, actions, proj, ctx_dyn, init))
 
 
 def imagine(rssm: RSSM, params, policy: Callable, start, horizon: int, rng, ctx_dyn=None,
