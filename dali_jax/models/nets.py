@@ -104,7 +104,7 @@ def deferred_matmul(x, kernel, tap):
     zero cotangent and `tap` receives the output's cotangent. Inside a `lax.scan` whose
     taps are a scanned input, the kernel's gradient is then sum_t x_t^T dy_t over stacked
     inputs and tap cotangents: one large matmul after the loop instead of a small one plus
-    an accumulation per step (`rssm.observe`).
+    an accumulation per step (`deferred_kernel_vjp`).
     """
     return x @ kernel
 
