@@ -177,7 +177,7 @@ def bench_one(args, size, obs, method) -> dict:
     key = jax.random.PRNGKey(0)
     state = block(agent.init(key))
     params = count_params(state["params"])
-    batch = block(jax.device_put(make_batch(spec, args.batch, args.length)))
+    batch = block(jax.device_put(make_batch(spec, args.batch, agent.sequence_length)))
 
     # FLOPs: trace only, abstract inputs (no memory for the arrays).
     t = time.perf_counter()

@@ -6,10 +6,15 @@ State pytree (checkpoints cleanly):
     opt:         dict(model, actor, critic) optax states
     retnorm:     dict(lo=(), hi=()) EMA of return percentiles
     step:        () int32 number of updates
+    align_stats: dict(mean (Do,), var (Do,), count ()) running moments of f_psi's targets
+                 (inferred-context methods with context.standardize only)
 
-Batch (B, T, ...): the observation keys (`obs` float32 (Do,), `image` uint8 (64,64,3),
-`context` float32 (2,) normalised ground truth), `action` (A,) = action taken at step t,
-`reward` (reward on arriving at t), `is_first`, `is_last`, `is_terminal`.
+Batch (B, H + T, ...): the observation keys (`obs` float32 (Do,), `image` uint8 (64,64,3),
+`context` float32 (2,) normalised ground truth), `action` (A,) = action executed at step t,
+`reward` (reward on arriving at t), `is_first`, `is_last`, `is_terminal`. The last
+T = train.batch_length steps are the training chunk; the H = `agent.history` steps before it
+(K for the inferred-context methods) only fill the context windows of the chunk's steps,
+so that they equal the acting-time windows. `agent.sequence_length` = H + T.
 
 Acting carry: dict(state=RSSM state (N, ...), prev_action (N, A), window (N, K, Din)
 context tokens, ctx_prev (N, Cc)).
@@ -65,7 +70,8 @@ class Agent:
         self.config = config
         self.spec = spec
         ctx = config.context
-        self.switches = recipe(config.method, ctx.shallow_into_dynamics, ctx.release_compat)
+        self.switches = recipe(config.method, ctx.shallow_into_dynamics, ctx.release_compat,
+                               ctx.chi_deep)
         sw = self.switches
         self.release_compat = bool(ctx.release_compat)
         s = config_lib.resolve_sizes(config)
@@ -99,13 +105,19 @@ class Agent:
             # Pixel runs use the world-model embedding as the observation part of a token.
             self.token_obs_dim = (self._embed_dim() if self.image_keys
                                   else sum(spec.obs[k][0][0] for k in vec))
-            self.ctx_encoder = C.ContextEncoder(ctx.encoder, ctx.hidden, ctx.dim, ctx.window,
-                                                ctx.readout, dtype=dt)
+            # g_phi, f_psi and the inverse head compute in float32 whatever the world
+            # model's dtype: the context's signal is a few percent of the forward error.
+            self.ctx_encoder = C.ContextEncoder(ctx.encoder, s["ctx_hidden"], ctx.dim,
+                                                ctx.window, ctx.readout, dtype=f32)
             self.forward_head = C.DynamicsHead(self.token_obs_dim, ctx.head_layers,
-                                               ctx.head_units, dtype=dt)
+                                               s["ctx_head_units"], dtype=f32)
             self.inverse_head = C.DynamicsHead(spec.action_dim, ctx.head_layers,
-                                               ctx.head_units, dtype=dt)
-            self.cross = C.CrossModal(self.state_dim, ctx.dim, dtype=dt)
+                                               s["ctx_head_units"], dtype=f32)
+            self.cross = C.CrossModal(self.state_dim, ctx.dim, dtype=f32)
+        # Training sequences: `history` steps (context windows only) + the T-step chunk.
+        self.history = config_lib.history_steps(config)
+        self.sequence_length = self.history + config.train.batch_length
+        self.standardize = self.inferred and ctx.standardize and ctx.loss != "inverse"
         c = config.train
         self.gamma = 1.0 - 1.0 / c.horizon
         self.opt = dict(model=make_optimizer(c.model_lr, c.model_eps, c.model_clip),
@@ -162,7 +174,13 @@ class Agent:
                 p["context"]["inverse"] = self.inverse_head.init(
                     ks[11], z(2 * self.token_obs_dim + cd))["params"]
         model_params = self._model_params(p)
+        extra = {}
+        if self.standardize:  # running moments of f_psi's targets (count 0: not yet seen)
+            D_o = self.token_obs_dim
+            extra["align_stats"] = dict(mean=jnp.zeros((D_o,), f32), var=jnp.ones((D_o,), f32),
+                                        count=jnp.zeros((), f32))
         return dict(
+            **extra,
             params=p,
             slow_critic=tmap(jnp.array, p["critic"]),
             opt=dict(model=self.opt["model"].init(model_params),
@@ -189,36 +207,44 @@ class Agent:
         """g_phi on explicit windows: (N, K, Din) tokens -> (N, Cc)."""
         return self.ctx_encoder.apply({"params": params["context"]["encoder"]}, windows)
 
-    def context_chunk(self, params, batch, embed, is_first):
-        """Context of every step of a (B, T) chunk, plus the pieces the alignment loss needs.
+    def context_chunk(self, params, batch, embed=None, steps=None):
+        """Context of the last `steps` steps of a (B, L) sequence (default: all L).
 
-        Returns (ctx (B, T, Cc) or None, aux dict).
+        The earlier steps are history: they fill the windows of the later ones. Windows are
+        causal and episode-bounded (`C.window_indices` on the batch's is_first, the
+        sequence's first step counting as a start). embed: (B, L, E) world-model
+        embeddings (used as token observations for pixels; None for features).
+        Returns (ctx (B, steps, Cc) or None, aux dict(obs_vec (B, L, Do), idx
+        (B, steps, K) window indices into L, is_first (B, L))).
         """
         src = self.switches["source"]
+        L = batch["is_first"].shape[1]
+        steps = L if steps is None else steps
         if src == "none":
             return None, {}
         if src == "ground_truth":
-            return batch["context"].astype(f32), {}
-        obs_vec = self._token_obs(batch, embed)
-        act = batch["action"].astype(f32)
-        Bsz, T = is_first.shape
+            return jnp.asarray(batch["context"][:, L - steps:], f32), {}
+        is_first = jnp.asarray(batch["is_first"]).at[:, 0].set(True)
+        obs_vec = self.token_obs(batch, embed)
+        act = jnp.asarray(batch["action"], f32)
+        K = self.config.context.window
         if self.release_compat:
             # Release: tokens pair o_k with a_k, and one window = the whole chunk.
             tok = C.tokens(obs_vec, act)
-            idx = C.full_chunk_indices(Bsz, T)
+            idx = C.full_chunk_indices(is_first.shape[0], L)[:, L - steps:]
         else:
-            prev = self.prev_actions(act, is_first)
-            tok = C.tokens(obs_vec, prev)
-            idx = C.window_indices(is_first, self.config.context.window)
+            tok = C.tokens(obs_vec, self.prev_actions(act, is_first))
+            idx = C.window_indices(is_first, K)[:, L - steps:]
         ctx = self.ctx_encoder.apply({"params": params["context"]["encoder"]}, tok, idx,
                                      not self.release_compat, method=C.ContextEncoder.chunk)
         if self.release_compat:
             ctx = sg(ctx)  # release: the encoder is never updated
             # Its alignment loss runs over causal prefixes; we keep that for the metric.
-            idx = C.window_indices(is_first, self.config.context.window)
-        return ctx, dict(obs_vec=obs_vec, idx=idx)
+            idx = C.window_indices(is_first, K)[:, L - steps:]
+        return ctx, dict(obs_vec=obs_vec, action=act, idx=idx, is_first=is_first)
 
-    def _token_obs(self, batch, embed):
+    def token_obs(self, batch, embed):
+        """Observation part of the context tokens: raw features (B, L, Do), or sg(embed)."""
         if self.image_keys:
             return sg(embed).astype(f32)
         return jnp.concatenate([batch[k].astype(f32) for k in self.vector_keys], -1)
@@ -236,20 +262,35 @@ class Agent:
         return jnp.where(is_first[..., None], ctx, prev)
 
     # ---------------------------------------------------------- world model
-    def world_model_loss(self, mp, batch, rng):
-        """Returns (scalar loss, (post, ctx_wm, metrics)). mp: model params."""
+    def world_model_loss(self, mp, batch, rng, stats=None):
+        """World-model (+ DALI) loss of a (B, H + T) batch; mp: model params.
+
+        The last T = train.batch_length steps are the chunk every world-model loss is taken
+        on; the H steps before it (history) only fill context windows. stats: the running
+        moments of f_psi's targets (state["align_stats"]) when targets are standardised.
+        Returns (scalar loss, (post, ctx_wm, metrics, updated stats or None)).
+        """
         sw = self.switches
         scales = self.config.train.loss_scales
-        is_first = jnp.asarray(batch["is_first"]).at[:, 0].set(True)  # chunks start from h0
-        obs = {k: batch[k] for k in self.spec.obs}
+        L = batch["is_first"].shape[1]
+        H = max(L - self.config.train.batch_length, 0)
+        chunk = {k: v[:, H:] for k, v in batch.items()}
+        is_first = jnp.asarray(chunk["is_first"]).at[:, 0].set(True)  # chunks start from h0
+        obs = {k: chunk[k] for k in self.spec.obs}
         embed = self.encoder.apply({"params": mp["encoder"]}, obs)
-        ctx, aux = self.context_chunk(mp, batch, embed, is_first)
+        full_embed = embed
+        if self.inferred and self.image_keys and H:  # history embeddings, tokens only
+            hist = {k: batch[k][:, :H] for k in self.spec.obs}
+            full_embed = jnp.concatenate(
+                [sg(self.encoder.apply({"params": mp["encoder"]}, hist)), embed], 1)
+        ctx, aux = self.context_chunk(mp, batch, full_embed, L - H)
         ctx_wm = None if ctx is None else sg(ctx)
-        prev_act = self.prev_actions(batch["action"].astype(f32), is_first)
+        prev_act = self.prev_actions(chunk["action"].astype(f32), is_first)
         post, prior = R.observe(
             self.rssm, mp["rssm"], embed, prev_act, is_first, rng,
             ctx_post=ctx_wm if sw["posterior"] else None,
             ctx_dyn=self.dyn_context(ctx_wm, is_first) if sw["dynamics"] else None)
+        batch = chunk
         hin = self.head_input(post, ctx_wm)
         losses = {}
         rec = self.decoder.apply({"params": mp["decoder"]}, hin)
@@ -269,17 +310,14 @@ class Agent:
         losses["dyn"], losses["rep"] = dyn, rep
         total = (scales.recon * recon + scales.reward * losses["reward"]
                  + scales.cont * losses["cont"] + scales.dyn * dyn + scales.rep * rep)
+        new_stats, align_metrics = None, {}
         if self.inferred:
             cfg = self.config.context
-            cp = mp["context"]
-            fwd = lambda x: self.forward_head.apply({"params": cp["forward"]}, x)
-            inv = lambda x: self.inverse_head.apply({"params": cp["inverse"]}, x)
-            align = C.alignment_loss(fwd, inv, aux["obs_vec"], batch["action"].astype(f32),
-                                     aux["idx"], ctx, cfg.loss)
+            align, new_stats, align_metrics = self._alignment(mp["context"], aux, ctx, stats)
             losses["dali"] = align
             total = total + cfg.loss_scale * align
             if sw["crossmodal"]:
-                cross = lambda c, s: self.cross.apply({"params": cp["cross"]}, c, s)
+                cross = lambda c, s: self.cross.apply({"params": mp["context"]["cross"]}, c, s)
                 chi = C.crossmodal_loss(cross, ctx, R.feat(post), cfg.chi_fit_map)
                 losses["chi"] = chi
                 total = total + cfg.lambda_cross * chi
@@ -290,7 +328,33 @@ class Agent:
         metrics["model/reward_pred"] = rew.mean().mean()
         if ctx is not None:
             metrics["context/std"] = ctx.std(axis=(0, 1)).mean()
-        return total.mean(), (post, ctx_wm, metrics)
+        metrics.update(align_metrics)
+        return total.mean(), (post, ctx_wm, metrics, new_stats)
+
+    def _alignment(self, cp, aux, ctx, stats):
+        """Dynamics-alignment loss (B, T) of the windows' contexts, the updated target
+        moments, and `context/gain`: the loss with contexts shuffled across the batch minus
+        the loss with the true ones (how much the context tells f_psi; stop-gradient)."""
+        cfg = self.config.context
+        obs, is_first = aux["obs_vec"], aux["is_first"]
+        act = aux["action"]
+        trans = C.transition_indices(is_first, aux["idx"], cfg.pairs, cfg.future_steps)
+        norm, new_stats = None, None
+        if self.standardize:
+            mean, var = C.target_moments(sg(obs), is_first, cfg.residual)
+            if stats is None:  # called without a train state: this batch's moments
+                stats = dict(mean=mean, var=var, count=jnp.zeros((), f32))
+            d = jnp.where(stats["count"] > 0, cfg.stats_decay, 0.0)
+            new_stats = dict(mean=d * stats["mean"] + (1 - d) * mean,
+                             var=d * stats["var"] + (1 - d) * var, count=stats["count"] + 1)
+            norm = (new_stats["mean"], jnp.sqrt(new_stats["var"] + 1e-6))
+        fwd = lambda x: self.forward_head.apply({"params": cp["forward"]}, x)
+        inv = lambda x: self.inverse_head.apply({"params": cp["inverse"]}, x)
+        loss = lambda c: C.alignment_loss(fwd, inv, obs, act, trans, c, cfg.loss,
+                                          cfg.residual, norm)
+        align = loss(ctx)
+        gain = sg(loss(jnp.roll(ctx, 1, 0)).mean() - align.mean())
+        return align, new_stats, {"context/gain": gain}
 
     # ----------------------------------------------------- actor and critic
     def _policy_dist(self, actor_params, hin):
@@ -462,38 +526,41 @@ class Agent:
         run = N.deferred_kernel_vjp(objective, make_taps, add_grads)
         return run(({k: params[k] for k in nets}, others))
 
-    def _model_step(self, state, batch, rng):
-        """World-model-only update (world model, g_phi, f_psi, chi; no actor-critic):
-        offline model training and representation studies. -> (state, metrics)."""
+    def _world_model_update(self, state, batch, rng):
+        """One optimiser step of the world model (+ g_phi, f_psi, chi heads).
+        -> (state with new params / model optimiser / align_stats, post, ctx_wm, metrics)."""
         p = state["params"]
         mp = self._model_params(p)
-        key = jax.random.fold_in(rng, state["step"])
-        (_, (_, _, metrics)), grads = jax.value_and_grad(
-            self.world_model_loss, has_aux=True)(mp, batch, key)
-        if self.release_compat and "context" in grads:
-            grads["context"] = tmap(jnp.zeros_like, grads["context"])
-        metrics["grad_norm/model"] = optax.tree_utils.tree_norm(grads)
-        upd, opt_model = self.opt["model"].update(grads, state["opt"]["model"], mp)
-        new = dict(state, params=dict(p, **optax.apply_updates(mp, upd)),
-                   opt=dict(state["opt"], model=opt_model), step=state["step"] + 1)
-        return new, metrics
-
-    def _train_step(self, state, batch, rng):
-        cfg = self.config.train
-        p = state["params"]
-        k_wm, k_img = jax.random.split(jax.random.fold_in(rng, state["step"]))
-        metrics = {}
-
-        # World model (+ g_phi, f_psi, chi heads).
-        mp = self._model_params(p)
-        (_, (post, ctx_wm, m)), grads = jax.value_and_grad(
-            self.world_model_loss, has_aux=True)(mp, batch, k_wm)
-        metrics.update(m)
+        (_, (post, ctx_wm, metrics, stats)), grads = jax.value_and_grad(
+            self.world_model_loss, has_aux=True)(mp, batch, rng, state.get("align_stats"))
         if self.release_compat and "context" in grads:
             grads["context"] = tmap(jnp.zeros_like, grads["context"])  # release defect 1
         metrics["grad_norm/model"] = optax.tree_utils.tree_norm(grads)
         upd, opt_model = self.opt["model"].update(grads, state["opt"]["model"], mp)
-        p = dict(p, **optax.apply_updates(mp, upd))
+        new = dict(state, params=dict(p, **optax.apply_updates(mp, upd)),
+                   opt=dict(state["opt"], model=opt_model))
+        if stats is not None:
+            new["align_stats"] = stats
+        return new, post, ctx_wm, metrics
+
+    def _model_step(self, state, batch, rng):
+        """World-model-only update (world model, g_phi, f_psi, chi; no actor-critic):
+        offline model training and representation studies. -> (state, metrics)."""
+        key = jax.random.fold_in(rng, state["step"])
+        new, _, _, metrics = self._world_model_update(state, batch, key)
+        return dict(new, step=state["step"] + 1), metrics
+
+    def _train_step(self, state, batch, rng):
+        cfg = self.config.train
+        k_wm, k_img = jax.random.split(jax.random.fold_in(rng, state["step"]))
+        metrics = {}
+
+        # World model (+ g_phi, f_psi, chi heads).
+        wm, post, ctx_wm, m = self._world_model_update(state, batch, k_wm)
+        metrics.update(m)
+        p = dict(wm["params"])
+        opt_model = wm["opt"]["model"]
+        batch = {k: v[:, max(v.shape[1] - cfg.batch_length, 0):] for k, v in batch.items()}
 
         # Actor and critic in imagination from every posterior state (B * T starts): one
         # gradient of both losses (each reaches only its own network; see behavior_objective).
@@ -525,7 +592,7 @@ class Agent:
             "behavior/imag_reward": traj["reward"][1:].mean(),
             "behavior/retnorm_scale": aux["scale"], "behavior/adv_std": aux["adv"].std(),
         })
-        new = dict(params=p, slow_critic=slow,
+        new = dict(wm, params=p, slow_critic=slow,
                    opt=dict(model=opt_model, actor=opt_actor, critic=opt_critic),
                    retnorm=aux["retnorm"], step=state["step"] + 1)
         return new, metrics
@@ -568,7 +635,7 @@ class Agent:
         is_first = jnp.asarray(batch["is_first"]).at[:, 0].set(True)
         obs = {k: batch[k] for k in self.spec.obs}
         embed = self.encoder.apply({"params": params["encoder"]}, obs)
-        ctx, _ = self.context_chunk(params, batch, embed, is_first)
+        ctx, _ = self.context_chunk(params, batch, embed)
         prev_act = self.prev_actions(jnp.asarray(batch["action"], f32), is_first)
         k1, k2 = jax.random.split(rng)
         n = context_steps
@@ -618,7 +685,11 @@ class Agent:
         """One acting step for N envs. obs: dict of (N, ...) incl. `is_first` (N,) bool.
 
         mode: "sample" (training/eval with sampled actions) or "mode" (deterministic).
-        Returns (action (N, A), new carry).
+        Returns (action (N, A), new carry). Continuous actions are clipped to
+        [-model.action_clip, model.action_clip] (the env's bounds): the returned action is
+        the executed one, and the carry's `prev_action` (next step's token and RSSM input)
+        holds it. A caller that executes another action (the random prefill) records it
+        with `executed(carry, action)`.
         """
         sw = self.switches
         is_first = obs["is_first"].astype(bool)
@@ -631,7 +702,7 @@ class Agent:
         if sw["source"] == "ground_truth":
             ctx = obs["context"].astype(f32)
         elif self.inferred:
-            tok_obs = self._token_obs(enc_obs, embed)
+            tok_obs = self.token_obs(enc_obs, embed)
             if self.release_compat:
                 # Release: zero-initialised buffer, never reset, (o_k, a_{k-1}) pairs.
                 tok = C.tokens(tok_obs, carry["prev_action"])
@@ -654,10 +725,18 @@ class Agent:
         dist = self._policy_dist(params["actor"], self.head_input(post, ctx))
         action = dist.sample(k2) if mode == "sample" else dist.mode()
         action = sg(action)
+        clip = self.config.model.action_clip
+        if not self.spec.discrete and clip > 0:  # the action the env executes
+            action = jnp.clip(action, -clip, clip)
         new.update(state=post, prev_action=action)
         if self.ctx_dim:
             new["ctx_prev"] = ctx
         return action, new
+
+    @staticmethod
+    def executed(carry, action):
+        """The carry after the env executed `action` (N, A) instead of the policy's."""
+        return dict(carry, prev_action=jnp.asarray(action, f32))
 
 
 def _routed(fn, params, x, taps=None):

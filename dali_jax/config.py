@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from dali_jax.methods import METHODS
+from dali_jax.methods import METHODS, RECIPES
 
 # deter / units / layers / cnn_depth (DreamerV3 sizes) plus tiny ones for tests and CPU runs.
 SIZES = {
@@ -19,6 +19,10 @@ SIZES = {
     "large": dict(deter=2048, units=768, layers=4, cnn_depth=64, stoch=32, classes=32),
     "xlarge": dict(deter=4096, units=1024, layers=5, cnn_depth=96, stoch=32, classes=32),
 }
+
+# g_phi hidden width / f_psi units per model size when context.hidden / head_units are 0.
+CTX_SIZES = {"nano": (16, 16), "tiny": (64, 64), "mini": (128, 128), "small": (256, 128),
+             "medium": (256, 128), "large": (256, 128), "xlarge": (256, 128)}
 
 TASKS = ("ball_in_cup", "walker")
 OBS_MODES = ("features", "pixels")
@@ -52,16 +56,30 @@ def get_config() -> ml_collections.ConfigDict:
 
     x = c.context = ml_collections.ConfigDict()
     x.encoder = "transformer"  # transformer | attention | gru | mlp
-    x.hidden = 256
+    # g_phi width H and f_psi / inverse-head units; 0 ties them to model.size (CTX_SIZES:
+    # the paper's 256 / 128 from `small` up, narrower below so g_phi does not dominate).
+    x.hidden = 0
     x.dim = 8
     x.window = 64  # K
-    x.readout = "flatten"  # flatten (release; ties g_phi to K) | mean
-    x.loss = "forward"  # forward | inverse | both
+    x.readout = "flatten"  # flatten (release; ties g_phi to K) | mean (+ positional embeddings)
+    # Steps sampled before each training chunk, used only to fill context windows, so that
+    # training windows equal acting windows. -1: K for inferred-context methods, else 0;
+    # 0: windows cut at the chunk start (the behaviour before this option).
+    x.history = -1
+    # Dynamics alignment (benchmarks/RESULTS.md compares the options; the paper's form is
+    # loss=forward, pairs=window, residual=False, standardize=False):
+    x.loss = "forward"  # forward (f_psi: [o_j, a_j, c] -> o_{j+1}) | inverse | both
+    x.pairs = "window"  # window (transitions inside the window) | future (the m after it)
+    x.future_steps = 8  # m for pairs=future
+    x.residual = True  # forward target o_{j+1} - o_j instead of o_{j+1}
+    x.standardize = True  # forward targets standardised per dim with running moments
+    x.stats_decay = 0.99  # EMA decay of those moments (kept in the train state)
     x.loss_scale = 1.0
-    x.head_units = 128
+    x.head_units = 0  # 0: tied to model.size (see hidden)
     x.head_layers = 2
     x.lambda_cross = 1.0
-    x.chi_fit_map = True  # also fit the c -> s map of the chi term (release: never trained)
+    x.chi_fit_map = True  # also fit the c -> s map of the chi term, on sg(c)
+    x.chi_deep = False  # DALI-D gets the chi term too (the release's config default)
     x.shallow_into_dynamics = False  # release: c into img_step for shallow variants too
     x.release_compat = False  # reproduce the release's defects 1-3 (see methods.py)
 
@@ -115,7 +133,20 @@ def resolve_sizes(config) -> dict:
         s["enc_layers"], s["enc_units"] = config.model.encdec_layers, config.model.encdec_units
     else:
         s["enc_layers"], s["enc_units"] = s["layers"], s["units"]
+    ctx_hidden, ctx_head = CTX_SIZES[config.model.size]
+    s["ctx_hidden"] = config.context.hidden or ctx_hidden
+    s["ctx_head_units"] = config.context.head_units or ctx_head
     return s
+
+
+def history_steps(config) -> int:
+    """Steps of context history before each training chunk (config.context.history resolved:
+    -1 -> K for the inferred-context methods, 0 for the others and for release_compat)."""
+    h = config.context.history
+    inferred = RECIPES[config.method].get("source") == "inferred"
+    if not inferred or config.context.release_compat:
+        return 0
+    return config.context.window if h < 0 else int(h)
 
 
 def _choice(name, value, options):
@@ -145,7 +176,19 @@ def validate(config) -> None:
     _choice("context.encoder", config.context.encoder, ("transformer", "attention", "gru", "mlp"))
     _choice("context.readout", config.context.readout, ("flatten", "mean"))
     _choice("context.loss", config.context.loss, ("forward", "inverse", "both"))
-    for name in ("context.window", "context.hidden", "context.dim", "context.head_units",
+    _choice("context.pairs", config.context.pairs, ("window", "future"))
+    for name in ("context.hidden", "context.head_units"):
+        v = _get(config, name)
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            raise ValueError(f"config.{name} must be 0 (tied to model.size) or a positive "
+                             f"integer; got {v!r}")
+    if not (isinstance(config.context.history, int) and config.context.history >= -1):
+        raise ValueError("config.context.history must be -1 (K for inferred-context methods) "
+                         f"or an integer >= 0; got {config.context.history!r}")
+    if not 0.0 <= config.context.stats_decay < 1.0:
+        raise ValueError("config.context.stats_decay must be in [0, 1); "
+                         f"got {config.context.stats_decay!r}")
+    for name in ("context.window", "context.dim", "context.future_steps",
                  "train.batch_size", "train.batch_length", "train.imag_horizon",
                  "run.num_envs", "num_contexts", "model.encdec_layers", "model.encdec_units",
                  "run.episode_length", "run.prefill_hold"):

@@ -38,10 +38,12 @@ RECIPES = {
 }
 
 
-def recipe(method: str, shallow_into_dynamics: bool = False, release_compat: bool = False):
+def recipe(method: str, shallow_into_dynamics: bool = False, release_compat: bool = False,
+           chi_deep: bool = False):
     """Context switches of `method` (dict over _SWITCHES).
 
     shallow_into_dynamics: the release also feeds c to img_step for shallow variants.
+    chi_deep: DALI-D gets the cross-modal chi term too (the release's config default).
     release_compat: the release's wiring (its DALI-D has no posterior input; its shallow
     DALI encoders get the true context; c also enters img_step for every DALI variant).
     """
@@ -51,6 +53,8 @@ def recipe(method: str, shallow_into_dynamics: bool = False, release_compat: boo
                dynamics=False, heads=False, crossmodal=False)
     out.update(RECIPES[method])
     if out["source"] == "inferred":
+        if chi_deep and method == "dali_d":
+            out["crossmodal"] = True
         if shallow_into_dynamics:
             out["dynamics"] = True
         if release_compat:

@@ -78,7 +78,7 @@ def test_gradient_isolation(agent_cache):
     assert absum({k: g_ali[k] for k in ("rssm", "decoder", "reward", "cont")}) == 0
     # Actor loss: only the actor; critic loss: only the critic.
     flat = lambda x: x.reshape((-1,) + x.shape[2:])
-    (_, (post, ctx, _)) = jax.jit(agent.world_model_loss)(mp, batch, jax.random.PRNGKey(1))
+    (_, (post, ctx, _, _)) = jax.jit(agent.world_model_loss)(mp, batch, jax.random.PRNGKey(1))
     start = jax.tree_util.tree_map(flat, post)
     # Give the zero-initialised reward and critic heads some weights so gradients can flow.
     p = jax.tree_util.tree_map(lambda x: x + 0.01, p)

@@ -81,7 +81,14 @@ def test_full_chunk_windows_pairs_equal_gather():
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
-def test_prefix_loss_equals_naive_loop_over_prefixes():
+@pytest.mark.parametrize("pairs,residual,standardize", [
+    ("window", False, False), ("window", True, True), ("future", False, False),
+    ("future", True, True)])
+def test_alignment_loss_equals_naive_loop(pairs, residual, standardize):
+    """Every loss option against a Python loop over windows and their transitions: inside
+    the window (the paper) or the M after it within the episode and the sequence; plain,
+    residual and standardised forward targets; inverse and both."""
+    M = 3
     obs, act, first, tok = _data(1)
     enc = C.ContextEncoder("transformer", H, CD, K)
     fwd = C.DynamicsHead(DO, 2, 8)
@@ -93,8 +100,11 @@ def test_prefix_loss_equals_naive_loop_over_prefixes():
     g = lambda x: inv.apply({"params": pi}, x)
     idx = C.window_indices(jnp.asarray(first), K)
     ctx = enc.apply({"params": pe}, tok, idx, method=C.ContextEncoder.chunk)
+    trans = C.transition_indices(jnp.asarray(first), idx, pairs, M)
+    norm = (np.array([0.5, -1.0, 0.0], np.float32), np.array([2.0, 0.5, 1.0], np.float32))
     for mode in ("forward", "inverse", "both"):
-        got = np.asarray(C.alignment_loss(f, g, obs, act, idx, ctx, mode))
+        got = np.asarray(C.alignment_loss(f, g, obs, act, trans, ctx, mode, residual,
+                                          norm if standardize else None))
         want = np.zeros((B, T))
         for b in range(B):
             start = 0
@@ -103,19 +113,41 @@ def test_prefix_loss_equals_naive_loop_over_prefixes():
                 steps = list(range(max(t - K + 1, start), t + 1))  # the real steps of window t
                 window = [steps[0]] * (K - len(steps)) + steps
                 c = enc.apply({"params": pe}, jnp.asarray(np.asarray(tok)[b, window][None]))[0]
+                if pairs == "window":
+                    srcs = steps[:-1]
+                else:  # the transitions after t inside the episode
+                    srcs = [j for j in range(t, t + M)
+                            if j + 1 < T and not first[b, t + 1:j + 2].any()]
                 errs = []
-                for j in steps[:-1]:
+                for j in srcs:
                     e = 0.0
                     if mode in ("forward", "both"):
                         pred = f(jnp.concatenate([obs[b, j], act[b, j], c]))
-                        e += float(jnp.mean((pred - obs[b, j + 1]) ** 2))
+                        y = obs[b, j + 1] - (obs[b, j] if residual else 0.0)
+                        if standardize:
+                            y = (y - norm[0]) / norm[1]
+                        e += float(jnp.mean((pred - y) ** 2))
                     if mode in ("inverse", "both"):
                         pred = g(jnp.concatenate([obs[b, j], obs[b, j + 1], c]))
                         e += float(jnp.mean((pred - act[b, j]) ** 2))
                     errs.append(e)
                 want[b, t] = np.mean(errs) if errs else 0.0
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
-    assert got[0, 5] == 0.0 and got[0, 6] > 0  # episode start: no pair yet
+    if pairs == "window":
+        assert got[0, 5] == 0.0 and got[0, 6] > 0  # episode start: no pair yet
+    else:
+        assert got[0, 4] == 0.0 and got[0, 3] > 0  # the next episode starts at 5
+        assert got[1, T - 1] == 0.0  # nothing after the sequence
+
+
+def test_target_moments_are_masked_at_episode_starts():
+    obs, _, first, _ = _data(3)
+    for residual in (False, True):
+        mean, var = C.target_moments(jnp.asarray(obs), jnp.asarray(first), residual)
+        ys = [obs[b, t] - (obs[b, t - 1] if residual else 0.0)
+              for b in range(B) for t in range(1, T) if not first[b, t]]
+        np.testing.assert_allclose(mean, np.mean(ys, 0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(var, np.var(ys, 0), rtol=1e-4, atol=1e-6)
 
 
 def test_context_is_causal():

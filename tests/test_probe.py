@@ -75,7 +75,7 @@ def test_step_samples_split_and_inference_match_the_training_windows(agent_cache
     ctx = P.episode_contexts(agent, params, eps, group=4)  # 6 episodes in padded groups of 4
     assert ctx.shape == (6, 21, agent.config.context.dim)
     batch = {k: eps[k] for k in ("obs", "context", "action", "is_first")}
-    ref, _ = agent.context_chunk(params, batch, None, batch["is_first"])
+    ref, _ = agent.context_chunk(params, batch)
     np.testing.assert_allclose(ctx, np.asarray(ref), rtol=1e-5, atol=1e-6)
     K = agent.config.context.window
     X, y, ep = P.step_samples(ctx, eps["factors"][:, :1], start=K - 1, stride=2)

@@ -513,7 +513,7 @@ def run_counterfactual(logdir: str, dim="auto", scale: float = 3.0, out: str | N
         embed = np.concatenate([  # one episode at a time (one compiled shape)
             np.asarray(enc(params, {k: jnp.asarray(v[e:e + 1]) for k, v in ep.obs.items()}),
                        np.float32) for e in range(E)])
-        tok_obs = np.asarray(agent._token_obs(ep.obs, jnp.asarray(embed)), np.float32)
+        tok_obs = np.asarray(agent.token_obs(ep.obs, jnp.asarray(embed)), np.float32)
         toks = np.asarray(CM.tokens(tok_obs, ep.prev_action), np.float32)  # (E, T, Din)
         infer = jax.jit(agent.infer_context)
 

@@ -213,7 +213,7 @@ def _infer_fn(agent):
             if agent.image_keys:
                 obs = {k: batch[k] for k in agent.spec.obs}
                 embed = agent.encoder.apply({"params": params["encoder"]}, obs)
-            obs_vec = agent._token_obs(batch, embed)
+            obs_vec = agent.token_obs(batch, embed)
             prev = agent.prev_actions(batch["action"].astype(jnp.float32), is_first)
             tok = C.tokens(obs_vec, prev)
             idx = C.window_indices(is_first, K)

@@ -6,9 +6,11 @@ the action that led to it. The same pairing is used for training and for acting,
 context at step t, c_t = g_phi(x_{t-K+1..t}), only needs what is known before acting at t.
 
 Windows. The window of step t holds the last K steps of the current episode; before the
-episode start (or before the first step of a training chunk) it is edge-padded with the
-first available step. `window_indices` gives these indices for a whole (B, T) chunk so that
-all T windows are built with one gather (no Python loop over prefixes).
+episode start it is edge-padded with the episode's first step, exactly as the acting buffer
+is. Training sequences carry history (K steps sampled before each chunk, used only for
+tokens), so every chunk step sees the same window in training as at acting time.
+`window_indices` gives these indices for a whole (B, L) sequence so that all windows are
+built with one gather (no Python loop over prefixes).
 
 Encoders (hidden H = 256, output c = SiLU(LayerNorm(Linear_ctx(features)))):
 - transformer: per-step Dense(H) -> pre-LN single-head self-attention + residual
@@ -16,13 +18,19 @@ Encoders (hidden H = 256, output c = SiLU(LayerNorm(Linear_ctx(features)))):
 - attention: per-step Dense(H) -> LN -> self-attention (no feed-forward, no residual);
 - gru: per-step Dense(H) -> GRU over the window -> Dense(H) on the final state;
 - mlp: flattened window -> 2 x Dense(H).
-Readout for transformer / attention: "flatten" (K*H -> ctx, the release; ties the encoder
-to K) or "mean" (mean over the window; any K).
+Readout for transformer / attention: "flatten" (K*H -> ctx, the release) or "mean" (mean
+over the window, with learned positional embeddings added to the projected tokens so that
+the order of the window, e.g. which o_k follows which, is not lost).
 
-Because there is no positional encoding, each token's projection, LayerNorm, query, key
-and value-times-output-matrix are the same in every window that contains it: the chunk
-path computes them once per step and gathers, which is exact (same operations) and makes
-the 64 overlapping windows of a chunk cost little more than one.
+Without positional embeddings (the flatten readout), each token's projection, LayerNorm,
+query, key and value-times-output-matrix are the same in every window that contains it:
+the chunk path computes them once per step and gathers, which is exact (same operations)
+and makes the overlapping windows of a chunk cost little more than one.
+
+Alignment (the loss that trains g_phi): `transition_indices` picks, per window, the
+transitions its context must explain (inside the window, the paper; or the next m steps
+after it), `alignment_loss` scores f_psi / the inverse head on them; targets may be residual
+(o_{j+1} - o_j) and standardised with running moments (`target_moments`).
 """
 from __future__ import annotations
 
@@ -100,13 +108,23 @@ class ContextEncoder(nn.Module):
             self.lin_out = Dense(H, dtype=self.dtype)
         if self.kind == "mlp":
             self.layers = [Dense(H, dtype=self.dtype) for _ in range(self.mlp_layers)]
+        if self.positional:
+            self.pos = self.param("pos", nn.initializers.normal(0.02), (self.window, H), f32)
         self.ctx_out = Dense(self.ctx_dim, dtype=self.dtype)
+
+    @property
+    def positional(self) -> bool:
+        """Learned positional embeddings: attention encoders with the order-free mean readout
+        (the flatten readout keeps each position's own weights)."""
+        return self.kind in ("transformer", "attention") and self.readout == "mean"
 
     # Per-step (window-independent) quantities.
     def _per_step(self, x):
         if self.kind == "mlp":
             return dict(x=x.astype(f32))
         p = self.proj(x)
+        if self.positional:  # x: (..., K, Din) windows
+            p = p + self.pos.astype(p.dtype)
         if self.kind == "gru":
             return dict(p=p)
         n = self.norm1(p)
@@ -159,40 +177,44 @@ class ContextEncoder(nn.Module):
         return self._block(self._per_step(windows))
 
     def chunk(self, x, idx, causal: bool = True):
-        """Context of every window of a chunk: x (B, T, Din), idx (B, T, K) -> (B, T, Cc).
+        """Context of windows over a sequence: x (B, L, Din) tokens, idx (B, T, K) -> (B, T, Cc).
 
-        causal: idx holds causal windows (every index of window t in [t - K + 1, t], as
+        Window i of idx belongs to step L - T + i of the sequence (the last T steps; the
+        first L - T steps are history that only fills windows). causal: idx holds causal
+        windows (every index of the window of step t in [t - K + 1, t], as
         `window_indices` gives); False for any indices (e.g. `full_chunk_indices`).
         """
+        if self.positional:  # tokens differ by window position: gather every window
+            return self(gather_windows(x, idx))
         per = self._per_step(x)
         if self.kind in ("transformer", "attention"):
             return self._attend_pairs(per, idx, causal)
         return self._block({k: gather_windows(v, idx) for k, v in per.items()})
 
     def _attend_pairs(self, s, idx, causal):
-        """Attention windows of a chunk without gathering queries, keys and values.
+        """Attention windows of a sequence without gathering queries, keys and values.
 
-        s: per-step quantities (B, T, .); idx: (B, T, K). A window is a multiset of the
-        chunk's tokens, n[t, l] = how often token l fills a position of window t (edge
-        padding repeats one), so the output of query token j in window t is
-        sum_l n[t, l] e^{q_j k_l} vo_l / sum_l n[t, l] e^{q_j k_l}: one (T x T) score
-        matrix per sequence, masked per window by log n. Everything after the attention is
-        per (window t, token j) pair, computed once per pair however often j repeats in
-        the window: the pairs are the static band t - K + 1 <= j <= t (P = sum_t min(t+1, K)
-        <= T K rows; all T^2 pairs when not `causal`), and the window's positions pick their
-        pair at the readout. Same operations as the gather path up to summation order
-        (tested equal).
+        s: per-step quantities (B, L, .); idx: (B, T, K), the windows of the last T steps.
+        A window is a multiset of the sequence's tokens, n[t, l] = how often token l fills
+        a position of window t (edge padding repeats one), so the output of query token j
+        in window t is sum_l n[t, l] e^{q_j k_l} vo_l / sum_l n[t, l] e^{q_j k_l}: one
+        (L x L) score matrix per sequence, masked per window by log n. Everything after
+        the attention is per (window t, token j) pair, computed once per pair however
+        often j repeats in the window: the pairs are the static band
+        t - K + 1 <= j <= t (at most T K rows; all T L pairs when not `causal`), and the
+        window's positions pick their pair at the readout. Same operations as the gather
+        path up to summation order (tested equal).
         """
         B, T, K = idx.shape
-        tt, jj, offset = _pairs(T, K, causal)
-        n = jax.nn.one_hot(idx, T, dtype=f32).sum(-2)  # (B, T, T)
+        L = s["p"].shape[1]
+        tt, jj, offset, lo = _pairs(L, T, K, causal)
+        n = jax.nn.one_hot(idx, L, dtype=f32).sum(-2)  # (B, T, L)
         scores = jnp.einsum("bjd,bld->bjl", s["q"], s["k"]).astype(f32) / np.sqrt(self.hidden)
         mask = jnp.where(n > 0, jnp.log(jnp.maximum(n, 1.0)), -1e30)
-        att = jax.nn.softmax(scores[:, jj] + mask[:, tt], -1).astype(s["vo"].dtype)  # (B, P, T)
+        att = jax.nn.softmax(scores[:, jj] + mask[:, tt], -1).astype(s["vo"].dtype)  # (B, P, L)
         x = self._after_attention(s["p"][:, jj],
                                   jnp.einsum("bpl,bld->bpd", att, s["vo"]))  # (B, P, H)
         if self.readout == "flatten":
-            lo = np.maximum(np.arange(T) - K + 1, 0) if causal else np.zeros(T, int)
             rows = (offset - lo)[None, :, None] + idx  # (B, T, K) pair of each position
             x = jnp.take_along_axis(x, rows.reshape(B, T * K, 1), axis=1)
             x = x.reshape(B, T, -1)  # (B, T, K * H)
@@ -205,15 +227,17 @@ class ContextEncoder(nn.Module):
 
 
 @functools.lru_cache(maxsize=64)
-def _pairs(T: int, K: int, causal: bool):
-    """Static (window t, token j) pairs, sorted by t: j in [max(0, t-K+1), t] when causal,
-    else all j. Returns (tt (P,), jj (P,), offset (T,) = first pair of each window)."""
-    lo = np.maximum(np.arange(T) - K + 1, 0) if causal else np.zeros(T, int)
-    hi = np.arange(T) if causal else np.full(T, T - 1)
-    tt = np.concatenate([np.full(h - l + 1, t) for t, (l, h) in enumerate(zip(lo, hi))])
+def _pairs(L: int, T: int, K: int, causal: bool):
+    """Static (window i, token j) pairs of the windows of steps t = L - T + i, sorted by i:
+    j in [max(0, t-K+1), t] when causal, else all j < L. Returns (ii (P,), jj (P,),
+    offset (T,) = first pair of each window, lo (T,) = its first token)."""
+    t = np.arange(L - T, L)
+    lo = np.maximum(t - K + 1, 0) if causal else np.zeros(T, int)
+    hi = t if causal else np.full(T, L - 1)
+    ii = np.concatenate([np.full(h - l + 1, i) for i, (l, h) in enumerate(zip(lo, hi))])
     jj = np.concatenate([np.arange(l, h + 1) for l, h in zip(lo, hi)])
     offset = np.concatenate([[0], np.cumsum(hi - lo + 1)[:-1]])
-    return tt, jj, offset
+    return ii, jj, offset, lo
 
 
 class DynamicsHead(nn.Module):
@@ -245,27 +269,75 @@ class CrossModal(nn.Module):
         return self.to_state(c).astype(f32), self.to_ctx(s).astype(f32)
 
 
-def alignment_loss(forward_fn, inverse_fn, obs, action, idx, ctx, mode: str = "forward"):
-    """Dynamics-alignment loss of every window of a chunk, in one vectorised call.
+def transition_indices(is_first, idx, pairs: str = "window", future: int = 8):
+    """Transitions (j -> j + 1) whose dynamics the context of each window must explain.
 
-    obs: (B, T, Do) prediction targets (raw obs or stop-gradient embeddings);
-    action: (B, T, A) action taken at step t; idx: (B, T, K) window indices;
-    ctx: (B, T, Cc) context of each window. For window t the loss averages, over the
-    consecutive pairs (j, j+1) inside the window, ||f([o_j, a_j, c_t]) - o_{j+1}||^2 / Do
-    (forward) and/or ||inv([o_j, o_{j+1}, c_t]) - a_j||^2 / A (inverse; the correct target
-    a_j, not the release's a_{j+1}). Padded duplicates are not pairs. Returns (B, T).
+    is_first: (B, L) episode starts of the sequence; idx: (B, T, K) windows of its last T
+    steps. pairs="window" (the paper): the consecutive steps inside the window of step t
+    (padded duplicates are not pairs); "future": the `future` transitions after it,
+    t -> t+1, ..., t+m-1 -> t+m, that stay inside the episode and the sequence.
+    Returns (src (B, T, P), dst (B, T, P), valid (B, T, P) float32).
     """
-    o = gather_windows(obs, idx)
-    a = gather_windows(action, idx)
-    valid = (idx[..., 1:] == idx[..., :-1] + 1).astype(f32)  # (B, T, K-1)
+    if pairs == "window":
+        src, dst = idx[..., :-1], idx[..., 1:]
+        return src, dst, (dst == src + 1).astype(f32)
+    L, T = is_first.shape[1], idx.shape[1]
+    t = jnp.arange(L - T, L)[:, None] + jnp.arange(future)[None]  # (T, m) sources
+    dst = t + 1
+    episode = jnp.cumsum(is_first.astype(jnp.int32), 1)  # (B, L) episode counter
+    inside = dst < L
+    dst_c = jnp.minimum(dst, L - 1)
+    same = episode[:, dst_c] == episode[:, (L - T + jnp.arange(T))[:, None]]
+    valid = (inside[None] & same).astype(f32)
+    src = jnp.broadcast_to(jnp.minimum(t, L - 1)[None], valid.shape)
+    return src, jnp.broadcast_to(dst_c[None], valid.shape), valid
+
+
+def forward_targets(obs, src, dst, residual: bool = False):
+    """f_psi's target of each transition: o_dst, or o_dst - o_src when `residual`."""
+    o_dst = gather_windows(obs, dst)
+    return o_dst - gather_windows(obs, src) if residual else o_dst
+
+
+def target_moments(obs, is_first, residual: bool = False):
+    """Batch mean and variance (Do,) of the forward targets of all within-episode
+    transitions of a (B, L, Do) sequence (for the running standardisation)."""
+    tgt = obs[:, 1:] - obs[:, :-1] if residual else obs[:, 1:]
+    w = (~is_first[:, 1:]).astype(f32)[..., None]
+    n = jnp.maximum(w.sum((0, 1)), 1.0)
+    mean = (tgt * w).sum((0, 1)) / n
+    var = (((tgt - mean) ** 2) * w).sum((0, 1)) / n
+    return mean, var
+
+
+def alignment_loss(forward_fn, inverse_fn, obs, action, trans, ctx, mode: str = "forward",
+                   residual: bool = False, norm=None):
+    """Dynamics-alignment loss of every window, in one vectorised call. -> (B, T).
+
+    obs: (B, L, Do) token observations (raw obs or stop-gradient embeddings); action:
+    (B, L, A) action executed at each step; trans: `transition_indices` (src, dst, valid)
+    (B, T, P); ctx: (B, T, Cc) context of each window. Window t averages, over its valid
+    transitions j -> j + 1:
+    - forward: ||f([o_j, a_j, c_t]) - y||^2 / Do with y = o_{j+1} (the paper), or
+      o_{j+1} - o_j (`residual`), standardised as (y - mean) / std when `norm` = (mean,
+      std) (Do,) is given;
+    - inverse: ||inv([o_j, o_{j+1}, c_t]) - a_j||^2 / A (the correct target a_j, not the
+      release's a_{j+1}); both: their sum.
+    """
+    src, dst, valid = trans
+    o = gather_windows(obs, src)
     c = jnp.broadcast_to(ctx[:, :, None], valid.shape + ctx.shape[-1:])
     err = jnp.zeros(valid.shape, f32)
     if mode in ("forward", "both"):
-        pred = forward_fn(jnp.concatenate([o[:, :, :-1], a[:, :, :-1], c], -1))
-        err = err + jnp.mean((pred - o[:, :, 1:]) ** 2, -1)
+        a = gather_windows(action, src)
+        y = forward_targets(obs, src, dst, residual)
+        pred = forward_fn(jnp.concatenate([o, a, c], -1))
+        if norm is not None:
+            y = (y - norm[0]) / norm[1]
+        err = err + jnp.mean((pred - y) ** 2, -1)
     if mode in ("inverse", "both"):
-        pred = inverse_fn(jnp.concatenate([o[:, :, :-1], o[:, :, 1:], c], -1))
-        err = err + jnp.mean((pred - a[:, :, :-1]) ** 2, -1)
+        pred = inverse_fn(jnp.concatenate([o, gather_windows(obs, dst), c], -1))
+        err = err + jnp.mean((pred - gather_windows(action, src)) ** 2, -1)
     return jnp.sum(err * valid, -1) / jnp.maximum(1.0, jnp.sum(valid, -1))
 
 
@@ -279,6 +351,7 @@ def crossmodal_loss(cross_fn, ctx, state_feat, fit_map: bool = True):
     """
     s_hat, c_hat = cross_fn(ctx, sg(state_feat))
     loss = jnp.mean((sg(s_hat) - state_feat) ** 2, -1) + jnp.mean((c_hat - ctx) ** 2, -1)
-    if fit_map:
-        loss = loss + jnp.mean((s_hat - sg(state_feat)) ** 2, -1)
+    if fit_map:  # fitted on sg(c): the map follows the state, c is not pulled towards s
+        s_fit, _ = cross_fn(sg(ctx), sg(state_feat))
+        loss = loss + jnp.mean((s_fit - sg(state_feat)) ** 2, -1)
     return loss

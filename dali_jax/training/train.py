@@ -112,7 +112,7 @@ class Trainer:
         self.mesh = parallel.make_mesh(run.devices)
         self.train_step = parallel.sharded_train_step(self.agent, self.mesh,
                                                       config.train.batch_size)
-        T = config.train.batch_length
+        T = self.agent.sequence_length  # history for context windows + the training chunk
         rspec = dict(obs_spec)
         rspec.update(action=((self.spec.action_dim,), np.float32), reward=((), np.float32),
                      **{f: ((), bool) for f in FLAGS})
@@ -212,6 +212,11 @@ class Trainer:
                         action = prefill_action(cfg.seed, self.env_steps // self.venv.num_envs,
                                                 run.prefill_hold, self.action_low,
                                                 self.action_high, action.shape)
+                    # The executed action is what the replay stores (world model, context
+                    # tokens, inverse targets) and what the acting carry continues from.
+                    action = np.clip(action, self.action_low, self.action_high).astype(
+                        np.float32)
+                    carry = self.agent.executed(carry, action)
                     t1 = time.perf_counter()
                     timers["policy"] += t1 - t0
                     self.replay.add({**{k: obs[k] for k in self.replay.spec if k in obs},
@@ -232,8 +237,7 @@ class Trainer:
                             self.updates += 1
                     t2 = time.perf_counter()
                     timers["dispatch"] += t2 - t1
-                    obs, finished = self.venv.step(np.clip(action, self.action_low,
-                                                           self.action_high))
+                    obs, finished = self.venv.step(action)
                     timers["env"] += time.perf_counter() - t2
                     self.env_steps += self.venv.num_envs
                     for ep in finished:
