@@ -188,3 +188,27 @@ def test_crossmodal_loss_gradients():
     assert np.abs(np.asarray(g_p["to_ctx"]["kernel"])).max() > 0
     g_p = jax.grad(fn)(p, c, s, True)
     assert np.abs(np.asarray(g_p["to_state"]["kernel"])).max() > 0
+    # fitting the map does not pull c towards the state: c's gradient comes only from
+    # ||c_hat(sg(s)) - c||^2, with or without the fit, and equals its hand formula
+    g_c_fit = jax.grad(fn, argnums=1)(p, c, s, True)
+    g_c = jax.grad(fn, argnums=1)(p, c, s, False)
+    np.testing.assert_allclose(g_c_fit, g_c, rtol=1e-6, atol=1e-7)
+    _, c_hat = cm.apply({"params": p}, c, s)
+    np.testing.assert_allclose(g_c, -2 * (c_hat - c) / c.size, rtol=1e-5, atol=1e-7)
+
+
+def test_mean_readout_sees_the_order_of_the_window():
+    """With the mean readout, learned positional embeddings make the context depend on the
+    order of the tokens (without them a window would be an unordered bag)."""
+    _, _, _, tok = _data(4)
+    for kind in ("transformer", "attention"):
+        enc = C.ContextEncoder(kind, H, CD, K, "mean")
+        params = enc.init(jax.random.PRNGKey(0), jnp.zeros((1, K, DO + A)))["params"]
+        assert params["pos"].shape == (K, H)
+        params = dict(params, pos=jax.random.normal(jax.random.PRNGKey(1), (K, H)))
+        w = jnp.asarray(tok)[:, :K]
+        c, c_rev = (enc.apply({"params": params}, x) for x in (w, w[:, ::-1]))
+        assert np.abs(np.asarray(c - c_rev)).max() > 1e-3
+        no_pos = dict(params, pos=jnp.zeros((K, H)))
+        c0, c0_rev = (enc.apply({"params": no_pos}, x) for x in (w, w[:, ::-1]))
+        np.testing.assert_allclose(c0, c0_rev, rtol=1e-5, atol=1e-6)

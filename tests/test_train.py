@@ -79,6 +79,13 @@ def test_launch_rejects_bad_overrides_and_presets_hold_the_protocol():
         launch.parse(ball_in_cup.get_config, ["--config.obs=rgb"], ball_in_cup.PRESETS)
     with pytest.raises(launch.UsageError, match="preset must be one of"):
         launch.parse(ball_in_cup.get_config, ["--preset=huge"], ball_in_cup.PRESETS)
+    for bad, msg in (("--config.context.pairs=next", "config.context.pairs must be one of "
+                      "window, future"),
+                     ("--config.context.history=-2", "config.context.history must be -1"),
+                     ("--config.context.hidden=-1", "config.context.hidden must be 0"),
+                     ("--config.context.stats_decay=1.0", "config.context.stats_decay must")):
+        with pytest.raises(ValueError, match=msg):
+            launch.parse(ball_in_cup.get_config, [bad], ball_in_cup.PRESETS)
     c = launch.parse(ball_in_cup.get_config, ["--config.method=dali_d", "--config.obs=pixels",
                                               "--config.seed", "3",
                                               "--config.context_setting=double_box"],
@@ -145,3 +152,41 @@ def test_prefill_actions_are_held_for_prefill_hold_steps():
     np.testing.assert_array_equal(acts[17], prefill_action(3, 17, 10, low, high, (4, 2)))  # resumable
     iid = np.stack([prefill_action(3, t, 1, low, high, (4, 2)) for t in range(3)])
     assert np.all(iid[0] != iid[1])  # hold 1: a new draw every step
+
+
+def test_replay_holds_the_executed_actions(tmp_path):
+    """What the env executed is what the replay stores (world model, context tokens and
+    inverse targets learn from it): the prefill's held random actions during prefill, then
+    the policy's samples clipped to the action bounds."""
+    from dali_jax.envs.dmc import make_env
+
+    received = {}
+
+    def factory(contexts, obs_mode, seed, time_limit):
+        env = make_env("ball_in_cup", contexts, obs_mode=obs_mode, seed=seed,
+                       time_limit=time_limit)
+        log, step = received.setdefault(seed, []), env.step
+
+        def recording(action):
+            log.append(np.array(action, np.float32))
+            return step(action)
+        env.step = recording
+        return env
+
+    cfg = _smoke(tmp_path / "run", method="dali_d", steps=240)
+    cfg.run.prefill_hold = 4
+    trainer = Trainer(cfg, env_factory=factory)
+    trainer.run()
+    data = trainer.replay.state_dict()
+    stored = data["data/action"]  # (num_envs, steps, A)
+    prefill = cfg.run.prefill // cfg.run.num_envs
+    for i in range(cfg.run.num_envs):
+        # after is_last the vector env resets instead of stepping: that action is not run
+        ran = stored[i][~data["data/is_last"][i]]
+        got = np.stack(received[cfg.seed * 1000 + i])
+        np.testing.assert_array_equal(ran, got[:len(ran)])
+    assert np.abs(stored).max() <= 1.0
+    # prefill: held for prefill_hold steps, never at the bounds; policy: clipped samples
+    assert (stored[:, 1:4] == stored[:, :1]).all()
+    assert not (np.abs(stored[:, :prefill]) == 1.0).any()
+    assert (np.abs(stored[:, prefill:]) == 1.0).any()

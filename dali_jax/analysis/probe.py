@@ -37,7 +37,8 @@ from dali_jax.envs import contexts as CTX
 log = logging.getLogger(__name__)
 
 __all__ = ["collect_random_episodes", "context_grid", "heldout_split", "sample_batch",
-           "fit_world_model", "episode_contexts", "step_samples", "linear_probe_r2",
+           "fit_world_model", "episode_contexts", "step_samples", "window_probe",
+           "linear_probe_r2",
            "tsne_plot"]
 
 _MAX_RETRIES = 10
@@ -177,15 +178,15 @@ def sample_batch(episodes: dict, keys: Sequence[str], batch: int, length: int,
 
 def fit_world_model(agent, state, episodes: dict, updates: int, seed: int = 0,
                     log_every: int = 0):
-    """`updates` world-model-only updates (`agent.model_step`, which donates `state`) on chunks
-    of `episodes`. -> (state, list of per-logged-update metric dicts)."""
+    """`updates` world-model-only updates (`agent.model_step`, which donates `state`) on
+    sequences of `episodes` (`agent.sequence_length` steps: context history + chunk). -> (state, list of per-logged-update metric dicts)."""
     cfg = agent.config.train
     rng = np.random.default_rng(seed)
     key = jax.random.PRNGKey(seed)
     keys = tuple(agent.spec.obs)
     history = []
     for i in range(updates):
-        b = sample_batch(episodes, keys, cfg.batch_size, cfg.batch_length, rng)
+        b = sample_batch(episodes, keys, cfg.batch_size, agent.sequence_length, rng)
         state, metrics = agent.model_step(state, b, key)
         if log_every and (i % log_every == 0 or i == updates - 1):
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -278,6 +279,16 @@ def step_samples(ctx: np.ndarray, targets: np.ndarray, start: int = 0, stride: i
 
 
 # ------------------------------------------------------------------------------- probing
+
+def window_probe(agent, params, episodes: dict, train, test, stride: int = 1) -> np.ndarray:
+    """Per-window R^2 (F,) of a ridge probe from g_phi's context to each true factor: fitted
+    on the full windows (t >= K - 1) of the `train` episodes, scored on those of `test`."""
+    ctx = episode_contexts(agent, params, episodes)
+    K = agent.config.context.window
+    X, y, ep = step_samples(ctx, episodes["factors"], start=K - 1, stride=stride)
+    return linear_probe_r2(X[train[ep]], y[train[ep]], X[test[ep]], y[test[ep]])
+
+
 
 def linear_probe_r2(X_train, y_train, X_test, y_test, alpha: float = 1e-3) -> np.ndarray:
     """R^2 on the test set of a ridge regression with intercept, fitted on the train set.

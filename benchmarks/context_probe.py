@@ -1,0 +1,148 @@
+"""Which dynamics-alignment loss makes g_phi's context encode the context factors?
+
+    python benchmarks/context_probe.py [--task ball_in_cup|walker] [--options a,b,...]
+        [--updates 1500] [--seed 0] [--grid 4] [--episodes 8] [--json FILE]
+
+World-model-only experiment: uniform-random-policy episodes (200 steps) on a grid x grid
+set of contexts over the train ranges of the task's two factors (Ball-in-Cup: gravity,
+string length; Walker: gravity, actuator strength), half of each context's episodes held
+out. For every alignment option a nano DALI-D agent (g_phi hidden 32, f_psi 64 units,
+K = 32, chunks of 40 steps + 32 steps of context history) is trained with
+`Agent.model_step` only (world model + g_phi + heads) for the same number of updates, then
+a ridge probe from the context of every full window to each true factor is fitted on the
+training episodes and scored (R^2) on the held-out ones. The untrained encoder (the same
+agent at init) is the reference. One line per option, then a markdown table.
+
+Options (context.loss / pairs / residual / standardize):
+  paper         forward, window, plain o_{j+1} targets (the DALI paper's form)
+  std           forward, window, standardised o_{j+1}
+  residual      forward, window, o_{j+1} - o_j
+  residual_std  forward, window, standardised o_{j+1} - o_j   (our default)
+  future_std    forward, the 8 transitions after the window, standardised residuals
+  inverse       inverse model a_j from [o_j, o_{j+1}, c]
+  both_std      residual_std + inverse
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+from dali_jax import hostmem  # noqa: E402
+
+OPTIONS = {
+    "paper": dict(loss="forward", pairs="window", residual=False, standardize=False),
+    "std": dict(loss="forward", pairs="window", residual=False, standardize=True),
+    "residual": dict(loss="forward", pairs="window", residual=True, standardize=False),
+    "residual_std": dict(loss="forward", pairs="window", residual=True, standardize=True),
+    "future_std": dict(loss="forward", pairs="future", residual=True, standardize=True),
+    "inverse": dict(loss="inverse", pairs="window", residual=False, standardize=False),
+    "both_std": dict(loss="both", pairs="window", residual=True, standardize=True),
+}
+OBS_DIM = {"ball_in_cup": (8, 2), "walker": (24, 6)}
+
+
+def probe_config(task: str, option: str, seed: int = 0):
+    """The experiment's agent configuration (nano DALI-D, float32) for one option."""
+    from dali_jax import config as config_lib
+    c = config_lib.get_config()
+    c.task, c.method, c.seed = task, "dali_d", seed
+    c.model.size = "nano"
+    c.model.encdec_release_quirk = False
+    c.compute_dtype = "float32"
+    c.train.batch_size, c.train.batch_length, c.train.imag_horizon = 16, 40, 5
+    c.train.model_lr = 2e-3
+    c.context.window, c.context.hidden, c.context.head_units = 32, 32, 64
+    for k, v in OPTIONS[option].items():
+        c.context[k] = v
+    config_lib.validate(c)
+    return c
+
+
+def run(task: str, options, updates: int, seed: int = 0, grid: int = 4, episodes: int = 8,
+        length: int = 200, log=print) -> list[dict]:
+    """Collect once, then train and probe every option. -> one dict per option."""
+    import jax
+    import numpy as np
+
+    from dali_jax.agent import Agent, Spec
+    from dali_jax.analysis import probe as P
+
+    t0 = time.time()
+    eps = P.collect_random_episodes(task, P.context_grid(task, grid), episodes, length,
+                                    seed=seed)
+    train, test = P.heldout_split(eps, episodes // 2)
+    data = P.select(eps, train)
+    names = list(eps["factor_names"])
+    log(f"{task}: {len(eps['factors'])} episodes of {length} steps on {grid}x{grid} contexts "
+        f"({time.time() - t0:.0f} s)")
+    do, da = OBS_DIM[task]
+    spec = Spec(obs={"obs": ((do,), np.float32), "context": ((2,), np.float32)}, action_dim=da)
+    rows = []
+    for opt in options:
+        agent = Agent(probe_config(task, opt, seed), spec)
+        state = agent.init(jax.random.PRNGKey(seed))
+        untrained = jax.tree_util.tree_map(np.array, state["params"])
+        t1 = time.time()
+        state, hist = P.fit_world_model(agent, state, data, updates, seed=seed + 1,
+                                        log_every=max(1, updates // 4))
+        train_s = time.time() - t1
+        r2 = P.window_probe(agent, state["params"], eps, train, test, stride=2)
+        r2_0 = P.window_probe(agent, untrained, eps, train, test, stride=2)
+        row = dict(task=task, option=opt, **OPTIONS[opt], updates=updates, seed=seed,
+                   r2={n: float(v) for n, v in zip(names, r2)},
+                   r2_untrained={n: float(v) for n, v in zip(names, r2_0)},
+                   gain=[h.get("context/gain") for h in hist],
+                   loss_dali=[h["loss/dali"] for h in hist], train_s=train_s)
+        rows.append(row)
+        log(f"{opt:13s} " + "  ".join(f"{n} {row['r2'][n]:.3f} (untrained "
+                                        f"{row['r2_untrained'][n]:.3f})" for n in names)
+            + f"  gain {row['gain'][-1]:.4f}  {train_s:.0f} s")
+    return rows
+
+
+def table(rows) -> str:
+    names = list(rows[0]["r2"])
+    head = ("| task | option | loss | pairs | residual | standardize | "
+            + " | ".join(f"R^2 {n}" for n in names) + " | "
+            + " | ".join(f"untrained {n}" for n in names) + " | context/gain |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        out.append(f"| {r['task']} | {r['option']} | {r['loss']} | {r['pairs']} | "
+                   f"{r['residual']} | {r['standardize']} | "
+                   + " | ".join(f"{r['r2'][n]:.3f}" for n in names) + " | "
+                   + " | ".join(f"{r['r2_untrained'][n]:.3f}" for n in names)
+                   + f" | {r['gain'][-1]:.4f} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", default="ball_in_cup", choices=sorted(OBS_DIM))
+    p.add_argument("--options", default=",".join(OPTIONS))
+    p.add_argument("--updates", type=int, default=1500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", type=int, default=4)
+    p.add_argument("--episodes", type=int, default=8, help="per context, half held out")
+    p.add_argument("--json", default=None, help="append one JSON line per option")
+    args = p.parse_args(argv)
+    opts = args.options.split(",")
+    bad = [o for o in opts if o not in OPTIONS]
+    if bad:
+        p.error(f"unknown option(s) {bad}; valid: {', '.join(OPTIONS)}")
+    hostmem.tune_malloc()
+    rows = run(args.task, opts, args.updates, args.seed, args.grid, args.episodes)
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
