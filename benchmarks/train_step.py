@@ -73,6 +73,9 @@ def parse_args(argv=None):
                         "x dreamer_dr ratios; 0: ratio of the separate medians")
     p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16"),
                    help="compute dtype (default: the config's)")
+    p.add_argument("--window", type=int, default=None,
+                   help="context window K (default: the config's, 64); DALI methods train "
+                        "on K steps of history + the chunk")
     p.add_argument("--no-quirk", action="store_true",
                    help="encoder/decoder MLPs at the preset's size instead of 5 x 1024")
     p.add_argument("--quick", action="store_true",
@@ -106,6 +109,8 @@ def make_config(args, size, obs, method):
     c.model.size = size
     if args.no_quirk:
         c.model.encdec_release_quirk = False
+    if args.window:
+        c.context.window = args.window
     if args.dtype:
         c.compute_dtype = args.dtype
     c.train.batch_size, c.train.batch_length = args.batch, args.length
