@@ -105,11 +105,13 @@ def test_train_step_lowers_every_loss_on_real_ball_in_cup(ball_in_cup_batch, met
         else:
             assert last[k] < first[k], (k, first[k], last[k])
     # ... and clearly so. Measured last/first ratios (both methods): recon 0.17-0.18,
-    # cont 0.07-0.12, reward 0.79-0.80, critic 0.17-0.20, dali 0.54-0.56.
+    # cont 0.07-0.12, reward 0.79-0.80, critic 0.17-0.20; dali 0.82 with the default
+    # standardised residual targets (0.54-0.56 with the paper's raw o_{j+1} targets, whose
+    # MSE starts high and is mostly the easy part: o_{j+1} ~ o_j).
     ratio_bounds = {"loss/recon_obs": 0.5, "loss/cont": 0.5, "loss/reward": 0.9,
                     "loss/critic": 0.5}
     if method == "dali_d":
-        ratio_bounds["loss/dali"] = 0.8
+        ratio_bounds["loss/dali"] = 0.9
     assert set(ratio_bounds) <= set(losses)
     for k, bound in ratio_bounds.items():
         assert last[k] < bound * first[k], (k, first[k], last[k])
