@@ -243,6 +243,12 @@ class Agent:
             idx = C.window_indices(is_first, K)[:, L - steps:]
         return ctx, dict(obs_vec=obs_vec, action=act, idx=idx, is_first=is_first)
 
+    def split_history(self, batch):
+        """(H, chunk): a (B, H + T) batch's history length and its last T steps (the whole
+        batch when it is no longer than T = train.batch_length)."""
+        H = max(batch["is_first"].shape[1] - self.config.train.batch_length, 0)
+        return H, {k: v[:, H:] for k, v in batch.items()}
+
     def token_obs(self, batch, embed):
         """Observation part of the context tokens: raw features (B, L, Do), or sg(embed)."""
         if self.image_keys:
@@ -273,8 +279,7 @@ class Agent:
         sw = self.switches
         scales = self.config.train.loss_scales
         L = batch["is_first"].shape[1]
-        H = max(L - self.config.train.batch_length, 0)
-        chunk = {k: v[:, H:] for k, v in batch.items()}
+        H, chunk = self.split_history(batch)
         is_first = jnp.asarray(chunk["is_first"]).at[:, 0].set(True)  # chunks start from h0
         obs = {k: chunk[k] for k in self.spec.obs}
         embed = self.encoder.apply({"params": mp["encoder"]}, obs)
@@ -564,7 +569,7 @@ class Agent:
         metrics.update(m)
         p = dict(wm["params"])
         opt_model = wm["opt"]["model"]
-        batch = {k: v[:, max(v.shape[1] - cfg.batch_length, 0):] for k, v in batch.items()}
+        batch = self.split_history(batch)[1]
 
         # Actor and critic in imagination from every posterior state (B * T starts): one
         # gradient of both losses (each reaches only its own network; see behavior_objective).

@@ -179,7 +179,8 @@ def sample_batch(episodes: dict, keys: Sequence[str], batch: int, length: int,
 def fit_world_model(agent, state, episodes: dict, updates: int, seed: int = 0,
                     log_every: int = 0):
     """`updates` world-model-only updates (`agent.model_step`, which donates `state`) on
-    sequences of `episodes` (`agent.sequence_length` steps: context history + chunk). -> (state, list of per-logged-update metric dicts)."""
+    sequences of `episodes` (`agent.sequence_length` steps: context history + chunk).
+    -> (state, list of per-logged-update metric dicts)."""
     cfg = agent.config.train
     rng = np.random.default_rng(seed)
     key = jax.random.PRNGKey(seed)
@@ -287,7 +288,6 @@ def window_probe(agent, params, episodes: dict, train, test, stride: int = 1) ->
     K = agent.config.context.window
     X, y, ep = step_samples(ctx, episodes["factors"], start=K - 1, stride=stride)
     return linear_probe_r2(X[train[ep]], y[train[ep]], X[test[ep]], y[test[ep]])
-
 
 
 def linear_probe_r2(X_train, y_train, X_test, y_test, alpha: float = 1e-3) -> np.ndarray:
