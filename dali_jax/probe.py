@@ -8,8 +8,10 @@ every step with the run's g_phi (causal windows of K steps, as in training and a
 fits a ridge probe from the context to each true factor on the training episodes; R^2 is
 measured on held-out episodes (the last `--test-per-context` episodes of every context).
 Samples are the steps whose window is full (t >= K - 1, every `--stride` steps); the JSON also
-gives the R^2 of the per-episode mean context. The same probe on the untrained g_phi of the
-run's configuration (the agent's init from the run's seed) is reported as a reference.
+gives the R^2 of the per-episode mean context and the shares of the context's variance that
+lie between contexts, between episodes and within an episode (`variance_shares`). The same
+probe on the untrained g_phi of the run's configuration (the agent's init from the run's
+seed) is reported as a reference.
 
 Writes into --out (default RUN/probe): ``probe.json`` and ``tsne.png`` (t-SNE of the held-out
 contexts, one panel per factor coloured by its true value).
@@ -89,9 +91,10 @@ def run_probe(args) -> dict:
         mean = ctx[:, K - 1:].mean(1)
         r_ep = P.linear_probe_r2(mean[train], eps["factors"][train], mean[test],
                                  eps["factors"][test], alpha=args.alpha)
-        return ctx, X[~m], y[~m], r_step, r_ep
+        shares = P.variance_shares(ctx[:, K - 1:], eps["context_id"])
+        return ctx, X[~m], y[~m], r_step, r_ep, shares
 
-    ctx, Xte, yte, r_step, r_ep = evaluate(run.params)
+    ctx, Xte, yte, r_step, r_ep, shares = evaluate(run.params)
     result = dict(
         logdir=os.path.abspath(args.logdir), task=cfg.task, method=cfg.method, obs=cfg.obs,
         checkpoint_step=int(run.step), window=K, context_dim=int(ctx.shape[-1]),
@@ -102,12 +105,14 @@ def run_probe(args) -> dict:
                      test=int(len(Xte))),
         r2_step=dict(zip(names, map(float, r_step))),
         r2_episode_mean=dict(zip(names, map(float, r_ep))),
+        variance_shares=shares,
         context_std=[float(s) for s in ctx[:, K - 1:].reshape(-1, ctx.shape[-1]).std(0)])
     if not args.no_random_baseline:
         init = jax.jit(agent.init)(jax.random.PRNGKey(int(cfg.seed)))["params"]
-        _, _, _, b_step, b_ep = evaluate(init)
+        _, _, _, b_step, b_ep, b_shares = evaluate(init)
         result["untrained_encoder"] = dict(r2_step=dict(zip(names, map(float, b_step))),
-                                           r2_episode_mean=dict(zip(names, map(float, b_ep))))
+                                           r2_episode_mean=dict(zip(names, map(float, b_ep))),
+                                           variance_shares=b_shares)
     out = args.out or os.path.join(args.logdir, "probe")
     os.makedirs(out, exist_ok=True)
     if not args.no_plot:
@@ -141,6 +146,9 @@ def main(argv=None) -> int:
             line += (f"   (untrained g_phi: {u['r2_step'][f]:+.3f} / "
                      f"{u['r2_episode_mean'][f]:+.3f})")
         print(line)
+    v = res["variance_shares"]
+    print(f"  variance of c: between contexts {v['context']:.2f}, between episodes "
+          f"{v['episode']:.2f}, over time within an episode {v['time']:.2f}")
     print(f"wrote {res['json']}" + (f" and {res['tsne']}" if "tsne" in res else ""))
     return 0
 

@@ -11,18 +11,44 @@ from dali_jax.agent import Agent, Spec, count_params, trained_param_count
 WALKER = Spec(obs={"obs": ((24,), np.float32), "context": ((2,), np.float32)}, action_dim=6)
 
 
-def _walker_params(method, **ctx):
+WALKER_PIXELS = Spec(obs={"image": ((64, 64, 3), np.uint8), "context": ((2,), np.float32)},
+                     action_dim=6)
+
+
+def _walker_params(method, obs="features", **ctx):
     c = config_lib.get_config()
-    c.task, c.method = "walker", method
+    c.task, c.method, c.obs = "walker", method, obs
     for k, v in ctx.items():
         c.context[k] = v
-    agent = Agent(c, WALKER)
+    agent = Agent(c, WALKER if obs == "features" else WALKER_PIXELS)
     return jax.eval_shape(agent.init, jax.random.PRNGKey(0))["params"]
 
 
 def test_release_small_parameter_count_walker():
     """Release small config (5 x 1024 enc/dec MLPs), featurized Walker: 18,708,003."""
     assert trained_param_count(_walker_params("dreamer_dr")) == 18_708_003
+
+
+def test_release_small_parameter_count_walker_pixels():
+    """Release small config, Walker from 64x64x3 images (action size 6): 17,926,030.
+
+    Four stride-2 convs 32-256 with channel LayerNorm and no bias; the decoder's input
+    Linear (with bias) to 4x4x256 and three transposed convs with LayerNorm, the last one
+    plain with a bias; the posterior reads [h, 4096-d embedding]."""
+    p = _walker_params("dreamer_dr", obs="pixels")
+    assert trained_param_count(p) == 17_926_030
+    assert count_params(p["encoder"]) == 690_624
+    assert count_params(p["decoder"]) == 6_985_667
+
+
+def test_dali_d_pixel_parameter_overhead():
+    """The release's pixel DALI-D: c (8-d) enters img_step, decoder, reward, continue, actor
+    and critic (+5 x 8 x 512 + 8 x 4096); g_phi reads [embedding, action] tokens. The spec
+    gives +15% for the whole model."""
+    p = _walker_params("dali_d", obs="pixels", release_compat=True, window=64)
+    assert trained_param_count(p) == 17_926_030 + 5 * 8 * 512 + 8 * 4096
+    overhead = count_params(p) / 17_926_030 - 1
+    assert 0.145 <= overhead <= 0.155, overhead
 
 
 def test_dali_d_parameter_overhead():

@@ -50,6 +50,28 @@ def test_linear_probe_r2_exact_linear_data_is_one_and_noise_is_about_zero():
         P.linear_probe_r2(X[:10], y[:9], X[10:20], y[10:20])
 
 
+def test_variance_shares_split_the_total_variance_like_a_direct_computation():
+    rng = np.random.default_rng(0)
+    ids = np.repeat(np.arange(3), 4)  # 3 contexts x 4 episodes
+    level = rng.normal(0, 2.0, (3, 2))[ids]  # per context
+    offset = rng.normal(0, 1.0, (12, 2))  # per episode
+    ctx = level[:, None] + offset[:, None] + rng.normal(0, 0.5, (12, 50, 2))
+    v = P.variance_shares(ctx, ids)
+    total = ctx.reshape(-1, 2).var(0).sum()
+    within = np.mean([ctx[e].var(0).sum() for e in range(12)])
+    ctx_means = np.stack([ctx[ids == i].reshape(-1, 2).mean(0) for i in range(3)])
+    between = ctx_means.var(0).sum()
+    assert v["total"] == pytest.approx(total)
+    assert v["time"] == pytest.approx(within / total)
+    assert v["context"] == pytest.approx(between / total)
+    assert v["context"] + v["episode"] + v["time"] == pytest.approx(1.0)
+    # a context that is constant per context has all its variance between contexts
+    const = np.repeat(level[:, None], 50, 1)
+    assert P.variance_shares(const, ids)["context"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="context_id"):
+        P.variance_shares(ctx, ids[:5])
+
+
 def test_step_samples_split_and_inference_match_the_training_windows(agent_cache):
     """episode_contexts uses the windows of Agent.context_chunk; the split is by episode."""
     eps = P.collect_random_episodes("ball_in_cup", [{"gravity": 6.0}, {"gravity": 12.0}], 3,
@@ -135,6 +157,9 @@ def test_probe_cli_on_a_tiny_run(tiny_run, tmp_path):
         assert set(data[key]) == {"gravity", "string_length"}
         assert all(np.isfinite(v) for v in data[key].values())
     assert set(data["untrained_encoder"]["r2_step"]) == {"gravity", "string_length"}
+    shares = data["variance_shares"]
+    assert sum(shares[k] for k in ("context", "episode", "time")) == pytest.approx(1.0)
+    assert "variance of c" in res.stdout
     assert os.path.getsize(out / "tsne.png") > 1000
     # clear errors: no run, a run without inferred context
     bad = subprocess.run([sys.executable, "-m", "dali_jax.probe", "--logdir",

@@ -12,6 +12,8 @@ Pure functions (numpy in, numpy out) used by ``python -m dali_jax.probe`` and th
   episode-bounded windows used in training and acting.
 * ``step_samples``: (context, factor) pairs of the steps whose window is full.
 * ``linear_probe_r2(X_train, y_train, X_test, y_test)``: per-target R^2 of a ridge probe.
+* ``variance_shares(ctx, context_id)``: how much of the context's variance is between
+  contexts, between episodes of one context, and within an episode (over time).
 * ``tsne_plot(C, labels, path)``: 2-D t-SNE of contexts coloured by the true factors.
 
 Episode dict (E episodes of `length` env steps -> L = length + 1 rows, row t = step t):
@@ -38,8 +40,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["collect_random_episodes", "context_grid", "heldout_split", "sample_batch",
            "fit_world_model", "episode_contexts", "step_samples", "window_probe",
-           "linear_probe_r2",
-           "tsne_plot"]
+           "linear_probe_r2", "variance_shares", "tsne_plot"]
 
 _MAX_RETRIES = 10
 
@@ -322,6 +323,35 @@ def linear_probe_r2(X_train, y_train, X_test, y_test, alpha: float = 1e-3) -> np
     sse = ((yte - pred) ** 2).sum(0)
     sst = ((yte - yte.mean(0)) ** 2).sum(0)
     return np.where(sst > 0, 1.0 - sse / np.where(sst > 0, sst, 1.0), np.nan)
+
+
+def variance_shares(ctx, context_id) -> dict:
+    """Law-of-total-variance split of per-step contexts, summed over the context dims.
+
+    ctx: (E, n, Cc) contexts of n steps per episode; context_id: (E,) the episode's context.
+    Returns the shares (summing to 1) of the total variance that lie between the contexts'
+    means (`context`), between the episodes of one context (`episode`) and over the steps
+    of one episode (`time`), plus `total` (the summed variance). A context that encodes only
+    the dynamics factors has `context` near 1; one that tracks the state has a large `time`.
+    """
+    c = np.asarray(ctx, np.float64)
+    ids = np.asarray(context_id)
+    if c.ndim != 3 or ids.shape != c.shape[:1]:
+        raise ValueError(f"ctx must be (E, n, Cc) and context_id (E,); got {c.shape}, "
+                         f"{ids.shape}")
+    ep_mean = c.mean(1)  # (E, Cc)
+    time = ((c - ep_mean[:, None]) ** 2).mean(1)  # (E, Cc)
+    groups = {i: np.flatnonzero(ids == i) for i in np.unique(ids)}
+    ctx_mean = np.zeros_like(ep_mean)
+    for rows in groups.values():
+        ctx_mean[rows] = ep_mean[rows].mean(0)
+    grand = ep_mean.mean(0)
+    parts = dict(context=((ctx_mean - grand) ** 2).mean(0).sum(),
+                 episode=((ep_mean - ctx_mean) ** 2).mean(0).sum(), time=time.mean(0).sum())
+    total = sum(parts.values())
+    out = {k: float(v / total) if total > 0 else float("nan") for k, v in parts.items()}
+    out["total"] = float(total)
+    return out
 
 
 def tsne_plot(C, labels, path, names: Sequence[str] | None = None, perplexity: float = 30.0,
