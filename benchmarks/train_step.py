@@ -2,10 +2,14 @@
 
     python benchmarks/train_step.py [--sizes small,medium] [--obs features,pixels]
         [--methods dreamer_dr,dali_d] [--repeats 5] [--batch 16 --length 64 --horizon 15]
-        [--quick] [--json FILE]
+        [--release-ref SECONDS] [--quick] [--json FILE]
 
-Problems: featurized Walker shapes (obs 24, action 6, context 2) and 64x64x3 pixels with
-Ball-in-Cup shapes (action 2, context 2); synthetic batches of B x T transitions.
+Problems: Walker's shapes, featurized (obs 24, action 6, context 2) or 64x64x3 pixels
+(action 6, context 2), the shapes of the release's parameter counts; synthetic batches of
+B x T transitions.
+
+A method may carry config overrides after `@` (`;`-separated), which makes an A/B of one
+option, e.g. `--methods "dreamer_dr@model.conv_impl=native,dreamer_dr@model.conv_impl=matmul"`.
 
 Per configuration:
 - lower / compile: `agent.train_step.lower(...)` and `.compile()` seconds (ahead of time,
@@ -20,9 +24,13 @@ Per configuration:
   loop body once, so it under-reports the scanned RSSM);
 - GFLOP/s: GFLOP / median; params: trainable parameters (model, actor, critic and, for
   DALI, g_phi and its heads; slow critic excluded);
-- x dr: update time relative to dreamer_dr at the same size and observation kind: the
-  median over `--rounds` interleaved rounds (one update of every method per round) of the
-  per-round ratio, robust to the speed drift of a shared machine;
+- x base: update time relative to the first method of `--methods` (dreamer_dr by default)
+  at the same size and observation kind: the median over `--rounds` interleaved rounds (one
+  update of every method per round) of the per-round ratio, robust to the speed drift of a
+  shared machine;
+- `--release-ref SECONDS`: a stored figure of the public release's update for the same
+  problem (e.g. 63.6 s for small pixels on the reference CPU); each row then also prints
+  its ratio to it;
 - plain matmul: GFLOP/s of a float32 1024 x 1536 x 1024 product measured before and after
   (and after each configuration, in the JSON), to tell how fast the machine was.
 
@@ -64,7 +72,10 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="small", help="comma-separated size presets")
     p.add_argument("--obs", default="features,pixels", help="features, pixels or both")
-    p.add_argument("--methods", default="dreamer_dr,dali_d", help="comma-separated methods")
+    p.add_argument("--methods", default="dreamer_dr,dali_d",
+                   help="comma-separated methods, each optionally METHOD@key=value;key=value")
+    p.add_argument("--release-ref", type=float, default=None,
+                   help="the release's s/update for the same problem, to print the ratio")
     p.add_argument("--repeats", type=int, default=5, help="timed updates after warm-up")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--length", type=int, default=64)
@@ -102,7 +113,16 @@ def parse_args(argv=None):
     return args
 
 
+def parse_override(value: str):
+    import ast
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
 def make_config(args, size, obs, method):
+    method, _, overrides = method.partition("@")
     c = config_lib.get_config()
     c.task = PROBLEMS[obs][0]
     c.obs = obs
@@ -116,6 +136,15 @@ def make_config(args, size, obs, method):
         c.compute_dtype = args.dtype
     c.train.batch_size, c.train.batch_length = args.batch, args.length
     c.train.imag_horizon = args.horizon
+    for item in filter(None, overrides.split(";")):
+        key, _, value = item.partition("=")
+        node = c
+        *path, leaf = key.strip().split(".")
+        for part in path:
+            node = node[part]
+        if leaf not in node:
+            raise SystemExit(f"unknown config field in --methods: {key!r}")
+        node[leaf] = parse_override(value.strip())
     config_lib.validate(c)
     return c
 
@@ -253,7 +282,7 @@ def fmt(x, spec):
 
 def table(rows) -> str:
     head = ("| size | obs | method | params | lower s | compile s | first call s | s/update "
-            "| transitions/s | GFLOP | xla GFLOP | GFLOP/s | x dr |")
+            "| transitions/s | GFLOP | xla GFLOP | GFLOP/s | x base |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         lines.append(
@@ -261,7 +290,7 @@ def table(rows) -> str:
             f"| {r['lower_s']:.1f} | {r['compile_s']:.1f} | {r['first_call_s']:.1f} "
             f"| {r['median_s']:.3f} | {r['transitions_per_s']:,.0f} | {r['gflop']:.1f} "
             f"| {fmt(r['xla_gflop'], '.1f')} | {r['gflops_per_s']:.1f} "
-            f"| {fmt(r['ratio_to_dreamer_dr'], '.2f')} |")
+            f"| {fmt(r['ratio_to_base'], '.2f')} |")
     return "\n".join(lines)
 
 
@@ -292,19 +321,25 @@ def main(argv=None):
                 print(f"  {size} {obs} {method}: {row['median_s']:.3f} s/update, first call "
                       f"{row['first_call_s']:.1f} s, {row['gflop']:.1f} GFLOP, "
                       f"{row['gflops_per_s']:.1f} GFLOP/s", flush=True)
-            base_i = next((i for i, r in enumerate(group) if r["method"] == "dreamer_dr"), None)
-            if base_i is not None and len(group) > 1 and args.rounds > 0:
+            base_i = 0
+            if len(group) > 1 and args.rounds > 0:
                 # Interleaved rounds (dr, m1, m2, dr, m1, ...): each ratio is a median of
                 # per-round ratios, so a drift in the machine's speed cancels.
                 per_round = [[run() for run in runners] for _ in range(args.rounds)]
                 for i, r in enumerate(group):
                     r["interleaved_s"] = [t[i] for t in per_round]
-                    r["ratio_to_dreamer_dr"] = statistics.median(
+                    r["ratio_to_base"] = statistics.median(
                         t[i] / t[base_i] for t in per_round)
             else:
-                base = group[base_i] if base_i is not None else None
                 for r in group:
-                    r["ratio_to_dreamer_dr"] = (r["median_s"] / base["median_s"]) if base else None
+                    r["ratio_to_base"] = r["median_s"] / group[base_i]["median_s"]
+            for r in group:
+                if args.release_ref:
+                    r["release_ref_s"] = args.release_ref
+                    r["ratio_to_release"] = r["median_s"] / args.release_ref
+                    print(f"  {size} {obs} {r['method']}: {r['median_s']:.2f} s/update vs the "
+                          f"release's {args.release_ref:.2f} s: x{r['ratio_to_release']:.2f}",
+                          flush=True)
             del runners
             jax.clear_caches()
             rows.extend(group)

@@ -88,11 +88,12 @@ class Agent:
         self.enc_vector_keys = enc_vec
         self.dec_vector_shapes = dec_vec
         self.encoder = N.Encoder(enc_vec, self.image_keys, s["enc_layers"], s["enc_units"],
-                                 s["cnn_depth"], dtype=dt)
+                                 s["cnn_depth"], config.model.conv_impl, dtype=dt)
         self.rssm = R.RSSM(s["deter"], s["units"], s["stoch"], s["classes"], config.model.unimix,
                            config.model.action_clip, dtype=dt)
         self.decoder = N.Decoder(dec_vec, {k: spec.obs[k][0] for k in self.image_keys},
-                                 s["enc_layers"], s["enc_units"], s["cnn_depth"], dtype=dt)
+                                 s["enc_layers"], s["enc_units"], s["cnn_depth"],
+                                 config.model.conv_impl, dtype=dt)
         self.reward = N.Head(255, s["layers"], s["units"], outscale=0.0, dtype=dt)
         self.cont = N.Head(1, s["layers"], s["units"], dtype=dt)
         self.actor = N.Actor(spec.action_dim, spec.discrete, s["layers"], s["units"], dtype=dt)

@@ -53,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
     m.unimix = 0.01
     m.free_nats = 1.0
     m.action_clip = 1.0
+    # Image encoder/decoder convolutions: native XLA convolutions, or their exact rewrite as
+    # space-to-depth + one matmul (models/conv.py). auto: matmul on CPU, native on GPU/TPU.
+    m.conv_impl = "auto"  # auto | native | matmul
 
     x = c.context = ml_collections.ConfigDict()
     x.encoder = "transformer"  # transformer | attention | gru | mlp
@@ -173,6 +176,7 @@ def validate(config) -> None:
     _choice("compute_dtype", config.compute_dtype, ("auto", "float32", "bfloat16"))
     _choice("xla_opt_level", config.xla_opt_level, (-1, 0, 1, 2, 3))
     _choice("model.size", config.model.size, tuple(SIZES))
+    _choice("model.conv_impl", config.model.conv_impl, ("auto", "native", "matmul"))
     _choice("context.encoder", config.context.encoder, ("transformer", "attention", "gru", "mlp"))
     _choice("context.readout", config.context.readout, ("flatten", "mean"))
     _choice("context.loss", config.context.loss, ("forward", "inverse", "both"))

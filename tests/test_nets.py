@@ -47,3 +47,66 @@ def test_layer_norm_keeps_input_dtype_and_dense_params():
     params = nets.Dense(4).init(jax.random.PRNGKey(0), jnp.ones((2, 3)))["params"]
     assert jax.tree_util.tree_map(jnp.shape, params) == {
         "kernel": (3, 4), "norm": {"scale": (4,), "bias": (4,)}}
+
+
+# ------------------------------------------------------------------ image convolutions
+
+@pytest.mark.parametrize("shape", [(2, 64, 64, 3), (3, 8, 8, 64), (2, 4, 4, 256), (1, 6, 10, 5)])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_matmul_convolutions_equal_xla_values_and_gradients(shape, transpose):
+    """The space-to-depth / im2col rewrite equals lax.conv_general_dilated / lax.conv_transpose
+    (4x4, stride 2, SAME: the image networks' only convolutions) in values and in the
+    gradients with respect to input and kernel."""
+    from jax import lax
+
+    from dali_jax.models import conv as CV
+    rng = np.random.default_rng(sum(shape) + transpose)
+    O = 7
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(4, 4, shape[-1], O)) / np.sqrt(16 * shape[-1]),
+                    jnp.float32)
+    dn = ("NHWC", "HWIO", "NHWC")
+    if transpose:
+        ref = lambda x, w: lax.conv_transpose(x, w, (2, 2), "SAME", dimension_numbers=dn)
+        ours = lambda x, w: CV.conv_transpose(x, w, "matmul")
+    else:
+        ref = lambda x, w: lax.conv_general_dilated(x, w, (2, 2), "SAME",
+                                                    dimension_numbers=dn)
+        ours = lambda x, w: CV.conv(x, w, "matmul")
+    y_ref, y = ref(x, w), ours(x, w)
+    assert y.shape == y_ref.shape
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    cot = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    g_ref = jax.grad(lambda x, w: (ref(x, w) * cot).sum(), (0, 1))(x, w)
+    g = jax.grad(lambda x, w: (ours(x, w) * cot).sum(), (0, 1))(x, w)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+def test_conv_impl_selection_and_errors():
+    from dali_jax.models import conv as CV
+    assert CV.resolve("native") == "native" and CV.resolve("matmul") == "matmul"
+    assert CV.resolve("auto") == ("matmul" if jax.default_backend() == "cpu" else "native")
+    with pytest.raises(ValueError, match="auto, native|'auto', 'native'"):
+        CV.resolve("fft")
+    with pytest.raises(ValueError, match="even"):
+        CV.conv(jnp.zeros((1, 5, 4, 3)), jnp.zeros((4, 4, 3, 2)), "matmul")
+
+
+def test_image_networks_have_the_same_parameters_and_outputs_under_both_impls():
+    """Same parameter tree (names, shapes, init values: checkpoints carry over) and outputs."""
+    rng = np.random.default_rng(0)
+    img = jnp.asarray(rng.integers(0, 256, (3, 64, 64, 3)), jnp.uint8)
+    feat = jnp.asarray(rng.normal(size=(3, 40)), jnp.float32)
+    enc = {i: nets.ConvEncoder(8, impl=i) for i in ("native", "matmul")}
+    dec = {i: nets.ConvDecoder((64, 64, 3), 8, impl=i) for i in ("native", "matmul")}
+    pe = {i: enc[i].init(jax.random.PRNGKey(1), img) for i in enc}
+    pd = {i: dec[i].init(jax.random.PRNGKey(2), feat) for i in dec}
+    chex.assert_trees_all_equal(pe["native"], pe["matmul"])
+    chex.assert_trees_all_equal(pd["native"], pd["matmul"])
+    assert "bias" in pd["matmul"]["params"]["s3conv"] and "bias" not in pd["matmul"][
+        "params"]["s0conv"]
+    np.testing.assert_allclose(enc["matmul"].apply(pe["matmul"], img),
+                               enc["native"].apply(pe["native"], img), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dec["matmul"].apply(pd["matmul"], feat),
+                               dec["native"].apply(pd["native"], feat), rtol=1e-4, atol=1e-4)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dali_jax.models import conv as CV
 from dali_jax.models import distributions as D
 
 f32 = jnp.float32
@@ -198,6 +199,26 @@ class MLP(nn.Module):
         return x if taps is None else (x, inputs)
 
 
+class Conv4x4(nn.Module):
+    """4x4 stride-2 SAME convolution (or transposed convolution) with a (4, 4, C, O) kernel
+    named like Flax's nn.Conv / nn.ConvTranspose; `impl` as in `conv.resolve`."""
+    features: int
+    transpose: bool = False
+    use_bias: bool = False
+    impl: str = "auto"
+    dtype: jnp.dtype = f32
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("kernel", winit(), (4, 4, x.shape[-1], self.features), f32)
+        fn = CV.conv_transpose if self.transpose else CV.conv
+        x = fn(x.astype(self.dtype), w.astype(self.dtype), self.impl)
+        if self.use_bias:
+            x = x + self.param("bias", nn.initializers.zeros, (self.features,), f32).astype(
+                self.dtype)
+        return x
+
+
 class ConvEncoder(nn.Module):
     """64x64 images -> flat features. (N, 64, 64, C) uint8/float -> (N, 4*4*8*depth).
 
@@ -206,6 +227,7 @@ class ConvEncoder(nn.Module):
     """
     depth: int = 32
     minres: int = 4
+    impl: str = "auto"  # conv.IMPLS
     dtype: jnp.dtype = f32
 
     @nn.compact
@@ -214,9 +236,7 @@ class ConvEncoder(nn.Module):
         stages = int(np.log2(x.shape[-2]) - np.log2(self.minres))
         depth = self.depth
         for i in range(stages):
-            x = nn.Conv(depth, (4, 4), (2, 2), padding="SAME", use_bias=False,
-                        kernel_init=winit(), dtype=self.dtype, param_dtype=f32,
-                        name=f"s{i}conv")(x)
+            x = Conv4x4(depth, impl=self.impl, dtype=self.dtype, name=f"s{i}conv")(x)
             x = LayerNorm(act="silu", name=f"s{i}norm")(x)
             depth *= 2
         return x.reshape(x.shape[:-3] + (-1,))
@@ -231,6 +251,7 @@ class ConvDecoder(nn.Module):
     shape: Sequence[int] = (64, 64, 3)
     depth: int = 32
     minres: int = 4
+    impl: str = "auto"  # conv.IMPLS
     dtype: jnp.dtype = f32
 
     @nn.compact
@@ -243,9 +264,8 @@ class ConvDecoder(nn.Module):
         for i in range(stages):
             last = i == stages - 1
             depth = self.shape[-1] if last else depth // 2
-            x = nn.ConvTranspose(depth, (4, 4), (2, 2), padding="SAME", use_bias=last,
-                                 kernel_init=winit(), dtype=self.dtype, param_dtype=f32,
-                                 name=f"s{i}conv")(x)
+            x = Conv4x4(depth, transpose=True, use_bias=last, impl=self.impl,
+                        dtype=self.dtype, name=f"s{i}conv")(x)
             if not last:
                 x = LayerNorm(act="silu", name=f"s{i}norm")(x)
         return x.astype(f32) + 0.5
@@ -261,6 +281,7 @@ class Encoder(nn.Module):
     mlp_layers: int = 5
     mlp_units: int = 1024
     cnn_depth: int = 32
+    conv_impl: str = "auto"
     dtype: jnp.dtype = f32
 
     @nn.compact
@@ -270,7 +291,8 @@ class Encoder(nn.Module):
             img = jnp.concatenate([obs[k] for k in self.image_keys], -1)
             batch = img.shape[:-3]
             flat = img.reshape((-1,) + img.shape[-3:])
-            feat = ConvEncoder(self.cnn_depth, dtype=self.dtype, name="cnn")(flat)
+            feat = ConvEncoder(self.cnn_depth, impl=self.conv_impl, dtype=self.dtype,
+                               name="cnn")(flat)
             outs.append(feat.reshape(batch + feat.shape[-1:]))
         if self.vector_keys:
             vec = jnp.concatenate([obs[k].astype(f32) for k in self.vector_keys], -1)
@@ -286,6 +308,7 @@ class Decoder(nn.Module):
     mlp_layers: int = 5
     mlp_units: int = 1024
     cnn_depth: int = 32
+    conv_impl: str = "auto"
     dtype: jnp.dtype = f32
 
     @nn.compact
@@ -296,8 +319,8 @@ class Decoder(nn.Module):
             h, w = self.image_shapes[keys[0]][:2]
             channels = [self.image_shapes[k][-1] for k in keys]
             batch = feat.shape[:-1]
-            img = ConvDecoder((h, w, sum(channels)), self.cnn_depth, dtype=self.dtype,
-                              name="cnn")(feat.reshape((-1, feat.shape[-1])))
+            img = ConvDecoder((h, w, sum(channels)), self.cnn_depth, impl=self.conv_impl,
+                              dtype=self.dtype, name="cnn")(feat.reshape((-1, feat.shape[-1])))
             img = img.reshape(batch + img.shape[1:])
             for k, part in zip(keys, jnp.split(img, np.cumsum(channels)[:-1], -1)):
                 out[k] = part
