@@ -99,6 +99,7 @@ class Agent:
         self.actor = N.Actor(spec.action_dim, spec.discrete, s["layers"], s["units"], dtype=dt)
         self.critic = N.Head(255, s["layers"], s["units"], outscale=0.0, dtype=dt)
         self.state_dim = s["deter"] + s["stoch"] * s["classes"]
+        self.unroll = config_lib.scan_unroll(config)  # steps per observe / imagine iteration
         self.ctx_dim = {"none": 0, "ground_truth": spec.obs.get("context", ((0,),))[0][0],
                         "inferred": ctx.dim}[sw["source"]]
         self.inferred = sw["source"] == "inferred"
@@ -295,7 +296,8 @@ class Agent:
         post, prior = R.observe(
             self.rssm, mp["rssm"], embed, prev_act, is_first, rng,
             ctx_post=ctx_wm if sw["posterior"] else None,
-            ctx_dyn=self.dyn_context(ctx_wm, is_first) if sw["dynamics"] else None)
+            ctx_dyn=self.dyn_context(ctx_wm, is_first) if sw["dynamics"] else None,
+            unroll=self.unroll)
         batch = chunk
         hin = self.head_input(post, ctx_wm)
         losses = {}
@@ -415,7 +417,8 @@ class Agent:
 
         ctx_dyn = ctx if sw["dynamics"] else None
         traj = R.imagine(self.rssm, params["rssm"], policy, start,
-                         self.config.train.imag_horizon, rng, ctx_dyn, outputs, taps)
+                         self.config.train.imag_horizon, rng, ctx_dyn, outputs, taps,
+                         unroll=self.unroll)
         cont = jnp.concatenate([(1.0 - is_terminal.astype(f32))[None], traj["cont"][1:]], 0)
         traj.update(cont=cont, weight=B.trajectory_weight(cont, self.gamma))
         return traj

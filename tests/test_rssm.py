@@ -55,10 +55,12 @@ def test_observe_equals_python_loop(cell):
     assert np.abs(np.asarray(prior2["deter"][1, 3] - prior["deter"][1, 3])).max() > 1e-4
 
 
-def test_observe_gradient_equals_python_loop(cell):
+@pytest.mark.parametrize("unroll", [1, 3])
+def test_observe_gradient_equals_python_loop(cell, unroll):
     """observe defers its kernels' gradients to after the scan (custom VJP): the gradient
     of a loss of (post, prior) equals autodiff through a Python loop over obs_step, for the
-    parameters and for every differentiable input."""
+    parameters and for every differentiable input; also with the scan unrolled (3 steps
+    per iteration, T = 7: a remainder iteration)."""
     rssm, params = cell
     embed, act, first, ctx = _data()
     key = jax.random.PRNGKey(5)
@@ -74,7 +76,7 @@ def test_observe_gradient_equals_python_loop(cell):
 
     def scanned(params, embed, act, ctx):
         return loss(R.observe(rssm, params, embed, act, first, key, ctx_post=ctx,
-                              ctx_dyn=ctx))
+                              ctx_dyn=ctx, unroll=unroll))
 
     def looped(params, embed, act, ctx):
         state, posts, priors = R.initial_state(rssm, params, B), [], []
@@ -96,7 +98,8 @@ def test_observe_gradient_equals_python_loop(cell):
     assert all(np.abs(np.asarray(g1[0][k]["kernel"])).max() > 0 for k in R.DEFERRED)
 
 
-def test_imagine_equals_python_loop(cell):
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_imagine_equals_python_loop(cell, unroll):
     rssm, params = cell
     embed, act, first, ctx = _data()
     post, _ = R.observe(rssm, params, embed, act, first, jax.random.PRNGKey(2), ctx_post=ctx,
@@ -106,7 +109,7 @@ def test_imagine_equals_python_loop(cell):
     w = jax.random.normal(jax.random.PRNGKey(9), (16 + 20, A))
     policy = lambda s, k: jnp.tanh(R.feat(s) @ w) + 0.1 * jax.random.normal(k, (B, A))
     key = jax.random.PRNGKey(3)
-    traj = R.imagine(rssm, params, policy, start, H, key, ctx_dyn=ctx[:, 0])
+    traj = R.imagine(rssm, params, policy, start, H, key, ctx_dyn=ctx[:, 0], unroll=unroll)
     assert traj["deter"].shape == (H + 1, B, 16)
     r0, rest = jax.random.split(key)
     state = dict(start, action=policy(start, r0))

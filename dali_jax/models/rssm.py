@@ -177,12 +177,13 @@ def initial_state(rssm: RSSM, params, batch: int):
 
 
 def observe(rssm: RSSM, params, embed, prev_action, is_first, rng, state=None,
-            ctx_post=None, ctx_dyn=None):
+            ctx_post=None, ctx_dyn=None, unroll: int = 1):
     """Filter a sequence with `lax.scan`.
 
     embed (B, T, E); prev_action (B, T, A) = action *before* step t; is_first (B, T);
     ctx_post / ctx_dyn: optional (B, T, Cc). state: optional start state (B, ...), the
-    learned initial state when None. Returns (post, prior), dicts of (B, T, ...).
+    learned initial state when None. unroll: steps per scan iteration (`lax.scan`'s; the
+    values are the same). Returns (post, prior), dicts of (B, T, ...).
 
     Under differentiation the kernels of `DEFERRED` get their gradients after the scan, as
     one (in x B*T) @ (B*T x out) matmul each (`_filter`), instead of a B-row matmul and
@@ -198,7 +199,7 @@ def observe(rssm: RSSM, params, embed, prev_action, is_first, rng, state=None,
     apply = functools.partial(rssm.apply, {"params": params})
     proj = apply(embed, ctx_post, method=RSSM.post_projection)  # (B, T, units), one matmul
     post = _filter(rssm, params, state, swap(prev_action), swap(proj), swap(is_first), rngs,
-                   swap(ctx_dyn), init)
+                   swap(ctx_dyn), init, unroll)
     post = jax.tree_util.tree_map(swap, post)
     # The prior needs only h_t: its head runs on all (B, T) states at once. Its sample uses
     # obs_step's key for it (unused by the losses, so removed when jitted).
@@ -214,7 +215,7 @@ def observe(rssm: RSSM, params, embed, prev_action, is_first, rng, state=None,
 DEFERRED = ("img_in", "gru", "obs_out", "obs_stats")
 
 
-def _filter(rssm, params, state, actions, proj, is_first, rngs, ctx_dyn, init):
+def _filter(rssm, params, state, actions, proj, is_first, rngs, ctx_dyn, init, unroll=1):
     """The filter scan over time-major inputs (T, B, ...) -> posterior states (T, B, ...),
     with a custom VJP that defers the `DEFERRED` kernels' gradients (see `observe`)."""
 
@@ -229,7 +230,8 @@ def _filter(rssm, params, state, actions, proj, is_first, rngs, ctx_dyn, init):
             return post, (post, inputs)
 
         _, (post, inputs) = jax.lax.scan(step, state,
-                                         (actions, proj, is_first, rngs, ctx_dyn, taps))
+                                         (actions, proj, is_first, rngs, ctx_dyn, taps),
+                                         unroll=unroll)
         return post, inputs
 
     def make_taps():
@@ -250,7 +252,7 @@ def _filter(rssm, params, state, actions, proj, is_first, rngs, ctx_dyn, init):
 
 
 def imagine(rssm: RSSM, params, policy: Callable, start, horizon: int, rng, ctx_dyn=None,
-            outputs: Callable | None = None, xs=None):
+            outputs: Callable | None = None, xs=None, unroll: int = 1):
     """Imagination with a policy: `policy(state, rng)` -> action (N, A), or a dict with an
     "action" entry plus per-step extras (e.g. the policy entropy) that are kept too.
 
@@ -260,6 +262,7 @@ def imagine(rssm: RSSM, params, policy: Callable, start, horizon: int, rng, ctx_
     xs: optional pytree of per-step inputs (H, ...); the policy is then called as
     `policy(state, rng, x_t)` in imagined state t + 1 and `policy(start, rng, None)` in the
     start state, and extras it returns only for imagined states are zeros in entry 0.
+    unroll: steps per scan iteration (as in `observe`).
     Returns a trajectory dict of (H + 1, N, ...) including the start state and an
     `action` entry (the action taken in each state).
     """
@@ -280,7 +283,7 @@ def imagine(rssm: RSSM, params, policy: Callable, start, horizon: int, rng, ctx_
         return carry, (nxt if outputs is None else dict(nxt, **outputs(nxt)))
 
     carry = {k: start[k] for k in ("deter", "logit", "stoch", "action")}
-    _, traj = jax.lax.scan(step, carry, (jax.random.split(rng, horizon), xs))
+    _, traj = jax.lax.scan(step, carry, (jax.random.split(rng, horizon), xs), unroll=unroll)
     zeros = lambda tree: jax.tree_util.tree_map(lambda v: jnp.zeros(v.shape[1:], v.dtype), tree)
     start = dict(start, **{k: zeros(v) for k, v in traj.items() if k not in start})
     return jax.tree_util.tree_map(lambda s, t: jnp.concatenate([s[None], t], 0), start, traj)
