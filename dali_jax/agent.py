@@ -99,7 +99,7 @@ class Agent:
         self.actor = N.Actor(spec.action_dim, spec.discrete, s["layers"], s["units"], dtype=dt)
         self.critic = N.Head(255, s["layers"], s["units"], outscale=0.0, dtype=dt)
         self.state_dim = s["deter"] + s["stoch"] * s["classes"]
-        self.unroll = config_lib.scan_unroll(config)  # steps per observe / imagine iteration
+        self.unroll = int(config.model.unroll)  # steps per observe / imagine scan iteration
         self.ctx_dim = {"none": 0, "ground_truth": spec.obs.get("context", ((0,),))[0][0],
                         "inferred": ctx.dim}[sw["source"]]
         self.inferred = sw["source"] == "inferred"

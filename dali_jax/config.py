@@ -57,9 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
     # space-to-depth + one matmul (models/conv.py). auto: matmul on CPU, native on GPU/TPU.
     m.conv_impl = "auto"  # auto | native | matmul
     # Steps per iteration of the observe and imagination scans (values are unchanged): 1 is
-    # a plain loop; larger values trade compile time for less per-step loop overhead, which
-    # dominates small models on CPU. 0: auto (UNROLL by model.size).
-    m.unroll = 0
+    # a plain loop; larger values trade compile time (2-5x at 4-32) for less per-step loop
+    # overhead (a tiny CPU update 6-12% faster at 16: benchmarks/RESULTS.md).
+    m.unroll = 1
 
     x = c.context = ml_collections.ConfigDict()
     x.encoder = "transformer"  # transformer | attention | gru | mlp
@@ -146,15 +146,6 @@ def resolve_sizes(config) -> dict:
     return s
 
 
-# model.unroll = 0 -> steps per scan iteration by size (benchmarks/RESULTS.md, tiny updates).
-UNROLL = {"nano": 8, "tiny": 8, "mini": 4, "small": 1, "medium": 1, "large": 1, "xlarge": 1}
-
-
-def scan_unroll(config) -> int:
-    """Steps per scan iteration of observe / imagine (config.model.unroll resolved)."""
-    return int(config.model.unroll) or UNROLL[config.model.size]
-
-
 def history_steps(config) -> int:
     """Steps of context history before each training chunk (config.context.history resolved:
     -1 -> K for the inferred-context methods, 0 for the others and for release_compat)."""
@@ -190,8 +181,8 @@ def validate(config) -> None:
     _choice("xla_opt_level", config.xla_opt_level, (-1, 0, 1, 2, 3))
     _choice("model.size", config.model.size, tuple(SIZES))
     _choice("model.conv_impl", config.model.conv_impl, ("auto", "native", "matmul"))
-    if not (isinstance(config.model.unroll, int) and config.model.unroll >= 0):
-        raise ValueError("config.model.unroll must be an integer >= 0 (0: by model.size); "
+    if not (isinstance(config.model.unroll, int) and config.model.unroll >= 1):
+        raise ValueError("config.model.unroll must be an integer >= 1; "
                          f"got {config.model.unroll!r}")
     _choice("context.encoder", config.context.encoder, ("transformer", "attention", "gru", "mlp"))
     _choice("context.readout", config.context.readout, ("flatten", "mean"))
