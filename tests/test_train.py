@@ -193,3 +193,22 @@ def test_replay_holds_the_executed_actions(tmp_path):
     assert (stored[:, 1:4] == stored[:, :1]).all()
     assert not (np.abs(stored[:, :prefill]) == 1.0).any()
     assert (np.abs(stored[:, prefill:]) == 1.0).any()
+
+
+def test_runs_written_before_a_new_option_load_with_its_default(tmp_path):
+    """config.json of an older run (fields missing) loads over today's defaults, keeping
+    every value the run saved."""
+    import json
+
+    from dali_jax import config as config_lib
+    from dali_jax.training.load import load_config
+    c = config_lib.get_config()
+    c.method, c.model.size, c.context.window = "dali_d", "tiny", 32
+    saved = c.to_dict()
+    del saved["model"]["conv_impl"], saved["model"]["unroll"], saved["context"]["history"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = load_config(str(tmp_path))
+    config_lib.validate(loaded)
+    assert (loaded.method, loaded.model.size, loaded.context.window) == ("dali_d", "tiny", 32)
+    assert (loaded.model.conv_impl, loaded.model.unroll, loaded.context.history) == (
+        "auto", 1, -1)

@@ -9,6 +9,7 @@ from typing import Any, Optional, Type
 import jax
 import ml_collections
 
+from dali_jax import config as config_lib
 from dali_jax.agent import Agent, Spec
 from dali_jax.training.checkpoint import CheckpointError, Checkpointer
 
@@ -24,15 +25,27 @@ class Run:
 
 
 def load_config(logdir: str) -> ml_collections.ConfigDict:
+    """The run's config.json over today's defaults: fields added since the run was written
+    take their defaults (new options default to the old behaviour)."""
     path = os.path.join(logdir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{logdir} is not a dali_jax run directory: no config.json "
                                 f"(expected {path})")
     try:
         with open(path) as f:
-            return ml_collections.ConfigDict(json.load(f))
+            saved = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return ml_collections.ConfigDict(_over(config_lib.get_config().to_dict(), saved))
+
+
+def _over(defaults: dict, saved: dict) -> dict:
+    """`saved` with the entries it lacks filled in from `defaults`, recursively."""
+    out = dict(defaults)
+    for k, v in saved.items():
+        out[k] = _over(defaults[k], v) if isinstance(v, dict) and isinstance(
+            defaults.get(k), dict) else v
+    return out
 
 
 def spec_for(config) -> Spec:
