@@ -550,6 +550,10 @@ class Agent:
             grads["context"] = tmap(jnp.zeros_like, grads["context"])  # release defect 1
         metrics["grad_norm/model"] = optax.tree_utils.tree_norm(grads)
         upd, opt_model = self.opt["model"].update(grads, state["opt"]["model"], mp)
+        freeze = self.config.context.freeze_after
+        if freeze > 0 and "context" in upd:  # g_phi and its heads stop after `freeze` updates
+            live = (state["step"] < freeze).astype(f32)
+            upd = dict(upd, context=tmap(lambda u: u * live.astype(u.dtype), upd["context"]))
         new = dict(state, params=dict(p, **optax.apply_updates(mp, upd)),
                    opt=dict(state["opt"], model=opt_model))
         if stats is not None:

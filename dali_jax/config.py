@@ -82,6 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
     x.standardize = True  # forward targets standardised per dim with running moments
     x.stats_decay = 0.99  # EMA decay of those moments (kept in the train state)
     x.loss_scale = 1.0
+    # > 0: g_phi, f_psi and the chi heads stop changing after this many updates, so that the
+    # context the actor, critic and world model read is stationary from then on (0: never).
+    x.freeze_after = 0
     x.head_units = 0  # 0: tied to model.size (see hidden)
     x.head_layers = 2
     x.lambda_cross = 1.0
@@ -199,6 +202,9 @@ def validate(config) -> None:
     if not 0.0 <= config.context.stats_decay < 1.0:
         raise ValueError("config.context.stats_decay must be in [0, 1); "
                          f"got {config.context.stats_decay!r}")
+    if not (isinstance(config.context.freeze_after, int) and config.context.freeze_after >= 0):
+        raise ValueError("config.context.freeze_after must be an integer >= 0 (0: never); "
+                         f"got {config.context.freeze_after!r}")
     for name in ("context.window", "context.dim", "context.future_steps",
                  "train.batch_size", "train.batch_length", "train.imag_horizon",
                  "run.num_envs", "num_contexts", "model.encdec_layers", "model.encdec_units",

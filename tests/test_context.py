@@ -212,3 +212,26 @@ def test_mean_readout_sees_the_order_of_the_window():
         no_pos = dict(params, pos=jnp.zeros((K, H)))
         c0, c0_rev = (enc.apply({"params": no_pos}, x) for x in (w, w[:, ::-1]))
         np.testing.assert_allclose(c0, c0_rev, rtol=1e-5, atol=1e-6)
+
+
+def test_freeze_after_stops_g_phi_and_its_heads_but_not_the_world_model(agent_cache):
+    """context.freeze_after = 2: the context parameters change in updates 0 and 1 and are
+    bit-identical after every later update (Adam's momentum included), while the world
+    model keeps training."""
+    from conftest import random_batch
+    agent = agent_cache("dali_d", **{"context.freeze_after": 2})
+    state = agent.init(jax.random.PRNGKey(0))
+    step = jax.jit(agent._model_step)
+    ctx_params, rssm_params = [], []
+    for i in range(4):
+        batch = random_batch(agent.spec, B=4, T=agent.sequence_length, seed=i)
+        ctx_params.append(jax.tree_util.tree_map(np.asarray, state["params"]["context"]))
+        rssm_params.append(np.asarray(state["params"]["rssm"]["gru"]["kernel"]))
+        state, _ = step(state, batch, jax.random.PRNGKey(i))
+    ctx_params.append(jax.tree_util.tree_map(np.asarray, state["params"]["context"]))
+    rssm_params.append(np.asarray(state["params"]["rssm"]["gru"]["kernel"]))
+    leaves = [jax.tree_util.tree_leaves(p) for p in ctx_params]
+    moved = lambda a, b: any(np.abs(x - y).max() > 0 for x, y in zip(a, b))
+    assert moved(leaves[0], leaves[1]) and moved(leaves[1], leaves[2])  # updates 0, 1
+    assert not moved(leaves[2], leaves[3]) and not moved(leaves[3], leaves[4])  # frozen
+    assert all(np.abs(rssm_params[i + 1] - rssm_params[i]).max() > 0 for i in range(4))

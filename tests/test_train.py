@@ -86,7 +86,8 @@ def test_launch_rejects_bad_overrides_and_presets_hold_the_protocol():
                      ("--config.context.stats_decay=1.0", "config.context.stats_decay must"),
                      ("--config.model.conv_impl=fft", "config.model.conv_impl must be one of "
                       "auto, native, matmul"),
-                     ("--config.model.unroll=0", "config.model.unroll must be an integer")):
+                     ("--config.model.unroll=0", "config.model.unroll must be an integer"),
+                     ("--config.context.freeze_after=-5", "config.context.freeze_after must")):
         with pytest.raises(ValueError, match=msg):
             launch.parse(ball_in_cup.get_config, [bad], ball_in_cup.PRESETS)
     c = launch.parse(ball_in_cup.get_config, ["--config.method=dali_d", "--config.obs=pixels",
