@@ -148,10 +148,19 @@ def evaluate_run(logdir: str, episodes: int = DEFAULT_EPISODES, mode: str = "sam
     length = int(cfg.run.episode_length) if episode_length is None else int(episode_length)
     par = bool(cfg.run.parallel_envs) if parallel is None else bool(parallel)
     t0 = time.time()
-    res = evaluate_contexts(run.agent, run.params, cfg.task, cfg.obs,
-                            {g.index: dict(g.values) for g in chosen}, episodes=episodes,
-                            num_envs=num_envs, seed=eval_seed, mode=mode, parallel=par,
-                            episode_length=length)
+    bar = None
+    if verbose:  # a progress bar over the grid's episodes, with ETA
+        from tqdm import tqdm
+        bar = tqdm(total=len(chosen) * episodes, desc="grid", unit="episode", file=sys.stderr)
+    try:
+        res = evaluate_contexts(run.agent, run.params, cfg.task, cfg.obs,
+                                {g.index: dict(g.values) for g in chosen}, episodes=episodes,
+                                num_envs=num_envs, seed=eval_seed, mode=mode, parallel=par,
+                                episode_length=length,
+                                progress=None if bar is None else bar.update)
+    finally:
+        if bar is not None:
+            bar.close()
     if verbose:
         print(f"evaluated {len(chosen)} contexts x {episodes} episodes in "
               f"{time.time() - t0:.1f} s", file=sys.stderr)

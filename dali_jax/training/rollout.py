@@ -19,9 +19,10 @@ def evaluate_contexts(agent, params, task: str, obs_mode: str,
                       contexts: Mapping[int, Mapping[str, float]], episodes: int = 1,
                       num_envs: int = 4, seed: int = 0, mode: str = "sample",
                       parallel: bool = True, episode_length: int = 1000,
-                      frames: bool = False) -> dict:
+                      frames: bool = False, progress=None) -> dict:
     """-> {context id: [episode returns]} (and, with `frames`, the first episode's images
-    under key "frames" as {context id: (L, 64, 64, 3) uint8})."""
+    under key "frames" as {context id: (L, 64, 64, 3) uint8}). progress(n), if given, is
+    called with the number of episodes each batch finished."""
     jobs = [(cid, e) for cid in contexts for e in range(episodes)]
     returns = {cid: [] for cid in contexts}
     out_frames = {}
@@ -56,6 +57,8 @@ def evaluate_contexts(agent, params, task: str, obs_mode: str,
                 returns[cid].append(float(rets[i]))
                 if frames and ep == 0:
                     out_frames[cid] = np.stack(imgs[i])
+            if progress is not None:
+                progress(len(chunk))
         finally:
             venv.close()
     if frames:

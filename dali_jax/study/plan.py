@@ -1,0 +1,209 @@
+"""The runs of a study: names, logdirs, experiment-file arguments, configs and estimated cost.
+
+Layout of a study directory DIR::
+
+    DIR/runs/<method>/<setting>/s<seed>/   one training logdir per run (the trainer's files,
+                                           plus train.log, eval.log and study/ records)
+    DIR/references/                        random-policy references, one file per task
+    DIR/report/                            the aggregate report (index.md)
+    DIR/submitit/                          submitit's job files (slurm backend)
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+from typing import Sequence
+
+from dali_jax import launch
+from dali_jax import presets
+from dali_jax.study.spec import StudyError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXPERIMENT_FILES = {"ball_in_cup": "ball_in_cup.py", "walker": "walker_walk.py"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of a study.
+
+    name: "<method>/<setting>/s<seed>"; logdir: absolute DIR/runs/<name>;
+    argv: experiment-file arguments (``--preset P --config.FIELD=VALUE ...``).
+    """
+
+    method: str
+    setting: str
+    seed: int
+    name: str
+    logdir: str
+    argv: tuple
+
+    @property
+    def state_dir(self) -> str:
+        """Folder of the study runner's records of this run (lock, attempts)."""
+        return os.path.join(self.logdir, "study")
+
+
+def experiment_file(task: str) -> str:
+    """Path of the experiment file that trains ``task``."""
+    path = os.path.join(REPO_ROOT, "experiments", EXPERIMENT_FILES[task])
+    if not os.path.isfile(path):
+        raise StudyError(f"experiment file {path} not found: the study runner needs the "
+                         f"repository checkout (experiments/ next to dali_jax/)")
+    return path
+
+
+def _load_experiment(task: str):
+    path = experiment_file(task)
+    spec = importlib.util.spec_from_file_location(f"_dali_experiment_{task}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def format_value(value) -> str:
+    """An override value as `launch.apply_overrides` parses it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def run_argv(study, method: str, setting: str, seed: int, logdir: str) -> tuple:
+    """Experiment-file arguments of one run: preset, the run's fields, then the overrides."""
+    args = [f"--preset={study.preset}", f"--config.obs={study.obs}",
+            f"--config.method={method}", f"--config.context_setting={setting}",
+            f"--config.seed={seed}", f"--config.logdir={logdir}"]
+    args += [f"--config.{k}={format_value(v)}" for k, v in study.overrides.items()]
+    return tuple(args)
+
+
+def plan_runs(study, root: str) -> list[Run]:
+    """Every run of ``study`` under study directory ``root``, ordered seed first (so a partial
+    study holds every method and setting of its first seeds), then setting, then method."""
+    root = os.path.abspath(root)
+    runs = []
+    for seed in study.seeds:
+        for setting in study.settings:
+            for method in study.methods:
+                name = f"{method}/{setting}/s{seed}"
+                logdir = os.path.join(root, "runs", method, setting, f"s{seed}")
+                runs.append(Run(method, setting, int(seed), name, logdir,
+                                run_argv(study, method, setting, seed, logdir)))
+    return runs
+
+
+def run_configs(study, runs: Sequence[Run]) -> dict:
+    """{run name: validated ConfigDict}, built exactly as the experiment file builds it.
+    A bad override raises StudyError naming ``study.overrides[...]``."""
+    module = _load_experiment(study.task)
+    out = {}
+    for run in runs:
+        try:
+            out[run.name] = launch.parse(module.get_config, list(run.argv), presets.NAMES)
+        except ValueError as e:
+            raise StudyError(f"study.overrides: {e}") from None
+    return out
+
+
+def train_command(study, run: Run) -> tuple:
+    """The command that trains (or resumes) ``run``."""
+    return (sys.executable, "-u", experiment_file(study.task)) + tuple(run.argv)
+
+
+def config_json(config) -> dict:
+    """A config as the JSON the trainer writes to ``config.json`` (logdir dropped)."""
+    d = json.loads(config.to_json_best_effort())
+    d.pop("logdir", None)
+    return d
+
+
+def config_conflict(run: Run, config) -> str | None:
+    """Fields where ``run``'s existing config.json differs from the planned ``config``, as one
+    line; None when it matches or the run has not started."""
+    path = os.path.join(run.logdir, "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"{path} is unreadable ({e})"
+    old.pop("logdir", None)
+    diffs = _diff(_flatten(old), _flatten(config_json(config)))
+    if not diffs:
+        return None
+    return "; ".join(diffs[:8]) + (f"; ... ({len(diffs)} fields)" if len(diffs) > 8 else "")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _diff(old: dict, new: dict) -> list[str]:
+    return [f"{k}: run has {old.get(k, '<absent>')!r}, study has {new.get(k, '<absent>')!r}"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+# ----------------------------------------------------------------------------- cost
+@dataclasses.dataclass
+class Cost:
+    """Estimated work of one run: env steps, updates, evaluation env steps, seconds (None when
+    the rate is unknown) and where the rate came from ("study file", "measured", "unknown")."""
+
+    env_steps: int
+    updates: int
+    eval_steps: int
+    train_s: float | None
+    eval_s: float | None
+    source: str
+
+    @property
+    def total_s(self) -> float | None:
+        if self.train_s is None:
+            return None
+        return self.train_s + (self.eval_s or 0.0)
+
+
+def eval_context_count(study, setting: str) -> int:
+    """Grid contexts evaluated per run of ``setting``."""
+    from dali_jax.envs import contexts as C
+    grid = C.evaluation_grid(study.task)
+    if study.evaluation.contexts == "all":
+        return len(grid)
+    return sum(C.regime(study.task, setting, g.values) is not None for g in grid)
+
+
+def estimate(study, run: Run, config, measured: dict | None = None) -> Cost:
+    """Cost of ``run`` from its config; ``measured`` maps method -> env steps/s seen in DIR."""
+    steps = int(config.run.steps)
+    per_update = config.train.batch_size * config.train.batch_length
+    updates = int(max(0, steps - config.run.prefill) * config.run.train_ratio / per_update)
+    eval_steps = (eval_context_count(study, run.setting) * study.evaluation.episodes
+                  * int(config.run.episode_length))
+    rate, source = (measured or {}).get(run.method), "measured"
+    if not rate:
+        rate, source = study.cost.train_steps_per_s, "study file"
+    if not rate:
+        source = "unknown"
+    eval_rate = study.cost.eval_steps_per_s
+    return Cost(steps, updates, eval_steps, steps / rate if rate else None,
+                eval_steps / eval_rate if eval_rate else None, source)
+
+
+def measured_rate(logdir: str) -> float | None:
+    """Env steps per second of a run from the first and last record of its metrics.jsonl
+    (None with fewer than 1000 steps between them)."""
+    from dali_jax.study.state import first_and_last_record
+    first, last = first_and_last_record(os.path.join(logdir, "metrics.jsonl"))
+    if not first or not last:
+        return None
+    dt, ds = last["time"] - first["time"], last["step"] - first["step"]
+    return ds / dt if dt > 0 and ds >= 1000 else None

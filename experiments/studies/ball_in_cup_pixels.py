@@ -1,0 +1,25 @@
+"""The paper's Ball-in-Cup pixel study: 6 methods x 10 seeds x 3 context settings (180 runs of
+200k env steps on 64x64 images), each evaluated on the 84-context grid with 50 episodes.
+
+    python -m dali_jax.study experiments/studies/ball_in_cup_pixels.py \
+        --dir runs/studies/bic_pixels --backend slurm all
+"""
+from dali_jax.study import spec
+
+
+def get_config():
+    c = spec.defaults()
+    c.task = "ball_in_cup"
+    c.obs = "pixels"
+    c.methods = ("dreamer_dr", "crssm_s", "crssm_d", "dali_s", "dali_s_chi", "dali_d")
+    c.seeds = spec.RELEASE_SEEDS
+    c.settings = ("single_0", "single_1", "double_box")
+    c.preset = "paper"
+    c.evaluation.episodes = 50
+    c.evaluation.contexts = "all"
+    c.backend.slurm.time_min = 48 * 60
+    c.backend.slurm.eval_time_min = 8 * 60
+    c.backend.slurm.gpus_per_node = 1
+    c.backend.slurm.cpus_per_task = 8
+    c.backend.slurm.mem_gb = 64
+    return c
