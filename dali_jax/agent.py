@@ -560,12 +560,28 @@ class Agent:
             new["align_stats"] = stats
         return new, post, ctx_wm, metrics
 
+    @staticmethod
+    def _finite_or_keep(new, old, batch, metrics):
+        """Non-finite guard of an update, decided on the device: `new` when every loss term
+        and gradient norm in `metrics` is finite and the batch's float inputs are, else
+        `old` unchanged (params, optimisers, slow critic, return norm, step). Adds
+        `train/nonfinite` (1: skipped) and `train/nonfinite_inputs` (non-finite batch
+        values) to `metrics`."""
+        bad_inputs = sum(jnp.sum(~jnp.isfinite(v)) for v in batch.values()
+                         if jnp.issubdtype(v.dtype, jnp.floating))
+        terms = [v.astype(f32) for k, v in metrics.items()
+                 if k.startswith(("loss/", "grad_norm/"))]
+        ok = jnp.all(jnp.isfinite(jnp.stack(terms))) & (bad_inputs == 0)
+        metrics["train/nonfinite"] = 1.0 - ok.astype(f32)
+        metrics["train/nonfinite_inputs"] = jnp.asarray(bad_inputs, f32)
+        return tmap(lambda n, o: jnp.where(ok, n, o), new, old), metrics
+
     def _model_step(self, state, batch, rng):
         """World-model-only update (world model, g_phi, f_psi, chi; no actor-critic):
         offline model training and representation studies. -> (state, metrics)."""
         key = jax.random.fold_in(rng, state["step"])
         new, _, _, metrics = self._world_model_update(state, batch, key)
-        return dict(new, step=state["step"] + 1), metrics
+        return self._finite_or_keep(dict(new, step=state["step"] + 1), state, batch, metrics)
 
     def _train_step(self, state, batch, rng):
         cfg = self.config.train
@@ -577,7 +593,7 @@ class Agent:
         metrics.update(m)
         p = dict(wm["params"])
         opt_model = wm["opt"]["model"]
-        batch = self.split_history(batch)[1]
+        full_batch, batch = batch, self.split_history(batch)[1]
 
         # Actor and critic in imagination from every posterior state (B * T starts): one
         # gradient of both losses (each reaches only its own network; see behavior_objective).
@@ -612,7 +628,7 @@ class Agent:
         new = dict(wm, params=p, slow_critic=slow,
                    opt=dict(model=opt_model, actor=opt_actor, critic=opt_critic),
                    retnorm=aux["retnorm"], step=state["step"] + 1)
-        return new, metrics
+        return self._finite_or_keep(new, state, full_batch, metrics)
 
     # ------------------------------------------------------ imagination tools
     def decode(self, params, states, ctx=None):

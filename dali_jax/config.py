@@ -133,6 +133,15 @@ def get_config() -> ml_collections.ConfigDict:
     r.episode_length = 1000
     r.parallel_envs = True  # subprocess envs
     r.devices = 0  # 0: all local devices for data parallelism
+    # An update whose loss terms, gradient norms or batch inputs are non-finite is skipped
+    # (the train state is kept as it was); this many consecutive skips stop the run with an
+    # error naming the offending terms, the latest checkpoint left as it was.
+    r.max_nonfinite = 100
+    # A periodic checkpoint save that fails (disk full, unwritable directory) is logged as
+    # an error and retried after run.save_every_s; this many consecutive failures are
+    # tolerated, the next one stops the run with the error (0: the first one stops it).
+    # A failed final save (end of run, SIGINT/SIGTERM) is always an error.
+    r.max_save_failures = 3
     return c
 
 
@@ -219,12 +228,25 @@ def validate(config) -> None:
     if not 0.0 < config.train.slow_critic_fraction <= 1.0:
         raise ValueError("config.train.slow_critic_fraction must be in (0, 1]; "
                          f"got {config.train.slow_critic_fraction!r}")
+    run = config.run
+    if not _is_int(run.get("max_nonfinite", 100)) or run.get("max_nonfinite", 100) < 1:
+        raise ValueError("config.run.max_nonfinite must be a positive integer (consecutive "
+                         f"skipped non-finite updates that stop the run); "
+                         f"got {run.get('max_nonfinite')!r}")
+    if not _is_int(run.get("max_save_failures", 3)) or run.get("max_save_failures", 3) < 0:
+        raise ValueError("config.run.max_save_failures must be an integer >= 0 (consecutive "
+                         "failed periodic checkpoint saves tolerated); "
+                         f"got {run.get('max_save_failures')!r}")
     if config.run.steps < 0 or config.run.prefill < 0:
         raise ValueError("config.run.steps and config.run.prefill must be >= 0")
     if config.context.release_compat and config.context.window != config.train.batch_length:
         raise ValueError("config.context.release_compat uses the full training chunk as the "
                          "window: config.context.window must equal config.train.batch_length "
                          f"({config.context.window} != {config.train.batch_length})")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _get(config, dotted):

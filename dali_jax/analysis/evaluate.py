@@ -2,7 +2,7 @@
 
 Policy evaluation::
 
-    python -m dali_jax.evaluate --logdir RUN [--episodes 50] [--mode sample|mode]
+    python -m dali_jax.evaluate --logdir RUN [RUN ...] [--episodes 50] [--mode sample|mode]
         [--num-envs 16] [--contexts all|scored|I,J,...] [--seed S] [--episode-length L]
         [--step N] [--task TASK] [--method-label NAME] [--serial|--parallel]
         [--random-reference FILE] [--expert-reference FILE]
@@ -20,6 +20,8 @@ selected context of the task's 84-context grid (``dali_jax.envs.contexts.evaluat
 
 and prints the mean return per regime of the run's setting (with ``--random-reference``, also the
 mean normalised score; Ball-in-Cup's expert return is 1000, Walker needs ``--expert-reference``).
+With several runs, one that cannot be evaluated (no checkpoint, a corrupt one, no config) is
+reported by name on stderr and the others are still evaluated; the exit status is then 2.
 
 Random-policy references::
 
@@ -347,7 +349,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m dali_jax.evaluate",
         description="Evaluate a run on the evaluation grid (writes RUN/eval/returns.json and "
                     "returns.csv), or compute random-policy reference returns (--random).")
-    p.add_argument("--logdir", help="run directory (with config.json and checkpoints/)")
+    p.add_argument("--logdir", nargs="+",
+                   help="run directory (with config.json and checkpoints/); several: each is "
+                        "evaluated, one that cannot be is reported and skipped")
     p.add_argument("--random", action="store_true",
                    help="compute uniform-random-policy reference returns (needs --task, --out)")
     p.add_argument("--task", help="expected task of the run (error if it differs); the task "
@@ -415,16 +419,33 @@ def _run(args) -> int:
         raise EvaluateError("--out is for --random; results go to RUN/eval/")
     if args.expert_reference is not None and args.random_reference is None:
         raise EvaluateError("--expert-reference needs --random-reference as well")
+    if len(args.logdir) == 1:
+        return _evaluate_one(args, args.logdir[0])
+    failed = []
+    for logdir in args.logdir:
+        try:
+            _evaluate_one(args, logdir)
+        except EvaluateError as e:  # this run is damaged: report it, evaluate the others
+            print(f"error: {logdir} not evaluated: {e}", file=sys.stderr)
+            failed.append(logdir)
+    if failed:
+        print(f"error: {len(failed)} of {len(args.logdir)} runs not evaluated: "
+              f"{', '.join(failed)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _evaluate_one(args, logdir: str) -> int:
     norm = None
     if args.random_reference is not None:  # check the reference files before evaluating
-        norm = _normalizer(_run_task(args.logdir), args.random_reference, args.expert_reference)
+        norm = _normalizer(_run_task(logdir), args.random_reference, args.expert_reference)
     episodes = DEFAULT_EPISODES if args.episodes is None else args.episodes
-    result = evaluate_run(args.logdir, episodes=episodes, mode=args.mode,
+    result = evaluate_run(logdir, episodes=episodes, mode=args.mode,
                           num_envs=args.num_envs, contexts=args.contexts, seed=args.seed,
                           episode_length=args.episode_length, step=args.step, task=args.task,
                           parallel=args.parallel, method_label=args.method_label,
                           verbose=not args.quiet)
-    jpath, cpath = write_results(args.logdir, result, norm)
+    jpath, cpath = write_results(logdir, result, norm)
     if not args.quiet:
         print(_format_summary(result, regime_summary(result, norm)))
         print(f"wrote {jpath} and {cpath}")

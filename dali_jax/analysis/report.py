@@ -29,6 +29,10 @@ every pair of methods. It writes into ``--out``:
 
 Bootstrap seeds are derived from ``--seed`` and the (regime, method[, method]) names, so results do
 not change when other methods are added.
+
+A run whose ``returns.json`` is missing, truncated or invalid is an error naming every such file;
+with ``--skip-damaged`` those runs are left out, named on stderr and in summary.md's notes, and the
+others are reported.
 """
 from __future__ import annotations
 
@@ -49,8 +53,8 @@ from dali_jax.analysis.normalize import (
     POOLED_SETTINGS, REGIMES, Normalizer, ReferenceFileError, RunResult, RunResultError,
     defaults, factors, load_reference, load_run_result, regime_matrices)
 
-__all__ = ["ReportError", "Report", "load_runs", "group_by_method", "build_report",
-           "write_report", "main"]
+__all__ = ["ReportError", "Report", "load_runs", "load_readable_runs", "group_by_method",
+           "build_report", "write_report", "main"]
 
 METRIC_NAMES = {"iqm": "IQM", "median": "Median", "mean": "Mean",
                 "optimality_gap": "Optimality gap"}
@@ -87,11 +91,34 @@ class Report:
     notes: list
 
 
+def load_readable_runs(run_dirs: Sequence[str]) -> tuple[list[RunResult], list[str]]:
+    """(the runs whose results load, one message per run that does not, naming its file:
+    missing, truncated or invalid ``returns.json``)."""
+    runs, damaged = [], []
+    for d in run_dirs:
+        try:
+            runs.append(load_run_result(d))
+        except RunResultError as e:
+            damaged.append(str(e))
+    return runs, damaged
+
+
 def load_runs(run_dirs: Sequence[str]) -> list[RunResult]:
-    """Load every run; all must share one task. Errors name the offending file."""
+    """Load every run; all must share one task. Errors name the offending file (every
+    damaged one)."""
     if not run_dirs:
         raise ReportError("no run directories given")
-    runs = [load_run_result(d) for d in run_dirs]
+    runs, damaged = load_readable_runs(run_dirs)
+    if len(damaged) == 1:
+        raise RunResultError(damaged[0])
+    if damaged:
+        raise RunResultError(f"{len(damaged)} runs have unreadable results: "
+                             + "; ".join(damaged))
+    return _check_runs(runs)
+
+
+def _check_runs(runs: Sequence[RunResult]) -> list[RunResult]:
+    """`runs` if they share one task and none is given twice."""
     seen = {}
     for r in runs:
         if r.task != runs[0].task:
@@ -100,7 +127,7 @@ def load_runs(run_dirs: Sequence[str]) -> list[RunResult]:
         if r.path in seen:
             raise ReportError(f"{r.path}: given twice")
         seen[r.path] = r
-    return runs
+    return list(runs)
 
 
 def group_by_method(runs: Sequence[RunResult]) -> dict[str, list[RunResult]]:
@@ -294,6 +321,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--assume-random-zero", action="store_true",
                    help="without --random, normalise with R_random = 0 (stated in the report)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--skip-damaged", action="store_true",
+                   help="leave out runs whose results are missing, truncated or invalid "
+                        "(named on stderr and in summary.md) instead of failing")
     return p
 
 
@@ -304,7 +334,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ReportError(f"--reps must be >= 1, got {args.reps}")
         if not 0 < args.confidence < 1:
             raise ReportError(f"--confidence must lie in (0, 1), got {args.confidence}")
-        runs = load_runs(args.runs)
+        damaged = []
+        if args.skip_damaged and args.runs:
+            runs, damaged = load_readable_runs(args.runs)
+            for msg in damaged:
+                print(f"warning: skipped damaged run: {msg}", file=sys.stderr)
+            if not runs:
+                raise ReportError(f"none of the {len(args.runs)} runs has readable results")
+            runs = _check_runs(runs)
+        else:
+            try:
+                runs = load_runs(args.runs)
+            except RunResultError as e:
+                raise RunResultError(f"{e.args[0]} (--skip-damaged reports the other runs)"
+                                     ) from None
         task = runs[0].task
         if args.random is None and not args.assume_random_zero:
             raise ReportError(
@@ -318,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         norm = Normalizer(task, random, expert, assume_random_zero=args.assume_random_zero)
         rep = build_report(runs, norm, reps=args.reps, seed=args.seed,
                            confidence=args.confidence)
+        rep.notes += [f"Skipped (damaged results): {msg}" for msg in damaged]
         paths = write_report(rep, args.out, make_plots=not args.no_plots)
     except (ValueError, KeyError) as e:  # includes ReportError, RunResultError, ReferenceFileError
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)

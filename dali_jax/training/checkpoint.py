@@ -16,6 +16,12 @@ damaged afterwards. Host numpy arrays go to ``arrays.npz`` rather than into
 orbax because orbax rejects zero-size arrays and writes each array as one chunk;
 npz has neither limit and carries a CRC-32 per array.
 
+A save that fails (no space left, an unwritable directory, ...) removes its partial
+directory and raises ``CheckpointSaveError`` naming the checkpoint path and the cause;
+the checkpoints already there are untouched. A crash between the two renames of a
+re-save of the same step leaves the old copy as ``ckpt_<step>.partial-old-*``; the
+next ``Checkpointer`` on the directory renames it back.
+
 ``meta.json`` lists every file with its size (and CRC-32 for the orbax files);
 ``restore`` checks them, the leaf table against the template (paths, shapes,
 dtypes) and the stored config fingerprint against the current one, and raises
@@ -26,6 +32,7 @@ anything partial. Python scalars (int, float, bool, str) are stored in
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -38,7 +45,9 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-__all__ = ["Checkpointer", "CheckpointError", "config_fingerprint"]
+__all__ = ["Checkpointer", "CheckpointError", "CheckpointSaveError", "config_fingerprint"]
+
+log = logging.getLogger(__name__)
 
 FORMAT = "dali_jax.checkpoint/1"
 _FINAL = re.compile(r"^ckpt_(\d+)$")
@@ -50,6 +59,11 @@ _ORBAX = "orbax"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is corrupt, incomplete or incompatible with the current run."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written (the message names its path and the cause); the
+    checkpoints written before are left as they were."""
 
 
 def config_fingerprint(config: Any) -> str:
@@ -192,6 +206,22 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._orbax = None
+        self._recover_swapped()
+
+    def _recover_swapped(self) -> None:
+        """Renames back a complete checkpoint that a crash left as ``*.partial-old-*``
+        (between the two renames of a re-save of its step) when its final name is free."""
+        for name in sorted(os.listdir(self.directory)):
+            base, sep, tag = name.partition(_PARTIAL)
+            if sep and tag.startswith("old-") and _FINAL.match(base) and \
+                    not os.path.exists(os.path.join(self.directory, base)):
+                try:
+                    os.rename(os.path.join(self.directory, name),
+                              os.path.join(self.directory, base))
+                    log.warning("recovered checkpoint %s left by an interrupted save",
+                                os.path.join(self.directory, base))
+                except OSError:
+                    pass
 
     # ----------------------------------------------------------------- listing
     def steps(self) -> list[int]:
@@ -258,9 +288,28 @@ class Checkpointer:
             raise err
 
     def _save(self, step: int, leaves: list, extra: dict) -> None:
-        self._remove_partials()
         final = self.path(step)
         tmp = f"{final}{_PARTIAL}{uuid.uuid4().hex[:8]}"
+        try:
+            self._remove_partials()
+            self._write(step, final, tmp, leaves, extra)
+        except Exception as exc:  # noqa: BLE001 - OSError, orbax/tensorstore errors, ...
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial save took
+            try:
+                latest = self.latest_step()
+            except OSError:
+                latest = None
+            kept = (f"the latest checkpoint is still {self.path(latest)}" if latest is not None
+                    else "no earlier checkpoint exists")
+            raise CheckpointSaveError(f"cannot write checkpoint {final}: "
+                                      f"{type(exc).__name__}: {exc}; {kept}") from exc
+        for s in self.steps()[:-self.keep]:
+            try:
+                self._delete(self.path(s))
+            except OSError as exc:  # the new checkpoint is complete: not a failed save
+                log.warning("could not delete old checkpoint %s: %s", self.path(s), exc)
+
+    def _write(self, step: int, final: str, tmp: str, leaves: list, extra: dict) -> None:
         os.makedirs(tmp)
         table, orbax_tree, npz = [], {}, {}
         for i, (path, x) in enumerate(leaves):
@@ -300,13 +349,15 @@ class Checkpointer:
         if os.path.exists(final):  # same step saved again: swap in the new one
             old = f"{final}{_PARTIAL}old-{uuid.uuid4().hex[:8]}"
             os.rename(final, old)
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                os.rename(old, final)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
         _fsync_dir(self.directory)
-        for s in self.steps()[:-self.keep]:
-            self._delete(self.path(s))
 
     def _delete(self, path: str) -> None:
         # Rename first so that a crash mid-delete never leaves a half final dir.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -11,6 +12,8 @@ from typing import Any, Mapping
 import numpy as np
 
 __all__ = ["Logger", "Progress"]
+
+log = logging.getLogger(__name__)
 
 
 def _to_float(value: Any) -> float:
@@ -23,7 +26,9 @@ class Logger:
     Every ``scalars`` call appends one JSON line ``{"step", "time", **scalars}``
     (values as floats; NaN/inf written as Python's JSON does). ``purge_step``
     (for a resumed run) drops JSONL lines and TensorBoard events with
-    ``step >= purge_step`` left by the interrupted run.
+    ``step >= purge_step`` left by the interrupted run. A JSONL write that fails (a full
+    disk) is logged as an error naming the file and the record is dropped; training goes
+    on and later records are written once writes succeed again.
     """
 
     def __init__(self, logdir: str, use_tensorboard: bool = True, purge_step: int | None = None):
@@ -33,6 +38,7 @@ class Logger:
         if purge_step is not None and os.path.exists(self.jsonl_path):
             self._purge_jsonl(int(purge_step))
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        self._dropped = 0  # records lost to failed writes since the last good one
         self._tb = None
         if use_tensorboard:
             from tensorboardX import SummaryWriter
@@ -58,8 +64,27 @@ class Logger:
         step = int(step)
         floats = {str(k): _to_float(v) for k, v in values.items()}
         record = {"step": step, "time": time.time(), **floats}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        # After a failed write the file may end in a cut line: start on a fresh one.
+        line = ("\n" if self._dropped else "") + json.dumps(record) + "\n"
+        try:
+            if self._jsonl.closed:  # closed after a failed write
+                self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+            self._jsonl.write(line)
+            self._jsonl.flush()
+        except OSError as exc:
+            if not self._dropped:
+                log.error("cannot write metrics to %s (%s): dropping records until writes "
+                          "succeed again", self.jsonl_path, exc)
+            self._dropped += 1
+            try:  # drop the unwritten buffer with the handle
+                self._jsonl.close()
+            except OSError:
+                pass
+        else:
+            if self._dropped:
+                log.warning("metrics written to %s again; %d record(s) were dropped",
+                            self.jsonl_path, self._dropped)
+                self._dropped = 0
         if self._tb is not None:
             for k, v in floats.items():
                 self._tb.add_scalar(k, v, step)
@@ -80,7 +105,8 @@ class Logger:
                 raise ValueError(f"image {k!r} must be HxWx3 or NxHxWx3, got shape {img.shape}")
 
     def flush(self) -> None:
-        self._jsonl.flush()
+        if not self._jsonl.closed:
+            self._jsonl.flush()
         if self._tb is not None:
             self._tb.flush()
 

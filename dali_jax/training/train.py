@@ -11,6 +11,16 @@ Loop (one iteration = one vector-env step of N envs):
 Checkpoints (agent state, replay, counters, RNG, env context schedules) are written every
 `run.save_every_s`, on SIGINT/SIGTERM and at the end; starting again on the same logdir
 resumes. `train(config)` returns a summary dict.
+
+Failures (README, "Resuming"):
+- an update with a non-finite loss term, gradient norm or batch input is skipped inside the
+  jitted update (`train/nonfinite`); the trainer counts the skips
+  (`train/nonfinite_skipped`), warns naming the offending terms, and `run.max_nonfinite`
+  consecutive skips raise `NonFiniteError` without a final save. A state with a non-finite
+  leaf is never checkpointed.
+- a periodic save that fails is logged (naming the path) and retried after
+  `run.save_every_s`; more than `run.max_save_failures` consecutive failures, or a failed
+  final save, raise `CheckpointSaveError`. The earlier checkpoints stay as they were.
 """
 from __future__ import annotations
 
@@ -32,7 +42,7 @@ from dali_jax.envs import contexts as C
 from dali_jax.envs.dmc import make_env
 from dali_jax.envs.vector import VectorEnv
 from dali_jax.training import parallel
-from dali_jax.training.checkpoint import CheckpointError, Checkpointer
+from dali_jax.training.checkpoint import CheckpointError, CheckpointSaveError, Checkpointer
 from dali_jax.training.logger import Logger, Progress
 from dali_jax.training.replay import Prefetcher, Replay
 from dali_jax.training.rollout import evaluate_contexts
@@ -41,6 +51,26 @@ from dali_jax.training.signals import GracefulStop
 log = logging.getLogger("dali_jax.train")
 
 FLAGS = ("is_first", "is_last", "is_terminal")
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on non-finite values (the message names them); the latest
+    checkpoint is the last one written before, never one holding non-finite values."""
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    """`path` holds either its old or its new content, never a cut one (a full disk)."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def default_logdir(config) -> str:
@@ -126,22 +156,39 @@ class Trainer:
         self.updates = 0
         self.episodes = 0
         self.update_budget = 0.0
+        self.nonfinite_skipped = 0  # updates skipped for non-finite values, in total
+        self.nonfinite_streak = 0  # ... in a row, up to the latest checked update
+        self.save_failures = 0  # consecutive failed periodic saves
         self.rng = jax.random.PRNGKey(config.seed)
         self.state = None
-        with open(os.path.join(self.logdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        _write_text_atomic(os.path.join(self.logdir, "config.json"),
+                           config.to_json_best_effort(indent=2))
 
     # ------------------------------------------------------------- checkpoints
     def _selector_states(self):
         return [self.venv.call(i, "selector_state") for i in range(self.venv.num_envs)]
 
     def save(self):
+        """Checkpoints the run. Raises NonFiniteError (nothing written) when the agent state
+        holds a non-finite value, CheckpointSaveError when the write fails."""
+        agent = jax.device_get(self.state)
+        bad = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_flatten_with_path(agent)[0]
+               if np.issubdtype(np.asarray(x).dtype, np.inexact) and not np.isfinite(x).all()]
+        if bad:
+            latest = self.ckpt.latest_step()
+            raise NonFiniteError(
+                f"not checkpointing a non-finite agent state at {self.env_steps} env steps "
+                f"(leaves {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}); the latest "
+                f"checkpoint is "
+                f"{'none' if latest is None else self.ckpt.path(latest)}")
         extra = dict(env_steps=self.env_steps, updates=self.updates, episodes=self.episodes,
                      update_budget=self.update_budget, selectors=self._selector_states(),
+                     nonfinite_skipped=self.nonfinite_skipped,
+                     nonfinite_streak=self.nonfinite_streak,
                      task=self.config.task, method=self.config.method, obs=self.config.obs,
                      context_setting=self.config.context_setting, seed=self.config.seed,
                      time=time.time())
-        tree = dict(agent=jax.device_get(self.state), replay=self.replay.state_dict(),
+        tree = dict(agent=agent, replay=self.replay.state_dict(),
                     rng=np.asarray(jax.random.key_data(self.rng)
                                    if jnp.issubdtype(self.rng.dtype, jax.dtypes.prng_key)
                                    else self.rng))
@@ -166,11 +213,78 @@ class Trainer:
         self.updates = int(extra["updates"])
         self.episodes = int(extra["episodes"])
         self.update_budget = float(extra["update_budget"])
+        self.nonfinite_skipped = int(extra.get("nonfinite_skipped", 0))
+        self.nonfinite_streak = int(extra.get("nonfinite_streak", 0))
         for i, s in enumerate(extra.get("selectors", [])[:self.venv.num_envs]):
             self.venv.call(i, "load_selector_state", s)
         log.info("resumed from %s at %d env steps, %d updates", path, self.env_steps,
                  self.updates)
         return True
+
+    def _periodic_save(self) -> None:
+        """save(); a failed write is logged and tolerated `run.max_save_failures` times in a
+        row (the next periodic save retries), then raised."""
+        try:
+            self.save()
+        except CheckpointSaveError as exc:
+            self.save_failures += 1
+            limit = self.config.run.get("max_save_failures", 3)
+            if self.save_failures > limit:
+                raise CheckpointSaveError(
+                    f"{exc} (failed {self.save_failures} times in a row, more than "
+                    f"config.run.max_save_failures={limit}: stopping)") from exc
+            log.error("%s; training continues and saves again in run.save_every_s=%gs "
+                      "(failure %d of config.run.max_save_failures=%d in a row)", exc,
+                      self.config.run.save_every_s, self.save_failures, limit)
+        else:
+            if self.save_failures:
+                log.info("checkpoint saved again after %d failed save(s)", self.save_failures)
+            self.save_failures = 0
+
+    def _final_save(self, failed: Optional[BaseException]) -> None:
+        """The save at the end (or on a stop request, or after an error): none after
+        NonFiniteError; with another error in flight, a failed save is only logged."""
+        if self.state is None or isinstance(failed, NonFiniteError):
+            return
+        jax.block_until_ready(self.state)
+        try:
+            self.save()
+            self.ckpt.wait()
+        except (CheckpointSaveError, NonFiniteError) as exc:
+            if failed is None:
+                raise
+            log.error("final checkpoint not written: %s", exc)
+
+    def _check_updates(self, pending: list) -> None:
+        """Counts the skipped (non-finite) updates among `pending` metrics dicts (updates
+        already computed: the caller has synchronised on their state), warns with the
+        offending terms at the first skip of a run of them, and raises NonFiniteError at
+        `run.max_nonfinite` in a row."""
+        if not pending:
+            return
+        flags = jax.device_get([m["train/nonfinite"] for m in pending])
+        for m, flag in zip(pending, flags):
+            if not flag:
+                if self.nonfinite_streak:
+                    log.warning("updates finite again after %d skipped in a row",
+                                self.nonfinite_streak)
+                self.nonfinite_streak = 0
+                continue
+            self.nonfinite_skipped += 1
+            self.nonfinite_streak += 1
+            limit = self.config.run.get("max_nonfinite", 100)
+            if self.nonfinite_streak == 1 or self.nonfinite_streak >= limit:
+                terms = _nonfinite_terms(jax.device_get(m))
+                if self.nonfinite_streak >= limit:
+                    latest = self.ckpt.latest_step()
+                    raise NonFiniteError(
+                        f"{self.nonfinite_streak} consecutive updates had non-finite values "
+                        f"(config.run.max_nonfinite={limit}); last one: {terms}. Stopping "
+                        f"without saving; the latest checkpoint is "
+                        f"{'none' if latest is None else self.ckpt.path(latest)}")
+                log.warning("update skipped at %d env steps, train state kept: non-finite %s "
+                            "(%d skipped in total; config.run.max_nonfinite=%d in a row stop "
+                            "the run)", self.env_steps, terms, self.nonfinite_skipped, limit)
 
     # -------------------------------------------------------------------- loop
     def run(self) -> dict:
@@ -196,6 +310,8 @@ class Trainer:
         obs = self.venv.reset()
         carry = self.agent.initial_carry(self.state["params"], self.venv.num_envs)
         stopped = False
+        pending = []  # metrics of the updates dispatched in the previous iteration
+        failed = None
         with GracefulStop() as stop:
             try:
                 while self.env_steps < run.steps:
@@ -208,6 +324,9 @@ class Trainer:
                     action, carry = self.agent.policy_step(self.state["params"], carry, obs,
                                                            k_act)
                     action = np.asarray(action)
+                    # The action came from the state the last updates left: they are done.
+                    self._check_updates(pending)
+                    pending = []
                     if self.env_steps < run.prefill:
                         action = prefill_action(cfg.seed, self.env_steps // self.venv.num_envs,
                                                 run.prefill_hold, self.action_low,
@@ -233,6 +352,7 @@ class Trainer:
                             timers["replay_wait"] += time.perf_counter() - tw
                             k_upd, sub = jax.random.split(k_upd)
                             self.state, metrics = self.train_step(self.state, batch, sub)
+                            pending.append(metrics)
                             self.update_budget -= 1
                             self.updates += 1
                     t2 = time.perf_counter()
@@ -268,16 +388,28 @@ class Trainer:
                         next_eval += ev_every
                         timers["eval"] += time.perf_counter() - te
                     if now - last_save >= run.save_every_s:
-                        self.save()
+                        jax.block_until_ready(self.state)
+                        self._check_updates(pending)
+                        pending = []
+                        self._periodic_save()
                         last_save = time.time()
+                jax.block_until_ready(self.state)
+                self._check_updates(pending)
+            except BaseException as exc:
+                failed = exc
+                raise
             finally:
                 if prefetch is not None:
                     prefetch.close()
-                if self.state is not None:
-                    jax.block_until_ready(self.state)
-                    self.save()
-                    self.ckpt.wait()
-                progress.close()
+                saved = False
+                try:
+                    self._final_save(failed)
+                    saved = True
+                finally:
+                    progress.close()
+                    if failed is not None or not saved:  # the run ends with an error
+                        logger.close()
+                        self.venv.close()
         summary.update(env_steps=self.env_steps, updates=self.updates, episodes=self.episodes,
                        wall_s=time.time() - t_start, stopped=stopped, logdir=self.logdir,
                        timers=timers)
@@ -288,9 +420,9 @@ class Trainer:
                 final = self.evaluate(eval_ctx, run.eval_episodes)
                 logger.scalars(self.env_steps, final)
             summary.update(final)
-            with open(os.path.join(self.logdir, "eval_summary.json"), "w") as f:
-                json.dump({k: v for k, v in summary.items() if k != "timers"}
-                          | {"timers": timers}, f, indent=2, default=float)
+            _write_text_atomic(os.path.join(self.logdir, "eval_summary.json"), json.dumps(
+                {k: v for k, v in summary.items() if k != "timers"} | {"timers": timers},
+                indent=2, default=float))
         logger.close()
         self.venv.close()
         return summary
@@ -320,6 +452,8 @@ class Trainer:
         out["time/env_steps_per_s"] = dsteps / max(dt, 1e-9)
         out["replay/size"] = len(self.replay)
         out["train/updates"] = self.updates
+        out["train/nonfinite_skipped"] = self.nonfinite_skipped
+        out["checkpoint/failed_saves"] = self.save_failures
         if prefetch is not None:
             out["time/prefetch_wait_frac"] = prefetch.wait_fraction()
         if recent:
@@ -340,6 +474,17 @@ class Trainer:
             out[f"eval/return_ctx/{name}"] = float(np.mean(rets))
         out["eval/return_mean"] = float(np.mean([np.mean(r) for r in res.values()]))
         return out
+
+
+def _nonfinite_terms(metrics: dict) -> str:
+    """The loss terms and gradient norms of one update's metrics that are non-finite, and
+    its count of non-finite batch values."""
+    names = [f"{k}={float(v)}" for k, v in sorted(metrics.items())
+             if k.startswith(("loss/", "grad_norm/")) and not np.isfinite(v)]
+    n = int(metrics.get("train/nonfinite_inputs", 0))
+    if n:
+        names.append(f"{n} batch input value(s)")
+    return ", ".join(names) or "no named term"
 
 
 def _like(template, tree):
