@@ -374,6 +374,7 @@ def test_requeue_checkpoint_stops_the_child_and_resubmits_the_same_job(tmp_path)
     thread.start()
     wait_for(lambda: "ready" in open(job.log).read() if os.path.exists(job.log) else False, 30,
              "the child to start")
+    wait_for(lambda: callable_._proc is not None, 30, "the launcher to record the child")
     delayed = callable_.checkpoint()  # what submitit calls on USR2 before requeueing
     thread.join(30)
     assert saved.read_text() == "saved"  # SIGTERM reached the child, which saved and exited

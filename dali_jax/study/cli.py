@@ -166,7 +166,12 @@ def cmd_run(ctx: Context, wait: bool | None = None) -> int:
         jobs = [j for j in jobs if j.name not in busy]
     print(f"{len(ctx.runs) - len(jobs)} of {len(ctx.runs)} runs finished or in progress; "
           f"launching {len(jobs)}")
-    failures, pending = stages.launch(ctx.study, ctx.root, jobs, "train", wait=wait,
+    return _launch(ctx, jobs, "train", wait)
+
+
+def _launch(ctx: Context, jobs, stage: str, wait: bool) -> int:
+    """Launch `jobs` of one stage; print submitted jobs and failures. -> exit status."""
+    failures, pending = stages.launch(ctx.study, ctx.root, jobs, stage, wait=wait,
                                       quiet=ctx.args.quiet)
     if pending:
         print(f"{len(pending)} job(s) submitted; follow them with the `status` command")
@@ -189,13 +194,7 @@ def cmd_evaluate(ctx: Context, wait: bool | None = None) -> int:
           + (" and the random-policy reference" if ref else "")
           + f"; {len(skipped)} already evaluated at their final checkpoint; "
             f"{len(unfinished)} not finished training")
-    failures, pending = stages.launch(ctx.study, ctx.root, jobs, "evaluate", wait=wait,
-                                      quiet=ctx.args.quiet)
-    if pending:
-        print(f"{len(pending)} job(s) submitted; follow them with the `status` command")
-    for line in failures:
-        print(f"FAILED {line}", file=sys.stderr)
-    return 1 if failures else 0
+    return _launch(ctx, jobs, "evaluate", wait)
 
 
 def cmd_report(ctx: Context) -> int:

@@ -333,11 +333,11 @@ def _attempt(job, lock, env, stop, on_start) -> dict:
         log.flush()
         proc = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                                 env=child_env, pass_fds=(lock.fd,), preexec_fn=_child_setup)
+    if on_start is not None:
+        on_start(proc)
     rec["pid"] = proc.pid
     _append(job.attempts_path, {"event": "start", **rec})
     _write_json(job.running_path, rec)
-    if on_start is not None:
-        on_start(proc)
     interrupted = False
     try:
         while True:

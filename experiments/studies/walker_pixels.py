@@ -10,19 +10,10 @@ from dali_jax.study import spec
 
 
 def get_config():
-    c = spec.defaults()
+    c = spec.defaults()  # the paper's protocol: 6 methods, 10 seeds, 3 settings, 84 x 50
     c.task = "walker"
     c.obs = "pixels"
-    c.methods = ("dreamer_dr", "crssm_s", "crssm_d", "dali_s", "dali_s_chi", "dali_d")
-    c.seeds = spec.RELEASE_SEEDS
-    c.settings = ("single_0", "single_1", "double_box")
-    c.preset = "paper"
-    c.evaluation.episodes = 50
-    c.evaluation.contexts = "all"
-    c.evaluation.expert_reference = ""
     c.backend.slurm.time_min = 48 * 60
     c.backend.slurm.eval_time_min = 8 * 60
-    c.backend.slurm.gpus_per_node = 1
-    c.backend.slurm.cpus_per_task = 8
     c.backend.slurm.mem_gb = 64
     return c
