@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from dali_jax import config as config_lib
-from dali_jax.methods import recipe
+from dali_jax.methods import config_switches
 from dali_jax.models import behavior as B
 from dali_jax.models import context as C
 from dali_jax.models import distributions as D
@@ -70,8 +70,7 @@ class Agent:
         self.config = config
         self.spec = spec
         ctx = config.context
-        self.switches = recipe(config.method, ctx.shallow_into_dynamics, ctx.release_compat,
-                               ctx.chi_deep)
+        self.switches = config_switches(config)
         sw = self.switches
         self.release_compat = bool(ctx.release_compat)
         s = config_lib.resolve_sizes(config)

@@ -92,6 +92,9 @@ def get_config() -> ml_collections.ConfigDict:
     x.chi_deep = False  # DALI-D gets the chi term too (the release's config default)
     x.shallow_into_dynamics = False  # release: c into img_step for shallow variants too
     x.release_compat = False  # reproduce the release's defects 1-3 (see methods.py)
+    # Ablation: comma-separated recipe switches turned off (posterior, dynamics, heads), e.g.
+    # dali_d with "dynamics" keeps c out of the prior (img_step); "" keeps the recipe.
+    x.drop = ""
 
     t = c.train = ml_collections.ConfigDict()
     t.batch_size = 16
@@ -168,6 +171,24 @@ def history_steps(config) -> int:
     return config.context.window if h < 0 else int(h)
 
 
+def _validate_drop(config):
+    from dali_jax.methods import DROPPABLE, config_switches, parse_drop
+    drop = config.context.get("drop", "")
+    if not isinstance(drop, str):
+        raise ValueError("config.context.drop must be a string: \"\" or comma-separated names "
+                         f"among {', '.join(DROPPABLE)}; got {drop!r}")
+    if not parse_drop(drop):
+        return
+    sw = config_switches(config)  # raises on unknown names
+    if sw["source"] == "none":
+        raise ValueError(f"config.context.drop={drop!r}: method {config.method!r} has no "
+                         "context to drop")
+    if sw["source"] == "inferred" and not (sw["posterior"] or sw["dynamics"] or sw["heads"]
+                                           or sw["crossmodal"]):
+        raise ValueError(f"config.context.drop={drop!r} leaves method {config.method!r} "
+                         "without any use of the inferred context")
+
+
 def _choice(name, value, options):
     if value not in options:
         raise ValueError(f"config.{name} must be one of {', '.join(map(str, options))}; "
@@ -211,6 +232,7 @@ def validate(config) -> None:
     if not 0.0 <= config.context.stats_decay < 1.0:
         raise ValueError("config.context.stats_decay must be in [0, 1); "
                          f"got {config.context.stats_decay!r}")
+    _validate_drop(config)
     if not (isinstance(config.context.freeze_after, int) and config.context.freeze_after >= 0):
         raise ValueError("config.context.freeze_after must be an integer >= 0 (0: never); "
                          f"got {config.context.freeze_after!r}")

@@ -38,14 +38,20 @@ RECIPES = {
 }
 
 
+DROPPABLE = ("posterior", "dynamics", "heads")
+
+
 def recipe(method: str, shallow_into_dynamics: bool = False, release_compat: bool = False,
-           chi_deep: bool = False):
+           chi_deep: bool = False, drop: tuple = ()):
     """Context switches of `method` (dict over _SWITCHES).
 
     shallow_into_dynamics: the release also feeds c to img_step for shallow variants.
     chi_deep: DALI-D gets the cross-modal chi term too (the release's config default).
     release_compat: the release's wiring (its DALI-D has no posterior input; its shallow
     DALI encoders get the true context; c also enters img_step for every DALI variant).
+    drop: switches among DROPPABLE turned off afterwards, for ablations (dali_d with
+    drop=("dynamics",) keeps c out of the prior; drop=("heads",) out of the heads, actor
+    and critic).
     """
     if method not in RECIPES:
         raise ValueError(f"config.method must be one of {', '.join(METHODS)}; got {method!r}")
@@ -63,4 +69,21 @@ def recipe(method: str, shallow_into_dynamics: bool = False, release_compat: boo
                 out["posterior"] = False
             else:
                 out["gt_into_encoder"] = True
+    for name in drop:
+        if name not in DROPPABLE:
+            raise ValueError(f"config.context.drop: {name!r} is not one of "
+                             f"{', '.join(DROPPABLE)}")
+        out[name] = False
     return out
+
+
+def parse_drop(value: str) -> tuple:
+    """`context.drop` ("" or comma-separated switch names) -> tuple of names."""
+    return tuple(n.strip() for n in str(value).split(",") if n.strip())
+
+
+def config_switches(config):
+    """The context switches of an experiment config (method recipe + context options)."""
+    ctx = config.context
+    return recipe(config.method, ctx.shallow_into_dynamics, ctx.release_compat, ctx.chi_deep,
+                  parse_drop(ctx.get("drop", "")))

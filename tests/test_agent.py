@@ -257,3 +257,33 @@ def test_pixel_dali_d_update_and_acting():
     dec = agent.decode(state["params"], carry["state"], carry["ctx_prev"])
     assert dec["image"].shape == (2, 64, 64, 3)
     assert float(dec["image"].min()) >= 0 and float(dec["image"].max()) <= 1
+
+
+def test_context_drop_ablation_removes_exactly_that_input():
+    """context.drop turns one recipe switch off: "dynamics" removes c from img_step only
+    (8 x 512 fewer weights in its input layer, heads unchanged), "heads" removes it from the
+    decoder (1024 units), reward, continue, actor and critic (512 units) and leaves img_step."""
+    full = _walker_params("dali_d")
+    no_dyn = _walker_params("dali_d", drop="dynamics")
+    no_heads = _walker_params("dali_d", drop="heads")
+    cd, units = 8, 512
+    assert count_params(full["rssm"]) - count_params(no_dyn["rssm"]) == cd * units
+    for k in ("decoder", "reward", "cont", "actor", "critic"):
+        assert count_params(no_dyn[k]) == count_params(full[k])
+    assert count_params(full) - count_params(no_heads) == cd * 1024 + 4 * cd * units
+    assert count_params(no_heads["rssm"]) == count_params(full["rssm"])
+    # dali_d minus dynamics and heads has dali_s's parameters.
+    assert count_params(_walker_params("dali_d", drop="dynamics, heads")) == \
+        count_params(_walker_params("dali_s"))
+
+
+@pytest.mark.parametrize("method,drop,match", [
+    ("dali_d", "prior", "not one of posterior, dynamics, heads"),
+    ("dreamer_dr", "heads", "has no context"),
+    ("dali_s", "posterior", "without any use"),
+])
+def test_context_drop_rejects_bad_values(method, drop, match):
+    c = config_lib.get_config()
+    c.method, c.context.drop = method, drop
+    with pytest.raises(ValueError, match=match):
+        config_lib.validate(c)

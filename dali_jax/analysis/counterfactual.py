@@ -287,14 +287,14 @@ def _load(logdir, step, task):
 def _check_run(logdir, task, dim) -> int:
     """Config-level checks (task, method with a context, dim range). -> context dims."""
     from dali_jax.envs import contexts as C
-    from dali_jax.methods import recipe
+    from dali_jax.methods import config_switches
     from dali_jax.training.load import load_config_or_raise
 
     cfg = load_config_or_raise(logdir, CounterfactualError)
     if task is not None and cfg.task != task:
         raise CounterfactualError(f"{logdir} is a {cfg.task} run, not {task}")
     try:
-        sw = recipe(cfg.method, cfg.context.shallow_into_dynamics, cfg.context.release_compat)
+        sw = config_switches(cfg)
     except (ValueError, AttributeError, KeyError) as e:
         raise CounterfactualError(f"{logdir}: {e}") from None
     if sw["source"] == "none":
