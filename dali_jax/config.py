@@ -145,6 +145,10 @@ def get_config() -> ml_collections.ConfigDict:
     # tolerated, the next one stops the run with the error (0: the first one stops it).
     # A failed final save (end of run, SIGINT/SIGTERM) is always an error.
     r.max_save_failures = 3
+    # jax.transfer_guard level of the acting/update hot path: allow | log | disallow.
+    # "disallow" fails on any implicit host<->device transfer (a hidden per-step sync);
+    # "log" names them (for tracing a slow accelerator run).
+    r.transfer_guard = "allow"
     return c
 
 
@@ -251,6 +255,7 @@ def validate(config) -> None:
         raise ValueError("config.train.slow_critic_fraction must be in (0, 1]; "
                          f"got {config.train.slow_critic_fraction!r}")
     run = config.run
+    _choice("run.transfer_guard", run.get("transfer_guard", "allow"), ("allow", "log", "disallow"))
     if not _is_int(run.get("max_nonfinite", 100)) or run.get("max_nonfinite", 100) < 1:
         raise ValueError("config.run.max_nonfinite must be a positive integer (consecutive "
                          f"skipped non-finite updates that stop the run); "

@@ -86,6 +86,9 @@ def test_images_reject_bad_input(tmp_path):
 def test_progress_line_shows_rate_eta_and_fields():
     out = io.StringIO()
     p = Progress(1000, interval=0.0, file=out)
+    p.update(10, ret=None)
+    first = out.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert "ret=-" in first and "None" not in first
     p.update(100, ret=812.345, ctx="double_box")
     p.update(250, ret=900.0)
     p.close()

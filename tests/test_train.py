@@ -29,6 +29,8 @@ def _smoke(logdir, method="dreamer_dr", steps=400):
 
 def test_interrupted_run_resumes_without_lost_transitions(tmp_path):
     cfg = _smoke(tmp_path / "run")
+    # Any implicit host<->device transfer in the acting/update hot path is an error.
+    cfg.run.transfer_guard = "disallow"
     cfg.run.eval_every = 200  # one evaluation in each half; the second at the last step
     first = Trainer(cfg, stop_after_env_steps=240).run()
     assert first["stopped"] and first["env_steps"] == 240
@@ -179,6 +181,7 @@ def test_replay_holds_the_executed_actions(tmp_path):
 
     cfg = _smoke(tmp_path / "run", method="dali_d", steps=240)
     cfg.run.prefill_hold = 4
+    cfg.run.transfer_guard = "disallow"  # DALI-D's acting window: no hidden transfer either
     trainer = Trainer(cfg, env_factory=factory)
     trainer.run()
     data = trainer.replay.state_dict()

@@ -143,6 +143,8 @@ class Progress:
 
     @staticmethod
     def _fmt(v: Any) -> str:
+        if v is None:  # no value yet (e.g. no episode has ended): a dash, not "None"
+            return "-"
         if isinstance(v, str):
             return v
         try:

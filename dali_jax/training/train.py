@@ -255,6 +255,44 @@ class Trainer:
                 raise
             log.error("final checkpoint not written: %s", exc)
 
+    # The hot path's only host/device transfers are explicit: observations in, the action
+    # and the previous updates' non-finite flags out, batches in (device_put in the prefetch
+    # thread). `run.transfer_guard=disallow` makes any other transfer an error.
+    def _act(self, carry, obs, pending):
+        """One acting step for the N envs: (executed action (N, A) float32 numpy, carry,
+        update key). Checks the `pending` updates' metrics (done: the action needed them)."""
+        run = self.config.run
+        with jax.transfer_guard(run.transfer_guard):
+            self.rng, k_act, k_upd = jax.random.split(self.rng, 3)
+            action, carry = self.agent.policy_step(self.state["params"], carry,
+                                                   jax.device_put(obs), k_act)
+            action = np.asarray(jax.device_get(action))
+            self._check_updates(pending)
+            if self.env_steps < run.prefill:
+                action = prefill_action(self.config.seed, self.env_steps // self.venv.num_envs,
+                                        run.prefill_hold, self.action_low, self.action_high,
+                                        action.shape)
+            # The executed action is what the replay stores (world model, context tokens,
+            # inverse targets) and what the acting carry continues from.
+            action = np.clip(action, self.action_low, self.action_high).astype(np.float32)
+            carry = self.agent.executed(carry, jax.device_put(action))
+        return action, carry, k_upd
+
+    def _update(self, prefetch, key, timers) -> list:
+        """Dispatches the updates the budget allows (asynchronously); returns their metrics."""
+        out = []
+        with jax.transfer_guard(self.config.run.transfer_guard):
+            while self.update_budget >= 1:
+                tw = time.perf_counter()
+                batch = next(prefetch)
+                timers["replay_wait"] += time.perf_counter() - tw
+                key, sub = jax.random.split(key)
+                self.state, metrics = self.train_step(self.state, batch, sub)
+                out.append(metrics)
+                self.update_budget -= 1
+                self.updates += 1
+        return out
+
     def _check_updates(self, pending: list) -> None:
         """Counts the skipped (non-finite) updates among `pending` metrics dicts (updates
         already computed: the caller has synchronised on their state), warns with the
@@ -320,22 +358,8 @@ class Trainer:
                         stopped = True
                         break
                     t0 = time.perf_counter()
-                    self.rng, k_act, k_upd = jax.random.split(self.rng, 3)
-                    action, carry = self.agent.policy_step(self.state["params"], carry, obs,
-                                                           k_act)
-                    action = np.asarray(action)
-                    # The action came from the state the last updates left: they are done.
-                    self._check_updates(pending)
+                    action, carry, k_upd = self._act(carry, obs, pending)
                     pending = []
-                    if self.env_steps < run.prefill:
-                        action = prefill_action(cfg.seed, self.env_steps // self.venv.num_envs,
-                                                run.prefill_hold, self.action_low,
-                                                self.action_high, action.shape)
-                    # The executed action is what the replay stores (world model, context
-                    # tokens, inverse targets) and what the acting carry continues from.
-                    action = np.clip(action, self.action_low, self.action_high).astype(
-                        np.float32)
-                    carry = self.agent.executed(carry, action)
                     t1 = time.perf_counter()
                     timers["policy"] += t1 - t0
                     self.replay.add({**{k: obs[k] for k in self.replay.spec if k in obs},
@@ -346,15 +370,8 @@ class Trainer:
                         if prefetch is None:
                             prefetch = Prefetcher(lambda: self.replay.sample(B), depth=2,
                                                   sharding=data_sharding)
-                        while self.update_budget >= 1:
-                            tw = time.perf_counter()
-                            batch = next(prefetch)
-                            timers["replay_wait"] += time.perf_counter() - tw
-                            k_upd, sub = jax.random.split(k_upd)
-                            self.state, metrics = self.train_step(self.state, batch, sub)
-                            pending.append(metrics)
-                            self.update_budget -= 1
-                            self.updates += 1
+                        pending = self._update(prefetch, k_upd, timers)
+                        metrics = pending[-1] if pending else metrics
                     t2 = time.perf_counter()
                     timers["dispatch"] += t2 - t1
                     obs, finished = self.venv.step(action)
