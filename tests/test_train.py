@@ -1,5 +1,5 @@
 """Trainer: resume without lost transitions, clear checkpoint errors, launch-time config
-validation, experiment presets, and the data-parallel update on two forced CPU devices."""
+validation, experiment presets, and the data-parallel update on four forced CPU devices."""
 import json
 import os
 import subprocess
@@ -106,14 +106,14 @@ def test_launch_rejects_bad_overrides_and_presets_hold_the_protocol():
 
 _DP_SCRIPT = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, {root!r}); sys.path.insert(0, os.path.join({root!r}, "tests"))
     import jax, numpy as np
     from conftest import tiny_config, feature_spec, random_batch
     from dali_jax.agent import Agent
     from dali_jax.training import parallel
-    assert len(jax.devices()) == 2
+    assert len(jax.devices()) == 4
     agent = Agent(tiny_config("dali_d"), feature_spec())
     batch = random_batch(agent.spec)
     key = jax.random.PRNGKey(3)
@@ -123,7 +123,7 @@ _DP_SCRIPT = textwrap.dedent("""
     rep, data = parallel.shardings(mesh)
     st = parallel.replicate(agent.init(jax.random.PRNGKey(0)), mesh)
     s2, m2 = step(st, jax.device_put(batch, data), key)
-    assert len(s2["params"]["actor"]["out"]["kernel"].sharding.device_set) == 2
+    assert len(s2["params"]["actor"]["out"]["kernel"].sharding.device_set) == 4
     diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
              for a, b in zip(jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(s2))]
     mets = [abs(float(m1[k]) - float(m2[k])) / (1 + abs(float(m1[k]))) for k in m1]
