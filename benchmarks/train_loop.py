@@ -9,7 +9,9 @@ acting (policy incl. waiting for the device), env stepping, update dispatch (inc
 waits) and logging, plus the prefetch wait fraction.
 """
 import argparse
+import json
 import os
+import threading
 import shutil
 import sys
 import tempfile
@@ -31,6 +33,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=0,
                     help="first run prefill + WARMUP env steps and stop (compiles, fills the "
                          "persistent compilation cache), then time the resumed run to --steps")
+    ap.add_argument("--max-seconds", type=float, default=0,
+                    help="stop the timed run after this many seconds (compilation included: "
+                         "use --warmup to compile first); 0: run to --steps")
+    ap.add_argument("--json", default=None, help="append the figures as one JSON line")
     args = ap.parse_args()
     from dali_jax import hostmem
     hostmem.tune_malloc()
@@ -63,8 +69,14 @@ def main():
             warm = Trainer(cfg, stop_after_env_steps=cfg.run.prefill + args.warmup).run()
             start_steps, start_updates = warm["env_steps"], warm["updates"]
         trainer = Trainer(cfg)
+        timer = None
+        if args.max_seconds:  # the loop stops at its next step, as at stop_after_env_steps
+            timer = threading.Timer(args.max_seconds, setattr, (trainer, "stop_after", 0))
+            timer.start()
         t0 = time.time()
         out = trainer.run()
+        if timer is not None:
+            timer.cancel()
         wall = time.time() - t0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -82,6 +94,15 @@ def main():
     for k, v in timers.items():
         if k != "eval":
             print(f"  {k:12s} {v:8.1f}s  {100 * v / loop:5.1f}%")
+    if args.json:
+        rec = dict(bench="train_loop", device=f"{dev.platform} {getattr(dev, 'device_kind', '')}",
+                   task=args.task, preset=args.preset, obs=cfg.obs, method=cfg.method,
+                   size=cfg.model.size, env_steps=steps, updates=updates, loop_s=loop,
+                   wall_s=wall, env_steps_per_s=steps / loop, updates_per_s=updates / loop,
+                   stopped=bool(out.get("stopped")),
+                   timers={k: v for k, v in timers.items() if k != "eval"})
+        with open(args.json, "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
 
 if __name__ == "__main__":
