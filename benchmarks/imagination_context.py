@@ -15,7 +15,10 @@ random-policy episodes of the run's task (a 4 x 4 grid of the two factors, as th
   * `other-episode`: c_t of another episode of the same context (same factors, other state),
   * `shuffled`: c_t of an episode of another context (wrong factors);
 - decode and score each against the true observations: mean squared error in symlog
-  space per imagined step (features; pixel runs: per pixel in [0, 1]).
+  space per imagined step (features; pixel runs: per pixel in [0, 1]);
+- score the reward head too: MSE of its predictions against the true rewards, and how far
+  its predictions move from the `fixed` ones when only c changes (a reward head that reads
+  the state from c moves with another episode's c).
 
 `fixed` close to `updated` says a stale context costs imagination little; `other-episode`
 far above `fixed` says the model reads episode-specific state from c; `shuffled` above
@@ -43,6 +46,9 @@ def main(argv=None):
     p.add_argument("--horizon", type=int, default=15)
     p.add_argument("--starts", type=int, default=8, help="start steps per episode")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--action-repeat", type=int, default=1,
+                   help="hold each random action this many steps (10 catches the ball now "
+                        "and then, so that the reward head is scored on some rewards)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -57,13 +63,15 @@ def main(argv=None):
     run = load_run(args.logdir)
     agent, cfg, params = run.agent, run.config, run.params
     sw = agent.switches
-    if not agent.inferred or not sw["dynamics"]:
-        raise SystemExit(f"{cfg.method}: the context does not enter the dynamics (needs dali_d)")
+    if not agent.inferred or not (sw["dynamics"] or sw["heads"]):
+        raise SystemExit(f"{cfg.method}: the inferred context enters neither the dynamics nor "
+                         "the heads (needs dali_d or an ablation of it)")
+    dyn = sw["dynamics"]
     K, H = int(cfg.context.window), args.horizon
     length = K + args.starts * 8 + H + 1
     contexts = P.context_grid(cfg.task, args.grid)
     eps = P.collect_random_episodes(cfg.task, contexts, args.episodes, length, seed=args.seed,
-                                    obs_mode=cfg.obs)
+                                    obs_mode=cfg.obs, action_repeat=args.action_repeat)
     ctx = jnp.asarray(P.episode_contexts(agent, params, eps))  # (E, L, Cc)
     E, L = eps["is_first"].shape
     keys = tuple(agent.spec.obs) + ("action", "is_first")
@@ -77,7 +85,7 @@ def main(argv=None):
     post, _ = R.observe(agent.rssm, params["rssm"], embed, prev, is_first,
                         jax.random.PRNGKey(args.seed),
                         ctx_post=ctx if sw["posterior"] else None,
-                        ctx_dyn=agent.dyn_context(ctx, is_first))
+                        ctx_dyn=agent.dyn_context(ctx, is_first) if dyn else None)
     rng = np.random.default_rng(args.seed)
     cid = np.asarray(eps["context_id"])
     other_ep = np.array([rng.choice([j for j in range(E) if cid[j] == cid[i] and j != i])
@@ -90,20 +98,24 @@ def main(argv=None):
         """start (N, ...); actions (N, H, A); cseq (N, H, Cc): context of imagined step k."""
         def step(state, inp):
             a, c, k = inp
-            nxt = agent.rssm.apply({"params": params["rssm"]}, state, a, k, c,
-                                   method=R.RSSM.img_step)
+            nxt = agent.rssm.apply({"params": params["rssm"]}, state, a, k,
+                                   c if dyn else None, method=R.RSSM.img_step)
             return nxt, nxt
         _, traj = jax.lax.scan(step, start, (jnp.swapaxes(actions, 0, 1),
                                              jnp.swapaxes(cseq, 0, 1), jax.random.split(key, H)))
         traj = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), traj)
-        return agent.decoder.apply({"params": params["decoder"]},
-                                   agent.head_input(traj, cseq))
+        hin = agent.head_input(traj, cseq)
+        rew = D.TwoHot(agent.reward.apply({"params": params["reward"]}, hin)).mean()
+        return agent.decoder.apply({"params": params["decoder"]}, hin), rew
 
     def target(key, t):
         v = jnp.asarray(eps["obs" if key == "obs" else key])[:, t + 1:t + 1 + H]
         return D.symlog(v.astype(jnp.float32)) if key not in agent.image_keys else v / 255.0
 
-    errs = {m: np.zeros(H) for m in ("fixed", "updated", "other-episode", "shuffled")}
+    modes = ("fixed", "updated", "other-episode", "shuffled")
+    errs = {m: np.zeros(H) for m in modes}
+    rew_err = {m: 0.0 for m in modes}  # reward head: MSE against the true rewards
+    rew_shift = {m: 0.0 for m in modes}  # mean |r_hat(m) - r_hat(fixed)|: reads c?
     for t in starts:
         start = jax.tree_util.tree_map(lambda x: x[:, t], post)
         actions = batch["action"][:, t:t + H].astype(jnp.float32)
@@ -112,19 +124,28 @@ def main(argv=None):
                 "updated": ctx[:, t:t + H],
                 "other-episode": jnp.repeat(ctx[other_ep, t][:, None], H, 1),
                 "shuffled": jnp.repeat(ctx[other_ctx, t][:, None], H, 1)}
+        r_true = jnp.asarray(eps["reward"], jnp.float32)[:, t + 1:t + 1 + H]
+        r_fixed = None
         for m, cs in seqs.items():
-            rec = rollout(start, actions, cs, jax.random.PRNGKey(int(t)))
+            rec, r_hat = rollout(start, actions, cs, jax.random.PRNGKey(int(t)))
             err = sum(((rec[k].astype(jnp.float32) - target(k, t)) ** 2).reshape(E, H, -1)
                       .mean(-1) for k in rec)
             errs[m] += np.asarray(err.mean(0)) / len(starts)
+            r_fixed = r_hat if m == "fixed" else r_fixed
+            rew_err[m] += float(((r_hat - r_true) ** 2).mean()) / len(starts)
+            rew_shift[m] += float(jnp.abs(r_hat - r_fixed).mean()) / len(starts)
     out = dict(logdir=os.path.basename(os.path.normpath(args.logdir)), method=cfg.method,
                step=int(run.step), horizon=H, episodes=int(E), starts=len(starts),
                error_per_step={m: [float(x) for x in v] for m, v in errs.items()},
-               error_mean={m: float(v.mean()) for m, v in errs.items()})
+               error_mean={m: float(v.mean()) for m, v in errs.items()},
+               reward_mse=rew_err, reward_shift_from_fixed=rew_shift,
+               reward_mean_true=float(np.mean(eps["reward"])))
     print(f"{cfg.task} {cfg.method} step {run.step}: open-loop error over {H} imagined "
           f"steps (mean; step 1 / step {H})")
     for m, v in errs.items():
-        print(f"  {m:14s} {v.mean():.4f}   ({v[0]:.4f} / {v[-1]:.4f})")
+        print(f"  {m:14s} {v.mean():.4f}   ({v[0]:.4f} / {v[-1]:.4f})   reward MSE "
+              f"{rew_err[m]:.4f}, |r_hat - r_hat(fixed)| {rew_shift[m]:.4f}")
+    print(f"  (mean true reward per step {np.mean(eps['reward']):.4f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
