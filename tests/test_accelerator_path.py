@@ -48,20 +48,23 @@ def test_train_and_policy_step_export_for_cuda_and_tpu(obs, method):
     assert "bf16" in update.mlir_module()
 
 
-def test_bfloat16_update_trains_and_starts_where_float32_does():
+def test_bfloat16_update_trains_and_starts_where_float32_does(agent_cache):
     """A nano DALI-D trained on one fixed batch in bfloat16: every step finite, each
-    world-model term and the alignment loss fall over 120 updates, and the first step's
+    world-model term and the alignment loss fall over 80 updates, and the first step's
     losses are within 2% (relative) of the float32 update's."""
     first = {}
     for dtype in ("float32", "bfloat16"):
-        agent = Agent(tiny_config("dali_d", compute_dtype=dtype), feature_spec())
+        if dtype == "float32" and jax.default_backend() == "cpu":
+            agent = agent_cache("dali_d")  # the session's compiled one (auto = float32 here)
+        else:
+            agent = Agent(tiny_config("dali_d", compute_dtype=dtype), feature_spec())
         batch = random_batch(agent.spec, T=agent.sequence_length)
         state = agent.init(jax.random.PRNGKey(0))
         state, m0 = agent.train_step(state, batch, jax.random.PRNGKey(0))
         first[dtype] = {k: float(v) for k, v in m0.items()}
         if dtype == "float32":
             continue
-        for i in range(1, 120):
+        for i in range(1, 80):
             state, m = agent.train_step(state, batch, jax.random.PRNGKey(i))
             assert not float(m["train/nonfinite"]), i
         last = {k: float(v) for k, v in m.items()}
