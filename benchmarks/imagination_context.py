@@ -16,6 +16,9 @@ random-policy episodes of the run's task (a 4 x 4 grid of the two factors, as th
   * `shuffled`: c_t of an episode of another context (wrong factors);
 - decode and score each against the true observations: mean squared error in symlog
   space per imagined step (features; pixel runs: per pixel in [0, 1]);
+- controllability: imagine from the same start under another episode's actions (fixed c)
+  and measure how far the decoded observations move (a prior that leans on a fixed c
+  responds less to the actions);
 - score the reward head too: MSE of its predictions against the true rewards, and how far
   its predictions move from the `fixed` ones when only c changes (a reward head that reads
   the state from c moves with another episode's c).
@@ -116,6 +119,9 @@ def main(argv=None):
     errs = {m: np.zeros(H) for m in modes}
     rew_err = {m: 0.0 for m in modes}  # reward head: MSE against the true rewards
     rew_shift = {m: 0.0 for m in modes}  # mean |r_hat(m) - r_hat(fixed)|: reads c?
+    # Controllability: how far the imagined observations move when only the actions change
+    # (another episode's actions from the same start state, fixed c).
+    act_effect = np.zeros(H)
     for t in starts:
         start = jax.tree_util.tree_map(lambda x: x[:, t], post)
         actions = batch["action"][:, t:t + H].astype(jnp.float32)
@@ -134,18 +140,29 @@ def main(argv=None):
             r_fixed = r_hat if m == "fixed" else r_fixed
             rew_err[m] += float(((r_hat - r_true) ** 2).mean()) / len(starts)
             rew_shift[m] += float(jnp.abs(r_hat - r_fixed).mean()) / len(starts)
+            if m == "fixed":
+                rec_fixed = rec
+        rec_swap, _ = rollout(start, batch["action"][other_ep, t:t + H].astype(jnp.float32),
+                              seqs["fixed"], jax.random.PRNGKey(int(t)))
+        diff = sum(((rec_swap[k].astype(jnp.float32) - rec_fixed[k].astype(jnp.float32)) ** 2)
+                   .reshape(E, H, -1).mean(-1) for k in rec_swap)
+        act_effect += np.asarray(diff.mean(0)) / len(starts)
     out = dict(logdir=os.path.basename(os.path.normpath(args.logdir)), method=cfg.method,
                step=int(run.step), horizon=H, episodes=int(E), starts=len(starts),
                error_per_step={m: [float(x) for x in v] for m, v in errs.items()},
                error_mean={m: float(v.mean()) for m, v in errs.items()},
                reward_mse=rew_err, reward_shift_from_fixed=rew_shift,
-               reward_mean_true=float(np.mean(eps["reward"])))
+               reward_mean_true=float(np.mean(eps["reward"])),
+               action_effect_per_step=[float(x) for x in act_effect],
+               action_effect_mean=float(act_effect.mean()))
     print(f"{cfg.task} {cfg.method} step {run.step}: open-loop error over {H} imagined "
           f"steps (mean; step 1 / step {H})")
     for m, v in errs.items():
         print(f"  {m:14s} {v.mean():.4f}   ({v[0]:.4f} / {v[-1]:.4f})   reward MSE "
               f"{rew_err[m]:.4f}, |r_hat - r_hat(fixed)| {rew_shift[m]:.4f}")
     print(f"  (mean true reward per step {np.mean(eps['reward']):.4f})")
+    print(f"  action effect (other actions, fixed c): {act_effect.mean():.4f}   "
+          f"({act_effect[0]:.4f} / {act_effect[-1]:.4f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
