@@ -50,7 +50,7 @@ def test_train_and_policy_step_export_for_cuda_and_tpu(obs, method):
 
 def test_bfloat16_update_trains_and_starts_where_float32_does(agent_cache):
     """A nano DALI-D trained on one fixed batch in bfloat16: every step finite, each
-    world-model term and the alignment loss fall over 80 updates, and the first step's
+    world-model term and the alignment loss fall over 50 updates, and the first step's
     losses are within 2% (relative) of the float32 update's."""
     first = {}
     for dtype in ("float32", "bfloat16"):
@@ -64,13 +64,13 @@ def test_bfloat16_update_trains_and_starts_where_float32_does(agent_cache):
         first[dtype] = {k: float(v) for k, v in m0.items()}
         if dtype == "float32":
             continue
-        for i in range(1, 80):
+        for i in range(1, 50):
             state, m = agent.train_step(state, batch, jax.random.PRNGKey(i))
             assert not float(m["train/nonfinite"]), i
         last = {k: float(v) for k, v in m.items()}
     assert all(np.isfinite(v) for v in last.values())
     for term, factor in (("loss/recon_obs", 0.8), ("loss/cont", 0.8), ("loss/dyn", 0.95),
-                         ("loss/reward", 0.99), ("loss/dali", 0.97)):
+                         ("loss/reward", 0.995), ("loss/dali", 0.97)):
         assert last[term] < factor * first["bfloat16"][term], (term, first["bfloat16"][term],
                                                                last[term])
     for term in ("loss/recon_obs", "loss/reward", "loss/cont", "loss/dyn", "loss/rep",
