@@ -292,13 +292,18 @@ class Agent:
         ctx, aux = self.context_chunk(mp, batch, full_embed, L - H)
         ctx_wm = None if ctx is None else sg(ctx)
         prev_act = self.prev_actions(chunk["action"].astype(f32), is_first)
+        ctx_deep = ctx_wm  # what img_step and the heads read
+        if ctx_wm is not None and self.config.context.deep_lag:
+            key = jax.random.fold_in(rng, 1)  # observe's stream stays as without the lag
+            idx = C.lagged_indices(is_first, self.config.context.deep_lag, key)
+            ctx_deep = jnp.take_along_axis(ctx_wm, idx[..., None], 1)
         post, prior = R.observe(
             self.rssm, mp["rssm"], embed, prev_act, is_first, rng,
             ctx_post=ctx_wm if sw["posterior"] else None,
-            ctx_dyn=self.dyn_context(ctx_wm, is_first) if sw["dynamics"] else None,
+            ctx_dyn=self.dyn_context(ctx_deep, is_first) if sw["dynamics"] else None,
             unroll=self.unroll)
         batch = chunk
-        hin = self.head_input(post, ctx_wm)
+        hin = self.head_input(post, ctx_deep)
         losses = {}
         rec = self.decoder.apply({"params": mp["decoder"]}, hin)
         recon = 0.0

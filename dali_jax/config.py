@@ -85,6 +85,11 @@ def get_config() -> ml_collections.ConfigDict:
     # > 0: g_phi, f_psi and the chi heads stop changing after this many updates, so that the
     # context the actor, critic and world model read is stationary from then on (0: never).
     x.freeze_after = 0
+    # > 0: in the world-model loss the deep inputs (img_step and the heads) read the context
+    # of a random earlier step of the same episode, up to deep_lag steps back (uniform), the
+    # staleness they meet in imagination, where c is held fixed for imag_horizon steps;
+    # 0: the current step's context. Needs a method with deep inputs (dali_d, crssm_d).
+    x.deep_lag = 0
     x.head_units = 0  # 0: tied to model.size (see hidden)
     x.head_layers = 2
     x.lambda_cross = 1.0
@@ -240,6 +245,16 @@ def validate(config) -> None:
     if not (isinstance(config.context.freeze_after, int) and config.context.freeze_after >= 0):
         raise ValueError("config.context.freeze_after must be an integer >= 0 (0: never); "
                          f"got {config.context.freeze_after!r}")
+    lag = config.context.deep_lag
+    if not (isinstance(lag, int) and not isinstance(lag, bool) and lag >= 0):
+        raise ValueError(f"config.context.deep_lag must be an integer >= 0 (0: off); got {lag!r}")
+    if lag:
+        from dali_jax.methods import config_switches
+        sw = config_switches(config)
+        if not (sw["dynamics"] or sw["heads"]):
+            raise ValueError(f"config.context.deep_lag={lag} needs deep context inputs "
+                             f"(img_step or heads); method {config.method!r} with "
+                             f"context.drop={config.context.drop!r} has none")
     for name in ("context.window", "context.dim", "context.future_steps",
                  "train.batch_size", "train.batch_length", "train.imag_horizon",
                  "run.num_envs", "num_contexts", "model.encdec_layers", "model.encdec_units",

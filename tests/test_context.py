@@ -235,3 +235,47 @@ def test_freeze_after_stops_g_phi_and_its_heads_but_not_the_world_model(agent_ca
     assert moved(leaves[0], leaves[1]) and moved(leaves[1], leaves[2])  # updates 0, 1
     assert not moved(leaves[2], leaves[3]) and not moved(leaves[3], leaves[4])  # frozen
     assert all(np.abs(rssm_params[i + 1] - rssm_params[i]).max() > 0 for i in range(4))
+
+
+def test_lagged_indices_stay_in_the_episode_and_cover_every_lag():
+    """context.deep_lag: each step reads a step 0..L back, clipped at its episode's start
+    (naive loop), and every lag 0..L occurs where the episode allows it."""
+    L, TT = 3, 40
+    first = np.zeros((B, TT), bool)
+    first[:, 0] = True
+    first[0, 5] = first[1, 20] = True
+    key = jax.random.PRNGKey(3)
+    idx = np.asarray(C.lagged_indices(jnp.asarray(first), L, key))
+    d = np.asarray(jax.random.randint(key, (B, TT), 0, L + 1))
+    lags = set()
+    for b in range(B):
+        start = 0
+        for t in range(TT):
+            start = t if first[b, t] else start
+            assert start <= idx[b, t] <= t
+            assert idx[b, t] == max(t - d[b, t], start)
+            if t - start >= L:
+                lags.add(t - idx[b, t])
+    assert lags == set(range(L + 1))
+    np.testing.assert_array_equal(C.lagged_indices(jnp.asarray(first), 0, key),
+                                  np.broadcast_to(np.arange(TT), (B, TT)))
+
+
+def test_deep_lag_reads_contexts_of_the_same_episode_only(agent_cache):
+    """With a context constant within each episode (crssm_d, the true context), the lag
+    changes nothing: the loss is exactly that without it. A context that varies in time
+    changes the loss (the heads and img_step read other steps)."""
+    from conftest import random_batch
+    plain = agent_cache("crssm_d")
+    lag = agent_cache("crssm_d", **{"context.deep_lag": 4})
+    state = plain.init(jax.random.PRNGKey(0))
+    mp = state["params"]
+    batch = random_batch(plain.spec, B=4, T=plain.sequence_length, seed=1)
+    ctx = np.zeros_like(batch["context"])
+    half = batch["is_first"].shape[1] // 2
+    ctx[:, :half], ctx[:, half:] = [0.3, -1.0], [-0.7, 0.5]  # two episodes per sequence
+    loss = lambda agent, b: float(agent.world_model_loss(mp, b, jax.random.PRNGKey(2))[0])
+    const = dict(batch, context=ctx)
+    assert loss(lag, const) == loss(plain, const)
+    varying = dict(batch, context=ctx + np.linspace(0, 1, ctx.shape[1])[None, :, None])
+    assert abs(loss(lag, varying) - loss(plain, varying)) > 1e-4

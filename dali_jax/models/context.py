@@ -56,6 +56,17 @@ def window_indices(is_first, window: int):
     return jnp.maximum(raw[None], start[:, :, None])
 
 
+def lagged_indices(is_first, max_lag: int, rng):
+    """(B, T) bool -> (B, T) int: for each step t, a random earlier step of its episode,
+    max(t - d, episode start) with d ~ U{0..max_lag} per step (`context.deep_lag`).
+    is_first[:, 0] must be True (chunks start an episode segment)."""
+    B, T = is_first.shape
+    t = jnp.arange(T)
+    start = jax.lax.cummax(jnp.where(is_first, t[None], 0), axis=1)
+    d = jax.random.randint(rng, (B, T), 0, max_lag + 1)
+    return jnp.maximum(t[None] - d, start)
+
+
 def full_chunk_indices(batch: int, length: int):
     """Release behaviour: every step sees the whole chunk (future steps included). (B, T, T)."""
     return jnp.broadcast_to(jnp.arange(length)[None, None], (batch, length, length))
