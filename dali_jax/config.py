@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from dali_jax.methods import METHODS, RECIPES
+from dali_jax.methods import DROPPABLE, METHODS, RECIPES, config_switches, parse_drop
 
 # deter / units / layers / cnn_depth (DreamerV3 sizes) plus tiny ones for tests and CPU runs.
 SIZES = {
@@ -181,7 +181,6 @@ def history_steps(config) -> int:
 
 
 def _validate_drop(config):
-    from dali_jax.methods import DROPPABLE, config_switches, parse_drop
     drop = config.context.get("drop", "")
     if not isinstance(drop, str):
         raise ValueError("config.context.drop must be a string: \"\" or comma-separated names "
@@ -231,7 +230,7 @@ def validate(config) -> None:
     _choice("context.loss", config.context.loss, ("forward", "inverse", "both"))
     _choice("context.pairs", config.context.pairs, ("window", "future"))
     for name in ("context.hidden", "context.head_units"):
-        v = _get(config, name)
+        v = get_path(config, name)
         if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
             raise ValueError(f"config.{name} must be 0 (tied to model.size) or a positive "
                              f"integer; got {v!r}")
@@ -249,7 +248,6 @@ def validate(config) -> None:
     if not (isinstance(lag, int) and not isinstance(lag, bool) and lag >= 0):
         raise ValueError(f"config.context.deep_lag must be an integer >= 0 (0: off); got {lag!r}")
     if lag:
-        from dali_jax.methods import config_switches
         sw = config_switches(config)
         if not (sw["dynamics"] or sw["heads"]):
             raise ValueError(f"config.context.deep_lag={lag} needs deep context inputs "
@@ -259,10 +257,10 @@ def validate(config) -> None:
                  "train.batch_size", "train.batch_length", "train.imag_horizon",
                  "run.num_envs", "num_contexts", "model.encdec_layers", "model.encdec_units",
                  "run.episode_length", "run.prefill_hold"):
-        _positive(name, _get(config, name), integer=True)
+        _positive(name, get_path(config, name), integer=True)
     for name in ("train.horizon", "train.model_lr", "train.actor_lr", "train.critic_lr",
                  "train.model_clip", "train.actor_clip", "train.critic_clip", "run.train_ratio"):
-        _positive(name, _get(config, name))
+        _positive(name, get_path(config, name))
     if not 0.0 <= config.train.return_lambda <= 1.0:
         raise ValueError(f"config.train.return_lambda must be in [0, 1]; "
                          f"got {config.train.return_lambda!r}")
@@ -291,8 +289,40 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _get(config, dotted):
+class FieldError(KeyError):
+    """A dotted config path names no field: `where` (the group searched), `part` (the
+    missing name) and `valid` (that group's fields)."""
+
+    def __init__(self, dotted, where, part, valid):
+        self.dotted, self.where, self.part, self.valid = dotted, where, part, valid
+        super().__init__(f"{where} has no field {part!r}. Valid fields: {', '.join(valid)}")
+
+    def __str__(self):
+        return self.args[0]
+
+
+def field_parent(config, dotted: str):
+    """The group holding a dotted path's field and the field's name: 'a.b.c' ->
+    (config.a.b, 'c'). Raises FieldError naming the first missing part."""
+    parts = dotted.split(".")
     node = config
-    for part in dotted.split("."):
-        node = node[part]
-    return node
+    for depth, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise FieldError(dotted, ".".join(parts[:depth]) or "config", part, valid)
+        if depth < len(parts) - 1:
+            node = node[part]
+    return node, parts[-1]
+
+
+def get_path(config, dotted: str):
+    """config['a']['b']['c'] for 'a.b.c'."""
+    node, leaf = field_parent(config, dotted)
+    return node[leaf]
+
+
+def set_path(config, dotted: str, value):
+    """Sets the existing field 'a.b.c' of config (FieldError when there is none)."""
+    node, leaf = field_parent(config, dotted)
+    node[leaf] = value
+    return config

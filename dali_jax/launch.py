@@ -59,21 +59,15 @@ def apply_overrides(config: ml_collections.ConfigDict, args: Sequence[str]):
                 raise UsageError(f"{arg} needs a value")
             name, text = body, args[i + 1]
             i += 1
-        node = config
-        parts = name.split(".")
-        for depth, part in enumerate(parts):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                where = ".".join(parts[:depth]) or "config"
-                valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                raise UsageError(f"unknown field --config.{name}: {where} has no field "
-                                 f"{part!r}. Valid fields: {', '.join(valid)}")
-            if depth < len(parts) - 1:
-                node = node[part]
-        default = node[parts[-1]]
+        try:
+            node, leaf = config_lib.field_parent(config, name)
+        except config_lib.FieldError as exc:
+            raise UsageError(f"unknown field --config.{name}: {exc}") from None
+        default = node[leaf]
         if isinstance(default, ml_collections.ConfigDict):
             raise UsageError(f"--config.{name} is a group; set one of its fields: "
                              f"{', '.join(sorted(default.keys()))}")
-        node[parts[-1]] = _parse_value(name, text, default)
+        node[leaf] = _parse_value(name, text, default)
         i += 1
     return config
 

@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+from dali_jax import config as config_lib
+
 NAMES = ("paper", "cpu", "quick", "smoke")
 
 # preset -> {dotted config path: value}, applied in this order ("paper" is the default config).
@@ -93,9 +95,5 @@ def apply(c, name: str):
     if name not in NAMES:
         raise ValueError(f"preset must be one of {', '.join(NAMES)}; got {name!r}")
     for path, value in OVERRIDES[name].items():
-        *parents, leaf = path.split(".")
-        node = c
-        for part in parents:
-            node = getattr(node, part)
-        setattr(node, leaf, value)
+        config_lib.set_path(c, path, value)
     return c

@@ -33,11 +33,7 @@ def tiny_config(method="dali_d", **overrides):
     c.context.window, c.context.hidden, c.context.head_units = 8, 16, 16
     c.xla_opt_level = 0  # these tests are mostly compilation (see config.xla_opt_level)
     for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
+        config_lib.set_path(c, key, value)
     return c
 
 
