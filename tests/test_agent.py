@@ -95,7 +95,8 @@ def test_gradient_isolation(agent_cache):
     absum = lambda t: float(sum(jnp.abs(x).sum() for x in jax.tree_util.tree_leaves(t)))
     g = wm_grads(mp)
     g_dyn, g_rep, g_rec, g_ali = g["dyn"], g["rep"], g["rec"], g["ali"]
-    assert absum(g_dyn["obs_stats"]) == 0 and absum(g_dyn["obs_out"]) == 0
+    assert absum(g_dyn["obs_stats"]) == 0 and absum(g_dyn["obs_h"]) == 0
+    assert absum(g_dyn["obs_e"]) == 0 and absum(g_dyn["obs_norm"]) == 0
     assert absum(g_dyn["img_stats"]) > 0
     assert absum(g_rep["img_stats"]) == 0 and absum(g_rep["obs_stats"]) > 0
     # The world-model losses see c as stop-gradient; only the alignment loss trains g_phi.

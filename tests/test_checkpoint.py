@@ -243,3 +243,38 @@ def test_no_checkpoint_and_bad_extra(tmp_path):
     with pytest.raises(TypeError):
         ck.save(1, {"x": np.ones(2)}, extra={"bad": object()})
     assert ck.latest_step() is None
+
+
+def _to_legacy(node):
+    """The agent state as written before the posterior split: obs_out = {kernel
+    [W_h; W_e], norm} in every RSSM dict (params and optimiser moments)."""
+    if isinstance(node, dict):
+        node = {k: _to_legacy(v) for k, v in node.items()}
+        if "obs_h" in node:
+            node["obs_out"] = dict(kernel=np.concatenate([node.pop("obs_h")["kernel"],
+                                                          node.pop("obs_e")["kernel"]], 0),
+                                   norm=node.pop("obs_norm"))
+        return node
+    if isinstance(node, (list, tuple)):
+        return [_to_legacy(v) for v in node]
+    return np.asarray(node) if hasattr(node, "shape") else node
+
+
+def test_checkpoints_of_the_one_layer_posterior_still_load(agent_cache, tmp_path):
+    """A checkpoint written before the posterior layer was split (obs_out) restores into the
+    split layout with the same numbers, optimiser moments included."""
+    from dali_jax.training.train import agent_state
+    agent = agent_cache("dali_d")
+    state = agent.init(jax.random.PRNGKey(0))
+    state = jax.tree_util.tree_map(lambda x: x + 0.5 if x.dtype == np.float32 else x, state)
+    ck = Checkpointer(str(tmp_path))
+    ck.save(1, dict(agent=state), {})
+    ck.wait()
+    _, tree, _ = ck.restore()  # nested dicts and lists, as the trainer reads them
+    tree = _to_legacy(tree)
+    assert "obs_out" in tree["agent"]["params"]["rssm"]
+    assert str(tree).count("'obs_out'") >= 3  # params and Adam's two moments
+    template = jax.eval_shape(agent.init, jax.random.PRNGKey(0))
+    got = agent_state(tree, template, ck.path(1))
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -139,3 +139,24 @@ def test_action_clip_bounds_the_action_input(cell):
     out_clip = rssm.apply({"params": params}, st, jnp.clip(a, -1, 1), key, c,
                           method=R.RSSM.img_step)
     np.testing.assert_allclose(out_big["deter"], out_clip["deter"], atol=1e-6)
+
+
+def test_posterior_is_one_layer_on_the_concatenation(cell):
+    """obs_h on h plus obs_e on [embed, c], then LayerNorm + SiLU, is the posterior layer
+    act(LN([h, embed, c] W)) with W = [W_h; W_e], written out here in numpy."""
+    rssm, params = cell
+    embed, act, first, ctx = _data()
+    state = R.initial_state(rssm, params, B)
+    post, prior = rssm.apply({"params": params}, state, jnp.asarray(act[:, 0]),
+                             jnp.asarray(embed[:, 0]), jnp.zeros((B,), bool),
+                             jax.random.PRNGKey(2), jnp.asarray(ctx[:, 0]),
+                             jnp.asarray(ctx[:, 0]), method=R.RSSM.obs_step)
+    p = jax.tree_util.tree_map(np.asarray, params)
+    w = np.concatenate([p["obs_h"]["kernel"], p["obs_e"]["kernel"]], 0)
+    x = np.concatenate([np.asarray(prior["deter"]), embed[:, 0], ctx[:, 0]], -1) @ w
+    x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-3)
+    x = x * p["obs_norm"]["scale"] + p["obs_norm"]["bias"]
+    x = x / (1 + np.exp(-x))
+    logit = (x @ p["obs_stats"]["kernel"] + p["obs_stats"]["bias"]).reshape(B, 4, 5)
+    probs = 0.99 * np.exp(logit) / np.exp(logit).sum(-1, keepdims=True) + 0.01 / 5
+    np.testing.assert_allclose(np.exp(np.asarray(post["logit"])), probs, rtol=1e-4, atol=1e-6)

@@ -153,7 +153,8 @@ def deferred_kernel_vjp(objective, make_taps, add_grads):
 
 
 class Dense(nn.Module):
-    """y = act(LayerNorm(x W)) when `norm`, else act(x W + b). (..., in) -> (..., units).
+    """y = act(LayerNorm(x W)) when `norm`, else act(x W + b) (act(x W) without `bias`).
+    (..., in) -> (..., units).
 
     tap: optional zeros (..., units); when given, the matmul is a `deferred_matmul`."""
     units: int
@@ -161,6 +162,7 @@ class Dense(nn.Module):
     act: str = "silu"
     outscale: float = 1.0
     dtype: jnp.dtype = f32
+    bias: bool = True
 
     @nn.compact
     def __call__(self, x, tap=None):
@@ -169,7 +171,9 @@ class Dense(nn.Module):
         x = x @ kernel if tap is None else deferred_matmul(x, kernel, tap)
         if self.norm:
             return LayerNorm(act=self.act, name="norm")(x)
-        x = x + self.param("bias", nn.initializers.zeros, (self.units,), f32).astype(self.dtype)
+        if self.bias:
+            x = x + self.param("bias", nn.initializers.zeros, (self.units,),
+                               f32).astype(self.dtype)
         return get_act(self.act)(x)
 
 

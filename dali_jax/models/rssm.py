@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dali_jax.models import distributions as D
-from dali_jax.models.nets import Dense, deferred_kernel_vjp, deferred_matmul, layer_norm
+from dali_jax.models.nets import Dense, LayerNorm, deferred_kernel_vjp
 
 f32 = jnp.float32
 sg = jax.lax.stop_gradient
@@ -40,7 +40,13 @@ class RSSM(nn.Module):
         self.img_out = Dense(self.units, dtype=self.dtype)
         self.img_stats = Dense(self.stoch * self.classes, norm=False, act="none",
                                dtype=self.dtype)
-        self.obs_out = Dense(self.units, dtype=self.dtype)
+        # The posterior layer act(LN([h, embed, c] W)), its kernel in two blocks: obs_h on h
+        # (inside the filter scan) and obs_e on [embed, c] (on whole sequences, before it).
+        # The same function and parameter count as one layer on the concatenation.
+        linear = functools.partial(Dense, self.units, norm=False, act="none", bias=False,
+                                   dtype=self.dtype)
+        self.obs_h, self.obs_e = linear(), linear()
+        self.obs_norm = LayerNorm(act="silu")
         self.obs_stats = Dense(self.stoch * self.classes, norm=False, act="none",
                                dtype=self.dtype)
 
@@ -115,25 +121,19 @@ class RSSM(nn.Module):
         return post, prior
 
     def post_projection(self, embed, ctx_post=None):
-        """The [embed, c] half of the posterior layer's matmul (its kernel's rows after the
-        first `deter`): (..., E) [, (..., Cc)] -> (..., units). `observe` applies it to
-        whole sequences at once, outside its scan."""
+        """The [embed, c] block of the posterior layer: (..., E) [, (..., Cc)] -> (..., units).
+        `observe` applies it to whole sequences at once, outside its scan."""
         x = embed if ctx_post is None else jnp.concatenate([embed, ctx_post.astype(embed.dtype)],
                                                            -1)
-        kernel = self.obs_out.variables["params"]["kernel"][self.deter:]
-        return x.astype(self.dtype) @ kernel.astype(self.dtype)
+        return self.obs_e(x)
 
     def _posterior(self, h, proj, rng, taps=None, inputs=None):
-        """The posterior layer on [h, embed, c] given the [embed, c] half of its matmul
-        (`proj` (B, units)): the one definition of the posterior. -> state dict."""
+        """The posterior given h (B, deter) and the [embed, c] block's output `proj`
+        (B, units): z ~ q(z | h, embed, c). -> state dict."""
         taps = taps or {}
-        v = self.obs_out.variables["params"]
-        h_in, kernel = h.astype(self.dtype), v["kernel"][:self.deter].astype(self.dtype)
-        tap = taps.get("obs_out")
-        x = (h_in @ kernel if tap is None else deferred_matmul(h_in, kernel, tap)) + proj
-        x = layer_norm(x, v["norm"]["scale"], v["norm"]["bias"], act=self.obs_out.act)
+        x = self.obs_norm(self.obs_h(h, taps.get("obs_h")) + proj)
         if inputs is not None:
-            inputs.update(obs_out=h_in, obs_stats=x.astype(self.dtype))
+            inputs.update(obs_h=h.astype(self.dtype), obs_stats=x.astype(self.dtype))
         logit = self._logits(self.obs_stats, x, taps.get("obs_stats"))
         return dict(deter=h, logit=logit, stoch=D.OneHot(logit, normalized=True).sample(rng))
 
@@ -154,12 +154,9 @@ class RSSM(nn.Module):
         post = self._posterior(h, proj, r2, taps, inputs)
         return post if taps is None else (post, inputs)
 
-    def __call__(self, state, action, embed, is_first, rng, ctx_post=None, ctx_dyn=None):
-        """Used only for `init`: creates every parameter (the posterior layer through its
-        Dense module, whose kernel `_posterior` then reads), then runs `obs_step`."""
-        parts = [state["deter"], embed] + ([] if ctx_post is None else [ctx_post])
-        self.obs_out(jnp.concatenate(parts, -1))
-        return self.obs_step(state, action, embed, is_first, rng, ctx_post, ctx_dyn)
+    def __call__(self, *args, **kwargs):
+        """`obs_step` (Flax's `init` calls this; it creates every parameter)."""
+        return self.obs_step(*args, **kwargs)
 
 
 def _bcast(v, like):
@@ -209,10 +206,9 @@ def observe(rssm: RSSM, params, embed, prev_action, is_first, rng, state=None,
     return post, dict(deter=post["deter"], logit=logit, stoch=stoch)
 
 
-# Layers of the filter step whose kernel gradients `observe` computes after its scan. For
-# obs_out that is the gradient of its first `deter` rows (the h half); its [embed, c] rows
-# are used by `post_projection`, outside the scan, and get theirs by autodiff.
-DEFERRED = ("img_in", "gru", "obs_out", "obs_stats")
+# Layers of the filter step whose kernel gradients `observe` computes after its scan (the
+# posterior's obs_e block runs outside the scan and gets its gradient by autodiff).
+DEFERRED = ("img_in", "gru", "obs_h", "obs_stats")
 
 
 def _filter(rssm, params, state, actions, proj, is_first, rngs, ctx_dyn, init, unroll=1):
@@ -241,10 +237,8 @@ def _filter(rssm, params, state, actions, proj, is_first, rngs, ctx_dyn, init, u
 
     def add_grads(d_args, grads):
         d_params = dict(d_args[0])
-        for k, g in grads.items():
-            # zero from inside the scan; obs_out's rows after `deter`: post_projection's
-            dk = d_params[k]["kernel"].at[:g.shape[0]].add(g)
-            d_params[k] = dict(d_params[k], kernel=dk)
+        for k, g in grads.items():  # the kernels' cotangents from inside the scan are zero
+            d_params[k] = dict(d_params[k], kernel=d_params[k]["kernel"] + g)
         return (d_params,) + tuple(d_args[1:])
 
     run = deferred_kernel_vjp(scan, make_taps, add_grads)

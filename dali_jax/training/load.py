@@ -71,11 +71,10 @@ def load_run(logdir: str, step: Optional[int] = None, task: Optional[str] = None
     if ck.latest_step() is None:
         raise FileNotFoundError(f"{logdir} has no checkpoint (looked in {ckdir})")
     agent = Agent(config, spec_for(config))
-    from dali_jax.training.train import _like, check_state
+    from dali_jax.training.train import agent_state
     step, tree, extra = ck.restore(step=step)
     template = jax.eval_shape(agent.init, jax.random.PRNGKey(0))
-    check_state(tree.get("agent"), template, ck.path(step))
-    state = jax.tree_util.tree_map(jax.numpy.asarray, _like(template, tree["agent"]))
+    state = agent_state(tree, template, ck.path(step))
     return Run(logdir, config, agent, state["params"], step, extra)
 
 

@@ -204,9 +204,7 @@ class Trainer:
             return False
         step, tree, extra = self.ckpt.restore()
         path = self.ckpt.path(step)
-        check_state(tree.get("agent"), template, path)
-        self.state = parallel.replicate(
-            jax.tree_util.tree_map(jnp.asarray, _like(template, tree["agent"])), self.mesh)
+        self.state = parallel.replicate(agent_state(tree, template, path), self.mesh)
         self.replay.load_state_dict(tree["replay"])
         self.rng = jnp.asarray(tree["rng"], jnp.uint32)
         self.env_steps = int(extra["env_steps"])
@@ -521,6 +519,40 @@ def _key(k):
         if hasattr(k, attr):
             return getattr(k, attr)
     raise TypeError(k)
+
+
+def agent_state(tree, template, path: str):
+    """The agent state of a restored checkpoint tree (nested dicts) in the structure of
+    `template` (jax.eval_shape of Agent.init), checkpoints of the one-layer posterior
+    (before it was split into obs_h / obs_e) upgraded; CheckpointError naming `path` when it
+    does not fit."""
+    agent = tree.get("agent") if isinstance(tree, dict) else None
+    if agent is not None and _split_legacy_posterior(agent):
+        log.info("checkpoint %s: its one-layer posterior (obs_out) read as obs_h / obs_e", path)
+    check_state(agent, template, path)
+    return jax.tree_util.tree_map(jnp.asarray, _like(template, agent))
+
+
+def _split_legacy_posterior(node) -> bool:
+    """In place: every RSSM dict (params and the optimiser's moments alike) holding the old
+    posterior layer obs_out = {kernel ((deter + E + Cc), U), norm} gets obs_h (the kernel's
+    first deter rows), obs_e (the rest) and obs_norm instead: the same function."""
+    found = False
+    if isinstance(node, dict):
+        old = node.get("obs_out")
+        if isinstance(old, dict) and "obs_h" not in node and "initial" in node:
+            deter = np.shape(node["initial"])[0]
+            node["obs_h"] = dict(kernel=old["kernel"][:deter])
+            node["obs_e"] = dict(kernel=old["kernel"][deter:])
+            node["obs_norm"] = old["norm"]
+            del node["obs_out"]
+            found = True
+        for v in list(node.values()):
+            found = _split_legacy_posterior(v) or found
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            found = _split_legacy_posterior(v) or found
+    return found
 
 
 def check_state(tree, template, path: str) -> None:
