@@ -18,7 +18,7 @@ Per configuration:
 - s/update: median over `--repeats` timed calls after one warm-up call, each ended by
   `block_until_ready` on the returned metrics and state;
 - transitions/s: B * T / median (replayed transitions per second);
-- GFLOP: `dali_jax.flops.count_flops` on the un-jitted `agent._train_step` with abstract
+- GFLOP: `dali_jax.flops.count_flops` on the un-jitted `agent.update` with abstract
   inputs (every scan step counted; dot_general and convolutions, forward and backward);
   `xla GFLOP` is XLA's cost analysis of the compiled update for comparison (it counts each
   loop body once, so it under-reports the scanned RSSM);
@@ -216,12 +216,12 @@ def bench_one(args, size, obs, method) -> dict:
 
     # FLOPs: trace only, abstract inputs (no memory for the arrays).
     t = time.perf_counter()
-    flops = count_flops(agent._train_step, abstract(state), abstract(batch),
+    flops = count_flops(agent.update, abstract(state), abstract(batch),
                         jax.ShapeDtypeStruct(key.shape, key.dtype))
     count_s = time.perf_counter() - t
 
     # Ahead-of-time lowering and compilation on a separate wrapper (its own caches).
-    aot = jax.jit(functools.partial(agent._train_step), donate_argnums=(0,))
+    aot = jax.jit(functools.partial(agent.update), donate_argnums=(0,))
     t = time.perf_counter()
     lowered = aot.lower(state, batch, key)
     lower_s = time.perf_counter() - t

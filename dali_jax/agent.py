@@ -127,8 +127,8 @@ class Agent:
         level = config.get("xla_opt_level", -1)  # run configs saved before the field
         opts = self.compiler_options = (
             None if level < 0 else {"xla_backend_optimization_level": level})
-        self.train_step = jax.jit(self._train_step, donate_argnums=(0,), compiler_options=opts)
-        self.model_step = jax.jit(self._model_step, donate_argnums=(0,), compiler_options=opts)
+        self.train_step = jax.jit(self.update, donate_argnums=(0,), compiler_options=opts)
+        self.model_step = jax.jit(self.model_update, donate_argnums=(0,), compiler_options=opts)
         self.policy_step = jax.jit(self._policy_step, static_argnames=("mode",),
                                    compiler_options=opts)
 
@@ -580,14 +580,16 @@ class Agent:
         metrics["train/nonfinite_inputs"] = jnp.asarray(bad_inputs, f32)
         return tmap(lambda n, o: jnp.where(ok, n, o), new, old), metrics
 
-    def _model_step(self, state, batch, rng):
+    def model_update(self, state, batch, rng):
         """World-model-only update (world model, g_phi, f_psi, chi; no actor-critic):
         offline model training and representation studies. -> (state, metrics)."""
         key = jax.random.fold_in(rng, state["step"])
         new, _, _, metrics = self._world_model_update(state, batch, key)
         return self._finite_or_keep(dict(new, step=state["step"] + 1), state, batch, metrics)
 
-    def _train_step(self, state, batch, rng):
+    def update(self, state, batch, rng):
+        """One training update (world model, then actor and critic in imagination), pure:
+        `train_step` is its jit with the state donated. -> (state, metrics)."""
         cfg = self.config.train
         k_wm, k_img = jax.random.split(jax.random.fold_in(rng, state["step"]))
         metrics = {}
@@ -696,14 +698,6 @@ class Agent:
             video = jnp.concatenate([true, model, err], 3)
             out[k] = (jnp.clip(video, 0, 1) * 255).astype(jnp.uint8)
         return out
-
-    def counterfactual_imagine(self, params, start, actions, ctx, delta, rng, first_step=None):
-        """Baseline and counterfactual open-loop rollouts: the same start, actions and RNG,
-        context ctx (N, Cc) vs ctx + delta (delta (Cc,) or (N, Cc)).
-        Returns (baseline decoded, counterfactual decoded), dicts of (N, H, ...)."""
-        _, base = self.imagine_open_loop(params, start, actions, ctx, rng, first_step)
-        _, cf = self.imagine_open_loop(params, start, actions, ctx + delta, rng, first_step)
-        return base, cf
 
     # ---------------------------------------------------------------- acting
     def initial_carry(self, params, n: int) -> dict:

@@ -221,7 +221,7 @@ def test_freeze_after_stops_g_phi_and_its_heads_but_not_the_world_model(agent_ca
     from conftest import random_batch
     agent = agent_cache("dali_d", **{"context.freeze_after": 2})
     state = agent.init(jax.random.PRNGKey(0))
-    step = jax.jit(agent._model_step)
+    step = jax.jit(agent.model_update)
     ctx_params, rssm_params = [], []
     for i in range(4):
         batch = random_batch(agent.spec, B=4, T=agent.sequence_length, seed=i)

@@ -221,7 +221,7 @@ def test_agent_train_step_counts_scans():
         state = jax.eval_shape(agent.init, key)
         batch = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                                        random_batch(agent.spec, 4, T))
-        return count_flops(agent._train_step, state, batch, key)
+        return count_flops(agent.update, state, batch, key)
 
     base = flops(16, 5)
     assert base > 0

@@ -26,13 +26,13 @@ def shardings(mesh):
 
 
 def sharded_train_step(agent, mesh, batch_size: int):
-    """jit of agent._train_step with state replicated, batch sharded, state donated."""
+    """jit of agent.update with state replicated, batch sharded, state donated."""
     n = mesh.devices.size
     if batch_size % n:
         raise ValueError(f"config.train.batch_size ({batch_size}) must be divisible by the "
                          f"number of devices ({n})")
     rep, data = shardings(mesh)
-    return jax.jit(agent._train_step, in_shardings=(rep, data, rep),
+    return jax.jit(agent.update, in_shardings=(rep, data, rep),
                    out_shardings=(rep, rep), donate_argnums=(0,),
                    compiler_options=agent.compiler_options)
 
