@@ -9,7 +9,9 @@ fits a ridge probe from the context to each true factor on the training episodes
 measured on held-out episodes (the last `--test-per-context` episodes of every context).
 Samples are the steps whose window is full (t >= K - 1, every `--stride` steps); the JSON also
 gives the R^2 of the per-episode mean context and the shares of the context's variance that
-lie between contexts, between episodes and within an episode (`variance_shares`). The same
+lie between contexts, between episodes and within an episode (`variance_shares`), and what
+else the context holds: the R^2 of probes to the mean reward over the window (task progress,
+e.g. the ball in the cup), to the reward at t and to the observation at t. The same
 probe on the untrained g_phi of the run's configuration (the agent's init from the run's
 seed) is reported as a reference.
 
@@ -40,6 +42,9 @@ def _parser():
     p.add_argument("--test-per-context", type=int, default=2,
                    help="held-out episodes per context (default 2)")
     p.add_argument("--stride", type=int, default=1, help="probe every STRIDE-th step")
+    p.add_argument("--action-repeat", type=int, default=1,
+                   help="hold each random action this many steps (default 1; 10 reaches "
+                        "more of the task's states, e.g. the ball in the cup)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     p.add_argument("--seed", type=int, default=0, help="seed of the episodes and the t-SNE")
     p.add_argument("--alpha", type=float, default=1e-3, help="ridge penalty (default 1e-3)")
@@ -66,6 +71,8 @@ def run_probe(args) -> dict:
         raise ValueError(f"--grid must be >= 2, got {args.grid}")
     if args.stride < 1:
         raise ValueError(f"--stride must be >= 1, got {args.stride}")
+    if args.action_repeat < 1:
+        raise ValueError(f"--action-repeat must be >= 1, got {args.action_repeat}")
     run = load_run(args.logdir, step=args.step)
     agent, cfg = run.agent, run.config
     if not agent.inferred:
@@ -78,7 +85,7 @@ def run_probe(args) -> dict:
     t0 = time.time()
     contexts = P.context_grid(cfg.task, args.grid)
     eps = P.collect_random_episodes(cfg.task, contexts, args.episodes, length, seed=args.seed,
-                                    obs_mode=cfg.obs)
+                                    obs_mode=cfg.obs, action_repeat=args.action_repeat)
     t_collect = time.time() - t0
     train, test = P.heldout_split(eps, args.test_per_context)
     names = list(eps["factor_names"])
@@ -92,9 +99,20 @@ def run_probe(args) -> dict:
         r_ep = P.linear_probe_r2(mean[train], eps["factors"][train], mean[test],
                                  eps["factors"][test], alpha=args.alpha)
         shares = P.variance_shares(ctx[:, K - 1:], eps["context_id"])
-        return ctx, X[~m], y[~m], r_step, r_ep, shares
+        other = {}
+        for name, target in others.items():
+            Xo, yo, _ = P.step_samples(ctx, target, start=K - 1, stride=args.stride)
+            other[name] = float(np.nanmean(P.linear_probe_r2(Xo[m], yo[m], Xo[~m], yo[~m],
+                                                             alpha=args.alpha)))
+        return ctx, X[~m], y[~m], r_step, r_ep, shares, other
 
-    ctx, Xte, yte, r_step, r_ep, shares = evaluate(run.params)
+    # What else c may hold (per step, (E, L, F) targets): the task's progress over the window,
+    # the reward at t, the (vector) observation at t (mean R^2 over its dimensions).
+    reward = eps["reward"].astype(np.float64)
+    others = dict(window_reward=P.window_means(reward, K)[..., None], reward=reward[..., None])
+    if agent.vector_keys:
+        others["observation"] = np.concatenate([eps[k] for k in agent.vector_keys], -1)
+    ctx, Xte, yte, r_step, r_ep, shares, other = evaluate(run.params)
     result = dict(
         logdir=os.path.abspath(args.logdir), task=cfg.task, method=cfg.method, obs=cfg.obs,
         checkpoint_step=int(run.step), window=K, context_dim=int(ctx.shape[-1]),
@@ -105,14 +123,14 @@ def run_probe(args) -> dict:
                      test=int(len(Xte))),
         r2_step=dict(zip(names, map(float, r_step))),
         r2_episode_mean=dict(zip(names, map(float, r_ep))),
-        variance_shares=shares,
+        variance_shares=shares, other_r2=other,
         context_std=[float(s) for s in ctx[:, K - 1:].reshape(-1, ctx.shape[-1]).std(0)])
     if not args.no_random_baseline:
         init = jax.jit(agent.init)(jax.random.PRNGKey(int(cfg.seed)))["params"]
-        _, _, _, b_step, b_ep, b_shares = evaluate(init)
+        _, _, _, b_step, b_ep, b_shares, b_other = evaluate(init)
         result["untrained_encoder"] = dict(r2_step=dict(zip(names, map(float, b_step))),
                                            r2_episode_mean=dict(zip(names, map(float, b_ep))),
-                                           variance_shares=b_shares)
+                                           variance_shares=b_shares, other_r2=b_other)
     out = args.out or os.path.join(args.logdir, "probe")
     os.makedirs(out, exist_ok=True)
     if not args.no_plot:
@@ -149,6 +167,10 @@ def main(argv=None) -> int:
     v = res["variance_shares"]
     print(f"  variance of c: between contexts {v['context']:.2f}, between episodes "
           f"{v['episode']:.2f}, over time within an episode {v['time']:.2f}")
+    u = res.get("untrained_encoder", {}).get("other_r2", {})
+    print("  c also holds (R^2): " + ", ".join(
+        f"{k} {r:+.3f}" + (f" (untrained {u[k]:+.3f})" if k in u else "")
+        for k, r in res["other_r2"].items()))
     print(f"wrote {res['json']}" + (f" and {res['tsne']}" if "tsne" in res else ""))
     return 0
 

@@ -72,6 +72,16 @@ def test_variance_shares_split_the_total_variance_like_a_direct_computation():
         P.variance_shares(ctx, ids[:5])
 
 
+def test_window_means_equal_a_naive_loop():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 11, 2))
+    got = P.window_means(x, 4)
+    for e in range(3):
+        for t in range(11):
+            np.testing.assert_allclose(got[e, t], x[e, max(0, t - 3):t + 1].mean(0))
+    np.testing.assert_allclose(P.window_means(x[..., 0], 1), x[..., 0])
+
+
 def test_step_samples_split_and_inference_match_the_training_windows(agent_cache):
     """episode_contexts uses the windows of Agent.context_chunk; the split is by episode."""
     eps = P.collect_random_episodes("ball_in_cup", [{"gravity": 6.0}, {"gravity": 12.0}], 3,
@@ -159,7 +169,9 @@ def test_probe_cli_on_a_tiny_run(tiny_run, tmp_path):
     assert set(data["untrained_encoder"]["r2_step"]) == {"gravity", "string_length"}
     shares = data["variance_shares"]
     assert sum(shares[k] for k in ("context", "episode", "time")) == pytest.approx(1.0)
-    assert "variance of c" in res.stdout
+    assert "variance of c" in res.stdout and "c also holds" in res.stdout
+    assert set(data["other_r2"]) == {"window_reward", "reward", "observation"}
+    assert set(data["untrained_encoder"]["other_r2"]) == set(data["other_r2"])
     assert os.path.getsize(out / "tsne.png") > 1000
     # clear errors: no run, a run without inferred context
     bad = subprocess.run([sys.executable, "-m", "dali_jax.probe", "--logdir",

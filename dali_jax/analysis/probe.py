@@ -39,7 +39,7 @@ from dali_jax.envs import contexts as CTX
 log = logging.getLogger(__name__)
 
 __all__ = ["collect_random_episodes", "context_grid", "heldout_split", "sample_batch",
-           "fit_world_model", "episode_contexts", "step_samples", "window_probe",
+           "fit_world_model", "episode_contexts", "step_samples", "window_probe", "window_means",
            "linear_probe_r2", "variance_shares", "tsne_plot"]
 
 _MAX_RETRIES = 10
@@ -278,6 +278,17 @@ def step_samples(ctx: np.ndarray, targets: np.ndarray, start: int = 0, stride: i
     y = t.reshape(E * steps.size, -1)
     ep = np.repeat(np.arange(E), steps.size)
     return X, y, ep
+
+
+def window_means(x: np.ndarray, window: int) -> np.ndarray:
+    """Mean of x over each step's causal window: x (E, L[, F]) -> float64 of the same shape,
+    out[e, t] = mean of x[e, max(0, t - window + 1) .. t] (each row one episode)."""
+    x = np.asarray(x, np.float64)
+    c = np.concatenate([np.zeros_like(x[:, :1]), np.cumsum(x, 1)], 1)
+    t = np.arange(x.shape[1])
+    lo = np.maximum(t - window + 1, 0)
+    n = (t - lo + 1).reshape((1, -1) + (1,) * (x.ndim - 2))
+    return (c[:, t + 1] - c[:, lo]) / n
 
 
 # ------------------------------------------------------------------------------- probing

@@ -24,6 +24,7 @@ Failures (README, "Resuming"):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -114,6 +115,25 @@ def prefill_action(seed: int, step: int, hold: int, low, high, shape) -> np.ndar
     """
     rng = np.random.default_rng([seed, step // hold])
     return rng.uniform(low, high, shape).astype(np.float32)
+
+
+@dataclasses.dataclass
+class _Loop:
+    """The training loop's running state (Trainer.run): timers, the pending updates' metrics,
+    what the next log / evaluation / save is due after, recent episode returns."""
+    last_log: float
+    last_save: float
+    steps_at_log: int
+    eval_ctx: dict
+    next_eval: Optional[int] = None
+    last_eval: Optional[tuple] = None  # (env steps, scalars) of the latest periodic evaluation
+    prefetch: Optional[object] = None
+    pending: list = dataclasses.field(default_factory=list)  # the last dispatched updates
+    metrics: Optional[dict] = None
+    recent: list = dataclasses.field(default_factory=list)
+    summary: dict = dataclasses.field(default_factory=dict)
+    timers: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(
+        ("policy", "env", "dispatch", "replay_wait", "log", "eval"), 0.0))
 
 
 class Trainer:
@@ -328,25 +348,14 @@ class Trainer:
         resumed = self.restore_or_init()
         logger = Logger(self.logdir, purge_step=self.env_steps if resumed else None)
         progress = Progress(run.steps, initial=self.env_steps)
-        B, T = cfg.train.batch_size, cfg.train.batch_length
-        ratio = run.train_ratio / (B * T)
-        _, data_sharding = parallel.shardings(self.mesh)
-        prefetch = None
-        timers = dict(policy=0.0, env=0.0, dispatch=0.0, replay_wait=0.0, log=0.0, eval=0.0)
-        last_log = last_save = time.time()
+        loop = _Loop(last_log=time.time(), last_save=time.time(), steps_at_log=self.env_steps,
+                     eval_ctx=eval_contexts(cfg, run.eval_contexts))
+        if run.eval_every:
+            loop.next_eval = (self.env_steps // run.eval_every + 1) * run.eval_every
         t_start = time.time()
-        steps_at_log = self.env_steps
-        metrics = None
-        recent = []
-        ev_every = run.eval_every
-        next_eval = (self.env_steps // ev_every + 1) * ev_every if ev_every else None
-        last_eval = None  # (env steps, scalars) of the latest periodic evaluation
-        eval_ctx = eval_contexts(cfg, run.eval_contexts)
-        summary = {}
         obs = self.venv.reset()
         carry = self.agent.initial_carry(self.state["params"], self.venv.num_envs)
         stopped = False
-        pending = []  # metrics of the updates dispatched in the previous iteration
         failed = None
         with GracefulStop() as stop:
             try:
@@ -355,67 +364,19 @@ class Trainer:
                                                  and self.env_steps >= self.stop_after):
                         stopped = True
                         break
-                    t0 = time.perf_counter()
-                    action, carry, k_upd = self._act(carry, obs, pending)
-                    pending = []
-                    t1 = time.perf_counter()
-                    timers["policy"] += t1 - t0
-                    self.replay.add({**{k: obs[k] for k in self.replay.spec if k in obs},
-                                     "action": action})
-                    if self.env_steps >= run.prefill:
-                        self.update_budget += ratio * self.venv.num_envs
-                    if self.update_budget >= 1 and self.replay.can_sample():
-                        if prefetch is None:
-                            prefetch = Prefetcher(lambda: self.replay.sample(B), depth=2,
-                                                  sharding=data_sharding)
-                        pending = self._update(prefetch, k_upd, timers)
-                        metrics = pending[-1] if pending else metrics
-                    t2 = time.perf_counter()
-                    timers["dispatch"] += t2 - t1
-                    obs, finished = self.venv.step(action)
-                    timers["env"] += time.perf_counter() - t2
-                    self.env_steps += self.venv.num_envs
-                    for ep in finished:
-                        self.episodes += 1
-                        recent.append(ep.episode_return)
-                        logger.scalars(self.env_steps, {
-                            "episode/return": ep.episode_return, "episode/length": ep.length})
-                    now = time.time()
-                    if now - last_log >= run.log_every_s or self.env_steps >= run.steps:
-                        tl = time.perf_counter()
-                        scal = self._log_scalars(metrics, timers, now - last_log,
-                                                 self.env_steps - steps_at_log, prefetch,
-                                                 recent)
-                        logger.scalars(self.env_steps, scal)
-                        self._log_images(logger)
-                        summary.update(scal)
-                        recent = recent[-20:]
-                        last_log, steps_at_log = now, self.env_steps
-                        timers["log"] += time.perf_counter() - tl
-                    progress.update(self.env_steps, ret=np.mean(recent) if recent else None,
-                                    upd=self.updates)
-                    if next_eval is not None and self.env_steps >= next_eval:
-                        te = time.perf_counter()
-                        ev = self.evaluate(eval_ctx, run.eval_episodes)
-                        logger.scalars(self.env_steps, ev)
-                        summary.update(ev)
-                        last_eval = (self.env_steps, ev)
-                        next_eval += ev_every
-                        timers["eval"] += time.perf_counter() - te
-                    if now - last_save >= run.save_every_s:
-                        jax.block_until_ready(self.state)
-                        self._check_updates(pending)
-                        pending = []
-                        self._periodic_save()
-                        last_save = time.time()
+                    obs, carry = self._iteration(loop, obs, carry, logger)
+                    progress.update(self.env_steps, ret=np.mean(loop.recent)
+                                    if loop.recent else None, upd=self.updates)
+                    self._maybe_evaluate(loop, logger)
+                    self._maybe_save(loop)
                 jax.block_until_ready(self.state)
-                self._check_updates(pending)
+                self._check_updates(loop.pending)
             except BaseException as exc:
                 failed = exc
                 raise
             finally:
-                if prefetch is not None:
-                    prefetch.close()
+                if loop.prefetch is not None:
+                    loop.prefetch.close()
                 saved = False
                 try:
                     self._final_save(failed)
@@ -425,22 +386,97 @@ class Trainer:
                     if failed is not None or not saved:  # the run ends with an error
                         logger.close()
                         self.venv.close()
+        summary = loop.summary
         summary.update(env_steps=self.env_steps, updates=self.updates, episodes=self.episodes,
                        wall_s=time.time() - t_start, stopped=stopped, logdir=self.logdir,
-                       timers=timers)
+                       timers=loop.timers)
         if not stopped:
-            if last_eval is not None and last_eval[0] == self.env_steps:
-                final = last_eval[1]  # the periodic evaluation just ran on these params
-            else:
-                final = self.evaluate(eval_ctx, run.eval_episodes)
-                logger.scalars(self.env_steps, final)
-            summary.update(final)
+            summary.update(self._final_evaluation(loop, logger))
             _write_text_atomic(os.path.join(self.logdir, "eval_summary.json"), json.dumps(
-                {k: v for k, v in summary.items() if k != "timers"} | {"timers": timers},
+                {k: v for k, v in summary.items() if k != "timers"} | {"timers": loop.timers},
                 indent=2, default=float))
         logger.close()
         self.venv.close()
         return summary
+
+    def _iteration(self, loop, obs, carry, logger):
+        """One loop iteration: act, store, dispatch the due updates, step the envs, log.
+        -> (next observations, acting carry)."""
+        run, cfg = self.config.run, self.config.train
+        t0 = time.perf_counter()
+        action, carry, k_upd = self._act(carry, obs, loop.pending)
+        loop.pending = []
+        t1 = time.perf_counter()
+        loop.timers["policy"] += t1 - t0
+        self.replay.add({**{k: obs[k] for k in self.replay.spec if k in obs}, "action": action})
+        if self.env_steps >= run.prefill:
+            B, T = cfg.batch_size, cfg.batch_length
+            self.update_budget += run.train_ratio / (B * T) * self.venv.num_envs
+        if self.update_budget >= 1 and self.replay.can_sample():
+            if loop.prefetch is None:
+                loop.prefetch = Prefetcher(lambda: self.replay.sample(cfg.batch_size), depth=2,
+                                           sharding=parallel.shardings(self.mesh)[1])
+            loop.pending = self._update(loop.prefetch, k_upd, loop.timers)
+            loop.metrics = loop.pending[-1] if loop.pending else loop.metrics
+        t2 = time.perf_counter()
+        loop.timers["dispatch"] += t2 - t1
+        obs, finished = self.venv.step(action)
+        loop.timers["env"] += time.perf_counter() - t2
+        self.env_steps += self.venv.num_envs
+        for ep in finished:
+            self.episodes += 1
+            loop.recent.append(ep.episode_return)
+            logger.scalars(self.env_steps, {
+                "episode/return": ep.episode_return, "episode/length": ep.length})
+        self._maybe_log(loop, logger)
+        return obs, carry
+
+    def _maybe_log(self, loop, logger) -> None:
+        """Scalars (and pixel runs' open-loop videos) every `run.log_every_s`, and at the end."""
+        now = time.time()
+        if now - loop.last_log < self.config.run.log_every_s and \
+                self.env_steps < self.config.run.steps:
+            return
+        tl = time.perf_counter()
+        scal = self._log_scalars(loop.metrics, loop.timers, now - loop.last_log,
+                                 self.env_steps - loop.steps_at_log, loop.prefetch, loop.recent)
+        logger.scalars(self.env_steps, scal)
+        self._log_images(logger)
+        loop.summary.update(scal)
+        loop.recent = loop.recent[-20:]
+        loop.last_log, loop.steps_at_log = now, self.env_steps
+        loop.timers["log"] += time.perf_counter() - tl
+
+    def _maybe_evaluate(self, loop, logger) -> None:
+        """The periodic evaluation every `run.eval_every` env steps."""
+        if loop.next_eval is None or self.env_steps < loop.next_eval:
+            return
+        te = time.perf_counter()
+        ev = self.evaluate(loop.eval_ctx, self.config.run.eval_episodes)
+        logger.scalars(self.env_steps, ev)
+        loop.summary.update(ev)
+        loop.last_eval = (self.env_steps, ev)
+        loop.next_eval += self.config.run.eval_every
+        loop.timers["eval"] += time.perf_counter() - te
+
+    def _maybe_save(self, loop) -> None:
+        """The periodic checkpoint every `run.save_every_s` (after the pending updates are
+        checked: a non-finite state is never saved)."""
+        if time.time() - loop.last_save < self.config.run.save_every_s:
+            return
+        jax.block_until_ready(self.state)
+        self._check_updates(loop.pending)
+        loop.pending = []
+        self._periodic_save()
+        loop.last_save = time.time()
+
+    def _final_evaluation(self, loop, logger) -> dict:
+        """The evaluation at the end (the periodic one's, when it just ran on these params)."""
+        if loop.last_eval is not None and loop.last_eval[0] == self.env_steps:
+            return loop.last_eval[1]
+        final = self.evaluate(loop.eval_ctx, self.config.run.eval_episodes)
+        logger.scalars(self.env_steps, final)
+        return final
 
     def _log_images(self, logger):
         """Decoded vs true frames (open-loop report) for pixel runs."""
