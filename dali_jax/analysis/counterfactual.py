@@ -441,62 +441,27 @@ def run_counterfactual(logdir: str, dim="auto", scale: float = 3.0, out: str | N
                        verbose: bool = False) -> dict:
     """Runs the whole analysis, writes the files into ``out`` and returns the summary dict."""
     import jax
-    import jax.numpy as jnp
 
     from dali_jax.envs import contexts as C
-    from dali_jax.models import context as CM
 
     t_start = time.time()
     log = (lambda *a: print(*a, file=sys.stderr)) if verbose else (lambda *a: None)
-    if not isinstance(scale, (int, float)) or not np.isfinite(scale):
-        raise CounterfactualError(f"--scale must be a finite number; got {scale!r}")
-    for name, v in (("--windows", windows), ("--horizon", horizon), ("--episodes", episodes),
-                    ("--frames", frames)):
-        _check_int(name, v)
-    if sigma_stride is not None:
-        _check_int("--sigma-stride", sigma_stride)
-    if episode_length is not None:
-        _check_int("--episode-length", episode_length, lo=2)
-    if mode not in ("sample", "mode"):
-        raise CounterfactualError(f"--mode must be 'sample' or 'mode'; got {mode!r}")
-    if actions not in ("auto", "zero", "recorded"):
-        raise CounterfactualError(f"--actions must be auto, zero or recorded; got {actions!r}")
-    check_scales = tuple(float(s) for s in check_scales)
-    if windows < 5:
-        raise CounterfactualError(f"--windows must be >= 5 (5-fold CV of the influence "
-                                  f"classifiers); got {windows}")
-    dim_auto = str(dim) == "auto"
-    if not dim_auto:
-        try:
-            dim = int(dim)
-        except (TypeError, ValueError):
-            raise CounterfactualError(f"--dim must be 'auto' or an integer; got {dim!r}") \
-                from None
-
+    dim_auto, dim, check_scales = _validate_options(
+        dim, scale, windows, horizon, episodes, frames, sigma_stride, episode_length, mode,
+        actions, check_scales)
     # Cheap checks on the run's config before loading the checkpoint.
     Cc = _check_run(logdir, task, None if dim_auto else dim)
     run = _load(logdir, step, task)
     cfg, agent, params = run.config, run.agent, run.params
-    sw = agent.switches
     if int(agent.ctx_dim) != Cc:
         raise CounterfactualError(f"{logdir}: context has {agent.ctx_dim} dimensions, the "
                                   f"config says {Cc}")
-    task_name = cfg.task
-    pixels = bool(agent.image_keys)
-    K = int(cfg.context.window)
-    H = int(horizon)
+    task_name, pixels = cfg.task, bool(agent.image_keys)
+    K, H = int(cfg.context.window), int(horizon)
     L = int(cfg.run.episode_length if episode_length is None else episode_length)
     act_kind = actions if actions != "auto" else ("zero" if task_name == "ball_in_cup"
                                                   else "recorded")
-    nobs = L + 1
-    s_max = nobs - K if agent.inferred else nobs - 1
-    if act_kind == "recorded":
-        s_max = min(s_max, L - H)
-    if s_max < 0:
-        raise CounterfactualError(
-            f"episodes of {L} steps are too short for a window of {K} steps"
-            + (f" and {H} recorded actions" if act_kind == "recorded" else "")
-            + "; raise --episode-length or lower --horizon")
+    s_max = _last_start(agent, K, H, L, act_kind)
     out_dir = Path(out) if out else Path(logdir) / "counterfactual"
     out_dir.mkdir(parents=True, exist_ok=True)
     default = {f: float(C.DEFAULTS[task_name][f]) for f in C.FACTORS[task_name]}
@@ -506,199 +471,51 @@ def run_counterfactual(logdir: str, dim="auto", scale: float = 3.0, out: str | N
     ep = collect_episodes(agent, params, task_name, cfg.obs, default, episodes, L, seed, mode)
     log(f"collected {episodes} episodes of {L} steps in {time.time() - t0:.1f} s")
     E = ep.is_first.shape[0]
-
-    # 2. tokens, per-step embeddings
-    enc = jax.jit(lambda p, o: agent.encoder.apply({"params": p["encoder"]}, o))
-    if agent.inferred:
-        embed = np.concatenate([  # one episode at a time (one compiled shape)
-            np.asarray(enc(params, {k: jnp.asarray(v[e:e + 1]) for k, v in ep.obs.items()}),
-                       np.float32) for e in range(E)])
-        tok_obs = np.asarray(agent.token_obs(ep.obs, jnp.asarray(embed)), np.float32)
-        toks = np.asarray(CM.tokens(tok_obs, ep.prev_action), np.float32)  # (E, T, Din)
-        infer = jax.jit(agent.infer_context)
-
-        def contexts_of(starts):  # [(e, s)] -> (M, Cc)
-            outs = []
-            for i in range(0, len(starts), 512):
-                w = np.stack([toks[e, s:s + K] for e, s in starts[i:i + 512]])
-                outs.append(np.asarray(infer(params, jnp.asarray(w)), np.float32))
-            return np.concatenate(outs)
-    else:
-        def contexts_of(starts):
-            return np.stack([ep.obs["context"][e, s] for e, s in starts]).astype(np.float32)
-
+    # 2. the context of a window start (inferred from tokens, or the true one)
+    contexts_of = _context_fn(agent, params, ep, K)
     # 3. sigma over windows
     stride = sigma_stride or max(1, K // 8)
     all_starts = [(e, s) for e in range(E) for s in range(0, s_max + 1, stride)]
+    c_all = contexts_of(all_starts)
     if agent.inferred:
-        c_all = contexts_of(all_starts)
         sigma = c_all.std(axis=0)
         sigma_source = (f"std over {len(all_starts)} windows (stride {stride}) of {E} "
                         f"episodes at the default context")
     else:
         sigma, sigma_source = _gt_sigma(cfg)
-        c_all = contexts_of(all_starts)
     sigma = np.asarray(sigma, np.float32)
-    zero_sigma = [int(i) for i in np.flatnonzero(sigma <= 0)]
-
-    # 4. chosen windows and imagination
-    rng = np.random.default_rng(seed)
-    pool = [(e, s) for e in range(E) for s in range(0, s_max + 1)]
-    n_win = min(windows, len(pool))
-    if n_win < 5:
-        raise CounterfactualError(f"only {len(pool)} window start(s) fit in the episodes; "
-                                  f"need >= 5 (more --episodes or a longer --episode-length)")
-    picks = [pool[i] for i in rng.choice(len(pool), n_win, replace=False)]
+    # 4. chosen windows and imagination under shifted contexts
+    picks, first, act_seq = _pick_windows(agent, ep, s_max, windows, H, act_kind, seed)
     ctx0 = contexts_of(picks)  # (N, Cc)
-    ei = np.array([e for e, _ in picks])
-    si = np.array([s for _, s in picks])
-    first = dict(
-        prev_state={k: jnp.asarray(v[ei, si]) for k, v in ep.state.items()},
-        prev_action=jnp.asarray(ep.prev_action[ei, si]),
-        obs={k: jnp.asarray(v[ei, si]) for k, v in ep.obs.items()},
-        is_first=jnp.asarray(ep.is_first[ei, si]))
-    A = agent.spec.action_dim
-    if act_kind == "zero":
-        act_seq = np.zeros((n_win, H, A), np.float32)
-    else:
-        act_seq = np.stack([ep.action[e, s:s + H] for e, s in picks]).astype(np.float32)
-    act_seq = jnp.asarray(act_seq)
-    gt_encoder = sw["source"] == "ground_truth" and "context" in agent.enc_vector_keys
-
-    @jax.jit
-    def imagine(p, fs, acts, ctx, key):
-        o = dict(fs["obs"])
-        if gt_encoder:  # cRSSM-S: the context is an encoder input
-            o["context"] = ctx.astype(o["context"].dtype)
-        emb = agent.encoder.apply({"params": p["encoder"]}, o)
-        step0 = dict(prev_state=fs["prev_state"], prev_action=fs["prev_action"], embed=emb,
-                     is_first=fs["is_first"])
-        _, dec = agent.imagine_open_loop(p, None, acts, ctx, key, first_step=step0)
-        return dec
-
-    key = jax.random.PRNGKey(seed + 1)
-    vec_keys = list(agent.vector_keys)
-
-    def run_imagine(ctx):
-        dec = imagine(params, first, act_seq, jnp.asarray(ctx, jnp.float32), key)
-        return {k: np.asarray(v, np.float32) for k, v in dec.items()}
-
-    def features(dec):
-        if pixels:
-            x = _pool(dec[agent.image_keys[0]])
-        else:
-            x = np.concatenate([dec[k] for k in vec_keys], -1)
-        return x.reshape(len(x), -1)
-
+    imagine = _imaginer(agent, params, first, jax.random.PRNGKey(seed + 1))
     t0 = time.time()
-    base = run_imagine(ctx0)
-    base_feat = features(base)
-    shown_key = agent.image_keys[0] if pixels else None
-    per_dim, aucs = {}, []
-    for d in range(Cc):
-        delta = np.zeros(Cc, np.float32)
-        delta[d] = scale * sigma[d]
-        cf = run_imagine(ctx0 + delta[None])
-        keep = {k: v[:1] for k, v in cf.items()}  # the shown window (index 0) only
-        per_dim[d] = dict(decoded=keep, delta=delta)
-        a = influence_auc(base_feat, features(cf), fast=fast, seed=seed, n_boot=n_boot)
-        a["dim"] = d
-        aucs.append(a)
-        log(f"dim {d}: sigma {sigma[d]:.4g} AUC {a['auc']:.3f} "
-            f"[{a['ci_low']:.3f}, {a['ci_high']:.3f}]")
+    base, per_dim, aucs = _influence(agent, imagine, act_seq, ctx0, sigma, scale, fast, seed,
+                                     n_boot, log)
     chosen = int(np.argmax([a["auc"] for a in aucs])) if dim_auto else int(dim)
     log(f"imagination and classifiers in {time.time() - t0:.1f} s; shown dim {chosen}")
-
     # 5. images
-    files = []
-    obs_labels = []
-    if not pixels:
-        for k in vec_keys:
-            n = base[k].shape[-1]
-            names = (["cup x", "cup z", "ball x", "ball z", "cup vx", "cup vz", "ball vx",
-                      "ball vz"] if task_name == "ball_in_cup" and k == "obs" and n == 8
-                     else [f"{k}[{i}]" for i in range(n)])
-            obs_labels += names
-    for d in (range(Cc) if all_dims else [chosen]):
-        if pixels:
-            b = base[shown_key][0]
-            c = per_dim[d]["decoded"][shown_key][0]
-            files += _write_pixel_outputs(out_dir, d, b, c, frames,
-                                          fps=1.0 / CONTROL_DT.get(task_name, 0.05) / 5)
-        else:
-            b = np.concatenate([base[k][0] for k in vec_keys], -1)
-            c = np.concatenate([per_dim[d]["decoded"][k][0] for k in vec_keys], -1)
-            files += _write_feature_outputs(out_dir, d, b, c, scale, float(sigma[d]),
-                                            obs_labels)
-        npz = out_dir / f"decoded_dim{d}.npz"
-        np.savez_compressed(npz, baseline=b, counterfactual=c, difference=b - c,
-                            context=ctx0[0], delta=per_dim[d]["delta"],
-                            window=np.array([picks[0][0], picks[0][1]]))
-        files.append(npz.name)
+    files = _write_outputs(agent, task_name, out_dir, base, per_dim,
+                           range(Cc) if all_dims else [chosen], ctx0, picks, scale, sigma, frames)
     _plot_auc(out_dir / "influence_auc.png", aucs, chosen)
     files.append("influence_auc.png")
-
     # 6. physical check (Ball-in-Cup, featurized)
     check = None
-    if task_name == "ball_in_cup" and not pixels and "obs" in vec_keys and H >= 3:
-        from scipy.stats import spearmanr
-
-        dt = CONTROL_DT[task_name]
-        zero_acts = jnp.zeros((n_win, H, A), jnp.float32)
-        scales_arr = np.asarray(check_scales, np.float64)
-
-        def accel_for(d):
-            rows = []
-            for s in scales_arr:
-                delta = np.zeros(Cc, np.float32)
-                delta[d] = s * sigma[d]
-                dec = imagine(params, first, zero_acts,
-                              jnp.asarray(ctx0 + delta[None], jnp.float32), key)
-                z = np.asarray(dec["obs"], np.float64)[..., BALL_Z_INDEX]  # (N, H)
-                rows.append((np.diff(z, n=2, axis=1) / dt ** 2).mean(axis=1))
-            return np.stack(rows, axis=1)  # (N, S)
-
-        def rho_of(acc):
-            x = np.broadcast_to(scales_arr[None], acc.shape).ravel()
-            if np.ptp(acc) == 0:
-                return float("nan"), float("nan")
-            r = spearmanr(x, acc.ravel())
-            return float(r.statistic), float(r.pvalue)
-
-        per_rho = {}
-        acc_chosen = None
-        for d in range(Cc):
-            acc = accel_for(d)
-            per_rho[d] = rho_of(acc)[0]
-            if d == chosen:
-                acc_chosen = acc
-        rho, p = rho_of(acc_chosen)
-        means = acc_chosen.mean(0)
-        rho_means = (float(spearmanr(scales_arr, means).statistic)
-                     if np.ptp(means) > 0 else float("nan"))
-        check = dict(
-            dim=chosen, scales_sigma=scales_arr.tolist(),
-            deltas=(scales_arr * float(sigma[chosen])).tolist(),
-            mean_acceleration=means.tolist(), spearman_rho=rho, spearman_p=p,
-            spearman_rho_of_means=rho_means, n_windows=n_win,
-            spearman_rho_per_dim={str(k): v for k, v in per_rho.items()},
-            gravity_aligned_dim=(int(np.nanargmax(np.abs(list(per_rho.values()))))
-                                 if not all(np.isnan(list(per_rho.values()))) else None),
-            ball_z_index=BALL_Z_INDEX, control_dt=dt, actions="zero",
-            note="acceleration = mean over the horizon of the second difference of the "
-                 "decoded ball z divided by dt^2; rho over all (window, shift) pairs")
-        _plot_check(out_dir / "physical_check.png", scales_arr, acc_chosen, chosen,
-                    rho if np.isfinite(rho) else float("nan"))
+    if task_name == "ball_in_cup" and not pixels and "obs" in agent.vector_keys and H >= 3:
+        check = _physical_check(imagine, ctx0, sigma, chosen, check_scales, len(picks), H,
+                                agent.spec.action_dim, CONTROL_DT[task_name])
+        _plot_check(out_dir / "physical_check.png", np.asarray(check_scales, np.float64),
+                    check.pop("_accelerations"), chosen, check["spearman_rho"])
         files.append("physical_check.png")
 
     summary = dict(
         logdir=str(logdir), task=task_name, method=cfg.method, obs=cfg.obs,
         setting=cfg.context_setting, seed=int(cfg.seed), checkpoint_step=int(run.step),
-        context_source=sw["source"], context_dims=Cc, window=K, horizon=H,
-        episodes=E, episode_length=L, windows=n_win, scale=float(scale),
+        context_source=agent.switches["source"], context_dims=Cc, window=K, horizon=H,
+        episodes=E, episode_length=L, windows=len(picks), scale=float(scale),
         dim=chosen, dim_mode="auto" if dim_auto else "given", actions=act_kind,
         default_context=default, sigma=sigma.tolist(), sigma_source=sigma_source,
-        zero_sigma_dims=zero_sigma, context_mean=c_all.mean(0).tolist(),
+        zero_sigma_dims=[int(i) for i in np.flatnonzero(sigma <= 0)],
+        context_mean=c_all.mean(0).tolist(),
         shown_window=dict(episode=int(picks[0][0]), start=int(picks[0][1]),
                           context=ctx0[0].tolist()),
         influence=dict(
@@ -713,6 +530,241 @@ def run_counterfactual(logdir: str, dim="auto", scale: float = 3.0, out: str | N
         wall_s=time.time() - t_start)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _validate_options(dim, scale, windows, horizon, episodes, frames, sigma_stride,
+                      episode_length, mode, actions, check_scales):
+    """CounterfactualError for a bad option. -> (dim_auto, dim, check_scales tuple)."""
+    if not isinstance(scale, (int, float)) or not np.isfinite(scale):
+        raise CounterfactualError(f"--scale must be a finite number; got {scale!r}")
+    for name, v in (("--windows", windows), ("--horizon", horizon), ("--episodes", episodes),
+                    ("--frames", frames)):
+        _check_int(name, v)
+    if sigma_stride is not None:
+        _check_int("--sigma-stride", sigma_stride)
+    if episode_length is not None:
+        _check_int("--episode-length", episode_length, lo=2)
+    if mode not in ("sample", "mode"):
+        raise CounterfactualError(f"--mode must be 'sample' or 'mode'; got {mode!r}")
+    if actions not in ("auto", "zero", "recorded"):
+        raise CounterfactualError(f"--actions must be auto, zero or recorded; got {actions!r}")
+    if windows < 5:
+        raise CounterfactualError(f"--windows must be >= 5 (5-fold CV of the influence "
+                                  f"classifiers); got {windows}")
+    dim_auto = str(dim) == "auto"
+    if not dim_auto:
+        try:
+            dim = int(dim)
+        except (TypeError, ValueError):
+            raise CounterfactualError(f"--dim must be 'auto' or an integer; got {dim!r}") \
+                from None
+    return dim_auto, dim, tuple(float(s) for s in check_scales)
+
+
+def _last_start(agent, K, H, L, act_kind) -> int:
+    """The last window start that leaves a full window (and H recorded actions)."""
+    nobs = L + 1
+    s_max = nobs - K if agent.inferred else nobs - 1
+    if act_kind == "recorded":
+        s_max = min(s_max, L - H)
+    if s_max < 0:
+        raise CounterfactualError(
+            f"episodes of {L} steps are too short for a window of {K} steps"
+            + (f" and {H} recorded actions" if act_kind == "recorded" else "")
+            + "; raise --episode-length or lower --horizon")
+    return s_max
+
+
+def _context_fn(agent, params, ep, K):
+    """-> contexts_of([(episode, start)]) -> (M, Cc): g_phi over the K tokens from each start
+    (inferred methods) or the env's true context there."""
+    import jax
+    import jax.numpy as jnp
+
+    from dali_jax.models import context as CM
+
+    if not agent.inferred:
+        return lambda starts: np.stack([ep.obs["context"][e, s]
+                                        for e, s in starts]).astype(np.float32)
+    enc = jax.jit(lambda p, o: agent.encoder.apply({"params": p["encoder"]}, o))
+    embed = np.concatenate([  # one episode at a time (one compiled shape)
+        np.asarray(enc(params, {k: jnp.asarray(v[e:e + 1]) for k, v in ep.obs.items()}),
+                   np.float32) for e in range(ep.is_first.shape[0])])
+    tok_obs = np.asarray(agent.token_obs(ep.obs, jnp.asarray(embed)), np.float32)
+    toks = np.asarray(CM.tokens(tok_obs, ep.prev_action), np.float32)  # (E, T, Din)
+    infer = jax.jit(agent.infer_context)
+
+    def contexts_of(starts):
+        outs = []
+        for i in range(0, len(starts), 512):
+            w = np.stack([toks[e, s:s + K] for e, s in starts[i:i + 512]])
+            outs.append(np.asarray(infer(params, jnp.asarray(w)), np.float32))
+        return np.concatenate(outs)
+    return contexts_of
+
+
+def _pick_windows(agent, ep, s_max, windows, H, act_kind, seed):
+    """Random window starts, the filter step into each (state, previous action, observation)
+    and the H actions imagined from it. -> (picks [(e, s)], first step dict, actions (N, H, A))."""
+    import jax.numpy as jnp
+
+    E = ep.is_first.shape[0]
+    rng = np.random.default_rng(seed)
+    pool = [(e, s) for e in range(E) for s in range(0, s_max + 1)]
+    n_win = min(windows, len(pool))
+    if n_win < 5:
+        raise CounterfactualError(f"only {len(pool)} window start(s) fit in the episodes; "
+                                  f"need >= 5 (more --episodes or a longer --episode-length)")
+    picks = [pool[i] for i in rng.choice(len(pool), n_win, replace=False)]
+    ei = np.array([e for e, _ in picks])
+    si = np.array([s for _, s in picks])
+    first = dict(
+        prev_state={k: jnp.asarray(v[ei, si]) for k, v in ep.state.items()},
+        prev_action=jnp.asarray(ep.prev_action[ei, si]),
+        obs={k: jnp.asarray(v[ei, si]) for k, v in ep.obs.items()},
+        is_first=jnp.asarray(ep.is_first[ei, si]))
+    if act_kind == "zero":
+        acts = np.zeros((n_win, H, agent.spec.action_dim), np.float32)
+    else:
+        acts = np.stack([ep.action[e, s:s + H] for e, s in picks]).astype(np.float32)
+    return picks, first, jnp.asarray(acts)
+
+
+def _imaginer(agent, params, first, key):
+    """-> imagine(actions (N, H, A), ctx (N, Cc)) -> decoded dict of float32 (N, H, ...):
+    open-loop imagination from the windows' filter step under a given context."""
+    import jax
+    import jax.numpy as jnp
+
+    gt_encoder = (agent.switches["source"] == "ground_truth"
+                  and "context" in agent.enc_vector_keys)
+
+    @jax.jit
+    def run(p, fs, acts, ctx, key):
+        o = dict(fs["obs"])
+        if gt_encoder:  # cRSSM-S: the context is an encoder input
+            o["context"] = ctx.astype(o["context"].dtype)
+        emb = agent.encoder.apply({"params": p["encoder"]}, o)
+        step0 = dict(prev_state=fs["prev_state"], prev_action=fs["prev_action"], embed=emb,
+                     is_first=fs["is_first"])
+        _, dec = agent.imagine_open_loop(p, None, acts, ctx, key, first_step=step0)
+        return dec
+
+    def imagine(acts, ctx):
+        dec = run(params, first, acts, jnp.asarray(ctx, jnp.float32), key)
+        return {k: np.asarray(v, np.float32) for k, v in dec.items()}
+    return imagine
+
+
+def _features(agent, dec):
+    """Classifier features of decoded rollouts: pooled frames or observation vectors (N, F)."""
+    if agent.image_keys:
+        x = _pool(dec[agent.image_keys[0]])
+    else:
+        x = np.concatenate([dec[k] for k in agent.vector_keys], -1)
+    return x.reshape(len(x), -1)
+
+
+def _influence(agent, imagine, acts, ctx0, sigma, scale, fast, seed, n_boot, log):
+    """Baseline rollouts and, per context dimension d, the rollouts under c + scale sigma_d
+    e_d and the AUC of telling them apart. -> (baseline, {d: shown window, delta}, AUCs)."""
+    base = imagine(acts, ctx0)
+    base_feat = _features(agent, base)
+    per_dim, aucs = {}, []
+    for d in range(ctx0.shape[1]):
+        delta = np.zeros(ctx0.shape[1], np.float32)
+        delta[d] = scale * sigma[d]
+        cf = imagine(acts, ctx0 + delta[None])
+        per_dim[d] = dict(decoded={k: v[:1] for k, v in cf.items()}, delta=delta)  # window 0
+        a = influence_auc(base_feat, _features(agent, cf), fast=fast, seed=seed, n_boot=n_boot)
+        a["dim"] = d
+        aucs.append(a)
+        log(f"dim {d}: sigma {sigma[d]:.4g} AUC {a['auc']:.3f} "
+            f"[{a['ci_low']:.3f}, {a['ci_high']:.3f}]")
+    return base, per_dim, aucs
+
+
+def _write_outputs(agent, task_name, out_dir, base, per_dim, dims, ctx0, picks, scale, sigma,
+                   frames) -> list:
+    """Images (pixel strips and GIFs, or feature plots) and decoded_dim{d}.npz of the shown
+    window for each of `dims`. -> file names."""
+    files, obs_labels = [], []
+    vec_keys = list(agent.vector_keys)
+    if not agent.image_keys:
+        for k in vec_keys:
+            n = base[k].shape[-1]
+            names = (["cup x", "cup z", "ball x", "ball z", "cup vx", "cup vz", "ball vx",
+                      "ball vz"] if task_name == "ball_in_cup" and k == "obs" and n == 8
+                     else [f"{k}[{i}]" for i in range(n)])
+            obs_labels += names
+    for d in dims:
+        if agent.image_keys:
+            key = agent.image_keys[0]
+            b, c = base[key][0], per_dim[d]["decoded"][key][0]
+            files += _write_pixel_outputs(out_dir, d, b, c, frames,
+                                          fps=1.0 / CONTROL_DT.get(task_name, 0.05) / 5)
+        else:
+            b = np.concatenate([base[k][0] for k in vec_keys], -1)
+            c = np.concatenate([per_dim[d]["decoded"][k][0] for k in vec_keys], -1)
+            files += _write_feature_outputs(out_dir, d, b, c, scale, float(sigma[d]),
+                                            obs_labels)
+        npz = out_dir / f"decoded_dim{d}.npz"
+        np.savez_compressed(npz, baseline=b, counterfactual=c, difference=b - c,
+                            context=ctx0[0], delta=per_dim[d]["delta"],
+                            window=np.array([picks[0][0], picks[0][1]]))
+        files.append(npz.name)
+    return files
+
+
+def _physical_check(imagine, ctx0, sigma, chosen, check_scales, n_win, H, A, dt) -> dict:
+    """Ball-in-Cup: Spearman rho between a context shift (scales x sigma of a dimension) and
+    the decoded ball's vertical acceleration under zero actions, per dimension; the chosen
+    dimension's accelerations (N, S) come back under "_accelerations"."""
+    import jax.numpy as jnp
+    from scipy.stats import spearmanr
+
+    zero_acts = jnp.zeros((n_win, H, A), jnp.float32)
+    scales_arr = np.asarray(check_scales, np.float64)
+
+    def accel_for(d):
+        rows = []
+        for s in scales_arr:
+            delta = np.zeros(ctx0.shape[1], np.float32)
+            delta[d] = s * sigma[d]
+            z = np.asarray(imagine(zero_acts, ctx0 + delta[None])["obs"],
+                           np.float64)[..., BALL_Z_INDEX]  # (N, H)
+            rows.append((np.diff(z, n=2, axis=1) / dt ** 2).mean(axis=1))
+        return np.stack(rows, axis=1)  # (N, S)
+
+    def rho_of(acc):
+        x = np.broadcast_to(scales_arr[None], acc.shape).ravel()
+        if np.ptp(acc) == 0:
+            return float("nan"), float("nan")
+        r = spearmanr(x, acc.ravel())
+        return float(r.statistic), float(r.pvalue)
+
+    per_rho, acc_chosen = {}, None
+    for d in range(ctx0.shape[1]):
+        acc = accel_for(d)
+        per_rho[d] = rho_of(acc)[0]
+        if d == chosen:
+            acc_chosen = acc
+    rho, p = rho_of(acc_chosen)
+    means = acc_chosen.mean(0)
+    rho_means = (float(spearmanr(scales_arr, means).statistic)
+                 if np.ptp(means) > 0 else float("nan"))
+    rhos = list(per_rho.values())
+    return dict(
+        dim=chosen, scales_sigma=scales_arr.tolist(),
+        deltas=(scales_arr * float(sigma[chosen])).tolist(),
+        mean_acceleration=means.tolist(), spearman_rho=rho, spearman_p=p,
+        spearman_rho_of_means=rho_means, n_windows=n_win,
+        spearman_rho_per_dim={str(k): v for k, v in per_rho.items()},
+        gravity_aligned_dim=(None if all(np.isnan(rhos)) else int(np.nanargmax(np.abs(rhos)))),
+        ball_z_index=BALL_Z_INDEX, control_dt=dt, actions="zero",
+        note="acceleration = mean over the horizon of the second difference of the "
+             "decoded ball z divided by dt^2; rho over all (window, shift) pairs",
+        _accelerations=acc_chosen)
 
 
 # ----------------------------------------------------------------------------- CLI
