@@ -88,8 +88,11 @@ class Agent:
         self.dec_vector_shapes = dec_vec
         self.encoder = N.Encoder(enc_vec, self.image_keys, s["enc_layers"], s["enc_units"],
                                  s["cnn_depth"], config.model.conv_impl, dtype=dt)
+        self.ctx_dim = {"none": 0, "ground_truth": spec.obs.get("context", ((0,),))[0][0],
+                        "inferred": ctx.dim}[sw["source"]]
+        post_inputs = self._embed_dim() + (self.ctx_dim if sw["posterior"] else 0)
         self.rssm = R.RSSM(s["deter"], s["units"], s["stoch"], s["classes"], config.model.unimix,
-                           config.model.action_clip, dtype=dt)
+                           config.model.action_clip, dtype=dt, post_inputs=post_inputs)
         self.decoder = N.Decoder(dec_vec, {k: spec.obs[k][0] for k in self.image_keys},
                                  s["enc_layers"], s["enc_units"], s["cnn_depth"],
                                  config.model.conv_impl, dtype=dt)
@@ -99,8 +102,6 @@ class Agent:
         self.critic = N.Head(255, s["layers"], s["units"], outscale=0.0, dtype=dt)
         self.state_dim = s["deter"] + s["stoch"] * s["classes"]
         self.unroll = int(config.model.unroll)  # steps per observe / imagine scan iteration
-        self.ctx_dim = {"none": 0, "ground_truth": spec.obs.get("context", ((0,),))[0][0],
-                        "inferred": ctx.dim}[sw["source"]]
         self.inferred = sw["source"] == "inferred"
         if self.inferred:
             # Pixel runs use the world-model embedding as the observation part of a token.

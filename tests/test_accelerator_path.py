@@ -49,10 +49,12 @@ def test_train_and_policy_step_export_for_cuda_and_tpu(obs, method):
 
 
 def test_bfloat16_update_trains_and_starts_where_float32_does(agent_cache):
-    """A nano DALI-D trained on one fixed batch in bfloat16: every step finite, each
-    world-model term and the alignment loss fall over 50 updates, and the first step's
-    losses are within 2% (relative) of the float32 update's."""
-    first = {}
+    """A nano DALI-D trained on one fixed batch for 50 updates in float32 and in bfloat16:
+    every bfloat16 step finite, the first step's losses within 2% (relative) of float32's,
+    and each world-model term and the alignment loss fall in bfloat16 by at least 80% of
+    what they fall in float32 (the reference is the float32 run, not a fixed factor: how far
+    a term falls in 50 updates depends on the architecture, not on the dtype)."""
+    first, last = {}, {}
     for dtype in ("float32", "bfloat16"):
         if dtype == "float32" and jax.default_backend() == "cpu":
             agent = agent_cache("dali_d")  # the session's compiled one (auto = float32 here)
@@ -60,19 +62,18 @@ def test_bfloat16_update_trains_and_starts_where_float32_does(agent_cache):
             agent = Agent(tiny_config("dali_d", compute_dtype=dtype), feature_spec())
         batch = random_batch(agent.spec, T=agent.sequence_length)
         state = agent.init(jax.random.PRNGKey(0))
-        state, m0 = agent.train_step(state, batch, jax.random.PRNGKey(0))
-        first[dtype] = {k: float(v) for k, v in m0.items()}
-        if dtype == "float32":
-            continue
-        for i in range(1, 50):
+        for i in range(50):
             state, m = agent.train_step(state, batch, jax.random.PRNGKey(i))
-            assert not float(m["train/nonfinite"]), i
-        last = {k: float(v) for k, v in m.items()}
-    assert all(np.isfinite(v) for v in last.values())
-    for term, factor in (("loss/recon_obs", 0.8), ("loss/cont", 0.8), ("loss/dyn", 0.95),
-                         ("loss/reward", 0.995), ("loss/dali", 0.97)):
-        assert last[term] < factor * first["bfloat16"][term], (term, first["bfloat16"][term],
-                                                               last[term])
+            assert not float(m["train/nonfinite"]), (dtype, i)
+            if i == 0:
+                first[dtype] = {k: float(v) for k, v in m.items()}
+        last[dtype] = {k: float(v) for k, v in m.items()}
+    assert all(np.isfinite(v) for v in last["bfloat16"].values())
+    for term in ("loss/recon_obs", "loss/cont", "loss/dyn", "loss/reward", "loss/dali"):
+        fall32 = first["float32"][term] - last["float32"][term]
+        fall16 = first["bfloat16"][term] - last["bfloat16"][term]
+        assert fall32 > 0.01 * first["float32"][term], (term, fall32)  # the reference learns
+        assert fall16 >= 0.8 * fall32, (term, fall32, fall16)
     for term in ("loss/recon_obs", "loss/reward", "loss/cont", "loss/dyn", "loss/rep",
                  "loss/dali", "loss/critic"):
         a, b = first["float32"][term], first["bfloat16"][term]

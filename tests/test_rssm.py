@@ -160,3 +160,17 @@ def test_posterior_is_one_layer_on_the_concatenation(cell):
     logit = (x @ p["obs_stats"]["kernel"] + p["obs_stats"]["bias"]).reshape(B, 4, 5)
     probs = 0.99 * np.exp(logit) / np.exp(logit).sum(-1, keepdims=True) + 0.01 / 5
     np.testing.assert_allclose(np.exp(np.asarray(post["logit"])), probs, rtol=1e-4, atol=1e-6)
+
+
+def test_posterior_blocks_initialise_like_the_one_layer():
+    """With post_inputs (the [embed, c] width) both blocks get the variance of a fan-avg
+    layer on the whole [h, embed, c]: 2 / (deter + post_inputs + units)."""
+    deter, units, post = 256, 128, 300
+    rssm = R.RSSM(deter=deter, units=units, stoch=4, classes=5, post_inputs=post)
+    st = dict(deter=jnp.zeros((1, deter)), logit=jnp.zeros((1, 4, 5)),
+              stoch=jnp.zeros((1, 4, 5)))
+    p = rssm.init(jax.random.PRNGKey(0), st, jnp.zeros((1, A)), jnp.zeros((1, post - CC)),
+                  jnp.ones((1,), bool), jax.random.PRNGKey(1), jnp.zeros((1, CC)))["params"]
+    want = np.sqrt(2.0 / (deter + post + units))
+    for name in ("obs_h", "obs_e"):
+        assert np.asarray(p[name]["kernel"]).std() == pytest.approx(want, rel=0.03), name

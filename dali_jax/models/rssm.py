@@ -32,6 +32,9 @@ class RSSM(nn.Module):
     unimix: float = 0.01
     action_clip: float = 1.0
     dtype: jnp.dtype = f32
+    # Width of [embed, c], the posterior's input besides h. When given, the posterior's two
+    # blocks are initialised as the one layer on [h, embed, c] (fan-avg over its whole input).
+    post_inputs: int = 0
 
     def setup(self):
         self.initial_w = self.param("initial", nn.initializers.zeros, (self.deter,), f32)
@@ -45,7 +48,11 @@ class RSSM(nn.Module):
         # The same function and parameter count as one layer on the concatenation.
         linear = functools.partial(Dense, self.units, norm=False, act="none", bias=False,
                                    dtype=self.dtype)
-        self.obs_h, self.obs_e = linear(), linear()
+        sh = se = 1.0
+        if self.post_inputs:  # fan-avg scales: each block's fan_in + fan_out over the layer's
+            whole = self.deter + self.post_inputs + self.units
+            sh, se = (self.deter + self.units) / whole, (self.post_inputs + self.units) / whole
+        self.obs_h, self.obs_e = linear(outscale=sh), linear(outscale=se)
         self.obs_norm = LayerNorm(act="silu")
         self.obs_stats = Dense(self.stoch * self.classes, norm=False, act="none",
                                dtype=self.dtype)
