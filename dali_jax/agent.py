@@ -22,7 +22,6 @@ context tokens, ctx_prev (N, Cc)).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +33,7 @@ from dali_jax.methods import config_switches
 from dali_jax.models import behavior as B
 from dali_jax.models import context as C
 from dali_jax.models import distributions as D
+from dali_jax.models import fastgrad as FG
 from dali_jax.models import nets as N
 from dali_jax.models import rssm as R
 
@@ -378,18 +378,13 @@ class Agent:
         return N.actor_dist(self.actor.apply({"params": actor_params}, hin), self.spec.discrete,
                             self.config.model.unimix)
 
-    def imagine(self, params, actor_params, start, ctx, is_terminal, rng, heads=None,
-                taps=None):
+    def imagine(self, params, actor_params, start, ctx, is_terminal, rng, heads=None):
         """Imagined trajectory (H + 1, N, ...) from posterior states `start` (N, ...).
 
         ctx: (N, Cc) context held fixed over the horizon (or None). Adds `hin` (head
         inputs), `reward`, `cont` (first from the real is_terminal) and `weight`.
-        heads: optional `heads(hin, tap) -> dict` of further per-state outputs (critic
-        values, logits); `tap` is None in the start state, else the step's entry of `taps`.
-        taps: optional dict(actor=[(H, N, units)] * layers, ...) of zeros: the actor's MLP
-        layers then defer their kernel gradients (`nets.deferred_matmul`) and the
-        trajectory gets `_inputs` = dict(actor=[each layer's input], ...) for the imagined
-        states (entry 0 zeros), with the `_inputs` entries `heads` returns.
+        heads: optional `heads(hin) -> dict` of further per-state outputs (critic values,
+        logits).
         Every head runs inside the imagination scan on one step's N states at a time
         (on CPU faster than on the stacked (H + 1) * N rows); reward and
         continue heads run on the imagined states only (entry 0 of `reward` is zero and
@@ -397,21 +392,17 @@ class Agent:
         """
         sw = self.switches
 
-        def policy(state, key, tap=None):
+        def policy(state, key):
             # The actor sees stop-gradient states (DreamerV3); its entropy and log-prob are
             # taken here so the actor loss need not run the actor a second time.
             hin = self.head_input(state, ctx)
-            actor = functools.partial(self.actor.apply, {"params": actor_params}, sg(hin))
-            raw, rec = (actor(), None) if tap is None else actor(tap["actor"])
-            d = N.actor_dist(raw, self.spec.discrete, self.config.model.unimix)
+            d = self._policy_dist(actor_params, sg(hin))
             a = d.sample(key)
             out = dict(action=a, entropy=d.entropy(), hin=hin)
             if self.spec.discrete:
                 out["logp"] = d.log_prob(sg(a))
             if heads is not None:
-                out.update(heads(hin, tap))
-            if tap is not None:
-                out["_inputs"] = dict(out.pop("_inputs", {}), actor=rec)
+                out.update(heads(hin))
             return out
 
         def outputs(state):  # reward and continue flag arriving in each imagined state
@@ -422,22 +413,21 @@ class Agent:
 
         ctx_dyn = ctx if sw["dynamics"] else None
         traj = R.imagine(self.rssm, params["rssm"], policy, start,
-                         self.config.train.imag_horizon, rng, ctx_dyn, outputs, taps,
+                         self.config.train.imag_horizon, rng, ctx_dyn, outputs,
                          unroll=self.unroll)
         cont = jnp.concatenate([(1.0 - is_terminal.astype(f32))[None], traj["cont"][1:]], 0)
         traj.update(cont=cont, weight=B.trajectory_weight(cont, self.gamma))
         return traj
 
-    def _imagine_frozen(self, params, start, ctx, is_terminal, rng, heads=None, taps=None):
+    def _imagine_frozen(self, params, start, ctx, is_terminal, rng, heads=None):
         """`imagine` with the world model, start states and context as stop-gradient."""
         frozen = sg({k: params[k] for k in ("rssm", "reward", "cont")})
         ctx = None if ctx is None else sg(ctx)
-        return self.imagine(frozen, params["actor"], sg(start), ctx, is_terminal, rng, heads,
-                            taps)
+        return self.imagine(frozen, params["actor"], sg(start), ctx, is_terminal, rng, heads)
 
-    def _critic_logits(self, critic_params, hin, taps=None):
-        """(..., F) -> (..., bins); with taps (see `nets.MLP`) -> (logits, layer inputs)."""
-        return self.critic.apply({"params": critic_params}, hin, taps)
+    def _critic_logits(self, critic_params, hin):
+        """(..., F) -> (..., bins)."""
+        return self.critic.apply({"params": critic_params}, hin)
 
     def _actor_terms(self, traj, value, retnorm):
         """Actor loss from a trajectory and its critic values (H + 1, N) -> (loss, aux)."""
@@ -470,7 +460,7 @@ class Agent:
         gradient flows through the imagined dynamics into the actions.
         start: posterior states (N, ...); ctx: (N, Cc) or None; is_terminal: (N,).
         """
-        heads = lambda hin, tap: {"value": self._value(sg(params["critic"]), hin)}
+        heads = lambda hin: {"value": self._value(sg(params["critic"]), hin)}
         traj = self._imagine_frozen(params, start, ctx, is_terminal, rng, heads)
         return self._actor_terms(traj, traj["value"], retnorm)
 
@@ -484,65 +474,27 @@ class Agent:
     def behavior_objective(self, params, slow_critic, retnorm, start, ctx, is_terminal, rng):
         """actor_objective + critic_objective with one imagination and one critic forward.
 
-        The critic's logits on the trajectory serve both losses: `_routed` sends the actor
-        loss's cotangent only into the trajectory (towards the actor) and the critic loss's
-        only into the critic's parameters, so the gradient equals grad(actor_objective) +
+        The critic's logits on the trajectory serve both losses: `fastgrad.routed` sends the
+        actor loss's cotangent only into the trajectory (towards the actor) and the critic
+        loss's only into the critic's parameters, so the gradient equals grad(actor_objective) +
         grad(critic_objective) (tested) while the critic runs forward once instead of
         twice. Returns (actor_loss + critic_loss, aux) with aux["loss/actor"] and
         aux["loss/critic"].
         """
-        nets = ("actor", "critic")
-        others = {k: v for k, v in params.items() if k not in nets}
+        def heads(hin):
+            # Only the critic's logits leave the scan at full width (the critic loss needs
+            # them against returns known after it); the actor's values and the slow
+            # critic's regularisation target leave it as means.
+            for_actor, for_critic = FG.routed(self._critic_logits, params["critic"], hin)
+            return dict(value=D.TwoHot(for_actor).mean(), critic_logits=for_critic,
+                        slow_value=sg(self._value(slow_critic, sg(hin))))
 
-        def objective(args, taps):
-            """-> ((loss, aux), layer inputs of the imagined steps or None)."""
-            ac, others = args
-            q = dict(others, **ac)
-
-            def heads(hin, tap):
-                # Only the critic's logits leave the scan at full width (the critic loss
-                # needs them against returns known after it); the actor's values and the
-                # slow critic's regularisation target leave it as means.
-                critic_tap = None if tap is None else tap["critic"]
-                for_actor, for_critic, rec = _routed(self._critic_logits, q["critic"], hin,
-                                                     critic_tap)
-                out = dict(value=D.TwoHot(for_actor).mean(), critic_logits=for_critic,
-                           slow_value=sg(self._value(slow_critic, sg(hin))))
-                if tap is not None:
-                    out["_inputs"] = {"critic": rec}
-                return out
-
-            traj = self._imagine_frozen(q, start, ctx, is_terminal, rng, heads, taps)
-            inputs = traj.pop("_inputs", None)
-            a_loss, aux = self._actor_terms(traj, traj["value"], retnorm)
-            c_loss = self._critic_terms(traj["critic_logits"][:-1], traj["slow_value"][:-1],
-                                        traj["weight"], aux["ret"])
-            aux.update({"loss/actor": a_loss, "loss/critic": c_loss})
-            return (a_loss + c_loss, aux), (None if inputs is None else
-                                            tmap(lambda x: x[1:], inputs))
-
-        # The actor's and critic's MLP kernels get their gradients after the imagination
-        # scan, as one (in x H*N) @ (H*N x units) matmul per layer, instead of an N-row
-        # matmul contracting over the batch plus an accumulation per step: the same
-        # deferral as rssm.observe (tested against the plain gradient). The other
-        # parameters (world model, reward, continue: stop-gradient inside) are an argument
-        # too, so the objective can be differentiated with respect to the whole tree.
-        def make_taps():
-            H, Nst = self.config.train.imag_horizon, start["deter"].shape[0]
-            return {k: [jnp.zeros((H, Nst, self.sizes["units"]), self.dtype)
-                        for _ in range(self.sizes["layers"])] for k in nets}
-
-        def add_grads(d_args, grads):
-            d_ac, d_others = d_args
-            d_ac = {k: dict(v, mlp=dict(v["mlp"])) for k, v in d_ac.items()}
-            for k, layers in grads.items():
-                mlp = d_ac[k]["mlp"]
-                for i, g in enumerate(layers):
-                    mlp[f"h{i}"] = dict(mlp[f"h{i}"], kernel=mlp[f"h{i}"]["kernel"] + g)
-            return d_ac, d_others
-
-        run = N.deferred_kernel_vjp(objective, make_taps, add_grads)
-        return run(({k: params[k] for k in nets}, others))
+        traj = self._imagine_frozen(params, start, ctx, is_terminal, rng, heads)
+        a_loss, aux = self._actor_terms(traj, traj["value"], retnorm)
+        c_loss = self._critic_terms(traj["critic_logits"][:-1], traj["slow_value"][:-1],
+                                    traj["weight"], aux["ret"])
+        aux.update({"loss/actor": a_loss, "loss/critic": c_loss})
+        return a_loss + c_loss, aux
 
     def _world_model_update(self, state, batch, rng):
         """One optimiser step of the world model (+ g_phi, f_psi, chi heads).
@@ -769,36 +721,6 @@ class Agent:
     def executed(carry, action):
         """The carry after the env executed `action` (N, A) instead of the policy's."""
         return dict(carry, prev_action=jnp.asarray(action, f32))
-
-
-def _routed(fn, params, x, taps=None):
-    """(y, y, inputs) with (y, inputs) = fn(params, x, taps), computed once; the first
-    copy's cotangent flows only into x, the second's only into params and taps. (Two
-    losses sharing one forward pass, each differentiated with respect to a different
-    input.) taps: see `nets.MLP`; without them inputs is None."""
-
-    @jax.custom_vjp
-    def route(params, x, taps):
-        y, inputs = _with_inputs(fn, params, x, taps)
-        return y, y, inputs
-
-    def fwd(params, x, taps):
-        (y, inputs), vjp = jax.vjp(lambda p, x, t: _with_inputs(fn, p, x, t), params, x, taps)
-        return (y, y, inputs), (vjp, inputs)
-
-    def bwd(res, cts):
-        vjp, inputs = res
-        ct_x, ct_params, _ = cts
-        none = tmap(jnp.zeros_like, inputs)
-        d_params, _, d_taps = vjp((ct_params, none))
-        return d_params, vjp((ct_x, none))[1], d_taps
-
-    route.defvjp(fwd, bwd)
-    return route(params, x, taps)
-
-
-def _with_inputs(fn, params, x, taps):
-    return fn(params, x, taps) if taps is not None else (fn(params, x), None)
 
 
 def count_params(tree) -> int:

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import feature_spec, random_batch
+from conftest import random_batch
 from dali_jax import config as config_lib
 from dali_jax.agent import Agent, Spec, count_params, trained_param_count
 

@@ -1,5 +1,4 @@
 """Checkpointer: round trip, atomic commit, keep-last-N, corrupt and incompatible checkpoints."""
-import json
 import os
 import shutil
 

@@ -1,11 +1,11 @@
-"""nets.layer_norm: the hand-written LayerNorm + activation gradient equals autodiff's."""
+"""fastgrad.layer_norm: the hand-written LayerNorm + activation gradient equals autodiff's."""
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dali_jax.models import nets
+from dali_jax.models import fastgrad, nets
 
 
 def _reference(x, scale, bias, eps, act):
@@ -29,7 +29,7 @@ def test_layer_norm_value_and_gradient_match_autodiff(act, shape):
     def loss(fn):
         return lambda x, s, b: jnp.sum(w * jnp.sin(fn(x, s, b)))
 
-    ours = lambda x, s, b: nets.layer_norm(x, s, b, 1e-3, act)
+    ours = lambda x, s, b: fastgrad.layer_norm(x, s, b, 1e-3, act)
     ref = lambda x, s, b: _reference(x, s, b, 1e-3, act)
     chex.assert_trees_all_close(ours(x, scale, bias), ref(x, scale, bias), atol=1e-5)
     g_ours = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(x, scale, bias)
@@ -39,7 +39,7 @@ def test_layer_norm_value_and_gradient_match_autodiff(act, shape):
 
 def test_layer_norm_keeps_input_dtype_and_dense_params():
     x = jnp.ones((3, 5), jnp.bfloat16) * jnp.arange(5, dtype=jnp.bfloat16)
-    out = nets.layer_norm(x, jnp.ones(5), jnp.zeros(5), act="silu")
+    out = fastgrad.layer_norm(x, jnp.ones(5), jnp.zeros(5), act="silu")
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32),
                                np.asarray(_reference(x, 1.0, 0.0, 1e-3, "silu")), atol=2e-2)

@@ -8,7 +8,6 @@ Conventions (DreamerV3 / the DALI release):
 """
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -18,6 +17,7 @@ import numpy as np
 
 from dali_jax.models import conv as CV
 from dali_jax.models import distributions as D
+from dali_jax.models import fastgrad as FG
 
 f32 = jnp.float32
 
@@ -39,124 +39,12 @@ class LayerNorm(nn.Module):
     def __call__(self, x):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), f32)
         bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), f32)
-        return layer_norm(x, scale, bias, self.eps, self.act)
-
-
-def layer_norm(x, scale, bias, eps: float = 1e-3, act: str = "none"):
-    """act(LayerNorm(x)): (..., D) with scale, bias (D,) -> (..., D) in x's dtype.
-
-    Computed in float32. For act "none" and "silu" the gradient is hand-written
-    (`_norm_act`): it keeps only x and two per-row statistics for the backward pass and
-    recomputes the rest in one pass, instead of the half-dozen intermediates (and, inside
-    scans, their stacked copies) that autodiff would keep; tested equal to autodiff.
-    """
-    dtype = x.dtype
-    x = x.astype(f32)
-    if act in _NORM_ACTS:
-        return _norm_act(x, scale, bias, eps, act).astype(dtype)
-    return get_act(act)(_norm_affine(x, scale, bias, eps)[0]).astype(dtype)
-
-
-def _norm_affine(x, scale, bias, eps):
-    """-> (LayerNorm(x) * scale + bias, normalised x, mean, 1 / std), all float32."""
-    mean = x.mean(-1, keepdims=True)
-    rstd = jax.lax.rsqrt(jnp.square(x - mean).mean(-1, keepdims=True) + eps)
-    xhat = (x - mean) * rstd
-    return xhat * scale + bias, xhat, mean, rstd
-
-
-_NORM_ACTS = {  # act -> (f(z), f'(z)); the identity's derivative is not multiplied in
-    "none": (lambda z: z, None),
-    "silu": (jax.nn.silu,
-             lambda z: jax.nn.sigmoid(z) * (1.0 + z * (1.0 - jax.nn.sigmoid(z)))),
-}
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _norm_act(x, scale, bias, eps, act):
-    return _NORM_ACTS[act][0](_norm_affine(x, scale, bias, eps)[0])
-
-
-def _norm_act_fwd(x, scale, bias, eps, act):
-    z, _, mean, rstd = _norm_affine(x, scale, bias, eps)
-    return _NORM_ACTS[act][0](z), (x, mean, rstd, scale, bias)
-
-
-def _norm_act_bwd(eps, act, res, dy):
-    x, mean, rstd, scale, bias = res
-    xhat = (x - mean) * rstd
-    dz = dy if act == "none" else dy * _NORM_ACTS[act][1](xhat * scale + bias)
-    rows = tuple(range(x.ndim - 1))
-    dscale, dbias = (dz * xhat).sum(rows), dz.sum(rows)
-    dxhat = dz * scale
-    dx = rstd * (dxhat - dxhat.mean(-1, keepdims=True)
-                 - xhat * (dxhat * xhat).mean(-1, keepdims=True))
-    return dx, dscale, dbias
-
-
-_norm_act.defvjp(_norm_act_fwd, _norm_act_bwd)
-
-
-@jax.custom_vjp
-def deferred_matmul(x, kernel, tap):
-    """x @ kernel whose backward pass leaves the kernel's gradient to the caller.
-
-    x (..., I), kernel (I, O), tap: zeros (..., O) in the output's dtype. The kernel gets a
-    zero cotangent and `tap` receives the output's cotangent. Inside a `lax.scan` whose
-    taps are a scanned input, the kernel's gradient is then sum_t x_t^T dy_t over stacked
-    inputs and tap cotangents: one large matmul after the loop instead of a small one plus
-    an accumulation per step (`deferred_kernel_vjp`).
-    """
-    return x @ kernel
-
-
-def _deferred_fwd(x, kernel, tap):
-    return x @ kernel, kernel
-
-
-def _deferred_bwd(kernel, dy):
-    return dy @ kernel.T, jnp.zeros_like(kernel), dy
-
-
-deferred_matmul.defvjp(_deferred_fwd, _deferred_bwd)
-
-
-def deferred_kernel_vjp(objective, make_taps, add_grads):
-    """objective(args, taps) -> (out, inputs) as a function f(args) -> out whose kernel
-    gradients are computed after the objective's scans.
-
-    Inside, the kernels enter through `deferred_matmul` with `taps` (zeros from
-    `make_taps()`; None when f is not differentiated) and their gradients are zero;
-    `inputs` is the pytree of those matmuls' stacked inputs (..., I), shaped like the taps
-    but for the last axis. The backward pass sums input x tap cotangent over all leading
-    axes, one (I, O) float32 matmul per tap, and `add_grads(d_args, grads)` adds them into
-    the cotangent of args. Used by `rssm.observe` and `Agent.behavior_objective`.
-    """
-    @jax.custom_vjp
-    def f(args):
-        return objective(args, None)[0]
-
-    def fwd(args):
-        (out, inputs), vjp = jax.vjp(objective, args, make_taps())
-        return out, (vjp, inputs)
-
-    def bwd(res, d_out):
-        vjp, inputs = res
-        d_args, d_taps = vjp((d_out, jax.tree_util.tree_map(jnp.zeros_like, inputs)))
-        grads = jax.tree_util.tree_map(
-            lambda x, dy: jnp.einsum("...i,...o->io", x, dy, preferred_element_type=f32),
-            inputs, d_taps)
-        return (add_grads(d_args, grads),)
-
-    f.defvjp(fwd, bwd)
-    return f
+        return FG.layer_norm(x, scale, bias, self.eps, self.act)
 
 
 class Dense(nn.Module):
     """y = act(LayerNorm(x W)) when `norm`, else act(x W + b) (act(x W) without `bias`).
-    (..., in) -> (..., units).
-
-    tap: optional zeros (..., units); when given, the matmul is a `deferred_matmul`."""
+    (..., in) -> (..., units). (`fastgrad.defer_kernels` may defer W's gradient.)"""
     units: int
     norm: bool = True
     act: str = "silu"
@@ -165,10 +53,9 @@ class Dense(nn.Module):
     bias: bool = True
 
     @nn.compact
-    def __call__(self, x, tap=None):
+    def __call__(self, x):
         kernel = self.param("kernel", winit(self.outscale), (x.shape[-1], self.units), f32)
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        x = x @ kernel if tap is None else deferred_matmul(x, kernel, tap)
+        x = FG.tapped_matmul(self, x.astype(self.dtype), kernel.astype(self.dtype))
         if self.norm:
             return LayerNorm(act=self.act, name="norm")(x)
         if self.bias:
@@ -184,23 +71,17 @@ def get_act(name: str):
 
 
 class MLP(nn.Module):
-    """`layers` normalised dense layers of `units`. (..., in) -> (..., units).
-
-    taps: optional sequence of one tap per layer (`Dense`); then returns (output, list of
-    each layer's input in the compute dtype) for deferred weight gradients."""
+    """`layers` normalised dense layers of `units`. (..., in) -> (..., units)."""
     layers: int
     units: int
     act: str = "silu"
     dtype: jnp.dtype = f32
 
     @nn.compact
-    def __call__(self, x, taps=None):
-        inputs = []
+    def __call__(self, x):
         for i in range(self.layers):
-            inputs.append(x.astype(self.dtype))
-            x = Dense(self.units, act=self.act, dtype=self.dtype, name=f"h{i}")(
-                x, None if taps is None else taps[i])
-        return x if taps is None else (x, inputs)
+            x = Dense(self.units, act=self.act, dtype=self.dtype, name=f"h{i}")(x)
+        return x
 
 
 class Conv4x4(nn.Module):
@@ -345,13 +226,11 @@ class Head(nn.Module):
     dtype: jnp.dtype = f32
 
     @nn.compact
-    def __call__(self, x, taps=None):
-        """taps: see `MLP` (for its layers); then returns (output, MLP layer inputs)."""
-        x = MLP(self.layers, self.units, dtype=self.dtype, name="mlp")(x, taps)
-        x, inputs = (x, None) if taps is None else x
+    def __call__(self, x):
+        x = MLP(self.layers, self.units, dtype=self.dtype, name="mlp")(x)
         out = Dense(self.out, norm=False, act="none", outscale=self.outscale,
                     dtype=self.dtype, name="out")(x).astype(f32)
-        return out if taps is None else (out, inputs)
+        return out
 
 
 class Actor(nn.Module):
@@ -367,10 +246,8 @@ class Actor(nn.Module):
     dtype: jnp.dtype = f32
 
     @nn.compact
-    def __call__(self, x, taps=None):
-        """taps: see `MLP` (for its layers); then returns (output, MLP layer inputs)."""
-        x = MLP(self.layers, self.units, dtype=self.dtype, name="mlp")(x, taps)
-        x, inputs = (x, None) if taps is None else x
+    def __call__(self, x):
+        x = MLP(self.layers, self.units, dtype=self.dtype, name="mlp")(x)
         out = Dense(self.action_dim, norm=False, act="none", dtype=self.dtype, name="out")(x)
         if self.discrete:
             out = out.astype(f32)
@@ -378,7 +255,7 @@ class Actor(nn.Module):
             std = Dense(self.action_dim, norm=False, act="none", dtype=self.dtype,
                         name="std")(x)
             out = (out.astype(f32), std.astype(f32))
-        return out if taps is None else (out, inputs)
+        return out
 
 
 def actor_dist(out, discrete: bool, unimix: float = 0.01, min_std=0.1, max_std=1.0):

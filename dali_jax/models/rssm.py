@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from dali_jax.models import distributions as D
-from dali_jax.models.nets import Dense, LayerNorm, deferred_kernel_vjp
+from dali_jax.models import fastgrad as FG
+from dali_jax.models.nets import Dense, LayerNorm
 
 f32 = jnp.float32
 sg = jax.lax.stop_gradient
@@ -58,8 +59,8 @@ class RSSM(nn.Module):
                                dtype=self.dtype)
 
     # ----------------------------------------------------------------- pieces
-    def _logits(self, layer, x, tap=None):
-        x = layer(x, tap).astype(f32)
+    def _logits(self, layer, x):
+        x = layer(x).astype(f32)
         x = x.reshape(x.shape[:-1] + (self.stoch, self.classes))
         return D.unimix_logits(x, self.unimix)
 
@@ -83,22 +84,15 @@ class RSSM(nn.Module):
         stoch = D.OneHot(logit, normalized=True).sample(rng)
         return dict(deter=h, logit=logit, stoch=stoch)
 
-    def deter_step(self, state, action, ctx_dyn=None, taps=None, inputs=None):
-        """GRU update: (state_{t-1}, a_{t-1}[, c]) -> h_t (N, deter).
-
-        taps / inputs: see `filter_step` (deferred weight gradients)."""
-        taps = taps or {}
+    def deter_step(self, state, action, ctx_dyn=None):
+        """GRU update: (state_{t-1}, a_{t-1}[, c]) -> h_t (N, deter)."""
         stoch = state["stoch"].reshape(state["stoch"].shape[:-2] + (-1,))
         parts = [stoch, self._clip(action.astype(f32))]
         if ctx_dyn is not None:
             parts.append(ctx_dyn)
-        x_in = jnp.concatenate(parts, -1)
-        x = self.img_in(x_in, taps.get("img_in"))
+        x = self.img_in(jnp.concatenate(parts, -1))
         h = state["deter"]
-        x_gru = jnp.concatenate([h.astype(x.dtype), x], -1)
-        if inputs is not None:
-            inputs.update(img_in=x_in.astype(self.dtype), gru=x_gru.astype(self.dtype))
-        gates = self.gru(x_gru, taps.get("gru")).astype(f32)
+        gates = self.gru(jnp.concatenate([h.astype(x.dtype), x], -1)).astype(f32)
         reset, cand, update = jnp.split(gates, 3, -1)
         reset = jax.nn.sigmoid(reset)
         cand = jnp.tanh(reset * cand)
@@ -134,32 +128,22 @@ class RSSM(nn.Module):
                                                            -1)
         return self.obs_e(x)
 
-    def _posterior(self, h, proj, rng, taps=None, inputs=None):
+    def _posterior(self, h, proj, rng):
         """The posterior given h (B, deter) and the [embed, c] block's output `proj`
         (B, units): z ~ q(z | h, embed, c). -> state dict."""
-        taps = taps or {}
-        x = self.obs_norm(self.obs_h(h, taps.get("obs_h")) + proj)
-        if inputs is not None:
-            inputs.update(obs_h=h.astype(self.dtype), obs_stats=x.astype(self.dtype))
-        logit = self._logits(self.obs_stats, x, taps.get("obs_stats"))
+        x = self.obs_norm(self.obs_h(h) + proj)
+        logit = self._logits(self.obs_stats, x)
         return dict(deter=h, logit=logit, stoch=D.OneHot(logit, normalized=True).sample(rng))
 
     def filter_step(self, prev_state, prev_action, proj, is_first, rng, ctx_dyn=None,
-                    init=None, taps=None):
+                    init=None):
         """`obs_step` for `observe`: the embedding half of the posterior layer comes
         precomputed (`proj` (B, units) from `post_projection`), and the prior's logits and
         sample are left to the caller (they do not feed the recurrence). Same random
-        stream as obs_step. Returns the posterior state.
-
-        taps: optional dict layer -> zeros (B, out) for the layers of `DEFERRED`; their
-        matmuls then defer the kernel gradient (`nets.deferred_matmul`) and the step
-        returns (posterior, dict layer -> that matmul's input (B, in))."""
+        stream as obs_step. Returns the posterior state."""
         prev_state, prev_action = self._reset(prev_state, prev_action, is_first, init)
-        _, r2 = jax.random.split(rng)
-        inputs = None if taps is None else {}
-        h = self.deter_step(prev_state, prev_action, ctx_dyn, taps, inputs)
-        post = self._posterior(h, proj, r2, taps, inputs)
-        return post if taps is None else (post, inputs)
+        h = self.deter_step(prev_state, prev_action, ctx_dyn)
+        return self._posterior(h, proj, jax.random.split(rng)[1])
 
     def __call__(self, *args, **kwargs):
         """`obs_step` (Flax's `init` calls this; it creates every parameter)."""
@@ -222,14 +206,13 @@ def _filter(rssm, params, state, actions, proj, is_first, rngs, ctx_dyn, init, u
     """The filter scan over time-major inputs (T, B, ...) -> posterior states (T, B, ...),
     with a custom VJP that defers the `DEFERRED` kernels' gradients (see `observe`)."""
 
-    def scan(args, taps):
-        params, state, actions, proj, ctx_dyn, init = args
-        apply = functools.partial(rssm.apply, {"params": params})
+    def scan(params, args, taps):
+        state, actions, proj, ctx_dyn, init = args
 
         def step(prev, inp):
             a, pr, first, key, cd, tap = inp
-            out = apply(prev, a, pr, first, key, cd, init, tap, method=RSSM.filter_step)
-            post, inputs = out if tap is not None else (out, None)
+            post, inputs = FG.apply_tapped(rssm, params, tap, prev, a, pr, first, key, cd,
+                                           init, method=RSSM.filter_step)
             return post, (post, inputs)
 
         _, (post, inputs) = jax.lax.scan(step, state,
@@ -237,54 +220,41 @@ def _filter(rssm, params, state, actions, proj, is_first, rngs, ctx_dyn, init, u
                                          unroll=unroll)
         return post, inputs
 
-    def make_taps():
-        T, B = proj.shape[:2]
-        return {k: jnp.zeros((T, B, params[k]["kernel"].shape[1]), rssm.dtype)
-                for k in DEFERRED}
-
-    def add_grads(d_args, grads):
-        d_params = dict(d_args[0])
-        for k, g in grads.items():  # the kernels' cotangents from inside the scan are zero
-            d_params[k] = dict(d_params[k], kernel=d_params[k]["kernel"] + g)
-        return (d_params,) + tuple(d_args[1:])
-
-    run = deferred_kernel_vjp(scan, make_taps, add_grads)
-    return run((params, state, actions, proj, ctx_dyn, init))
+    T, B = proj.shape[:2]
+    taps = {k: {"dy": jax.ShapeDtypeStruct((T, B, params[k]["kernel"].shape[1]), rssm.dtype)}
+            for k in DEFERRED}
+    return FG.defer_kernels(scan, params, (state, actions, proj, ctx_dyn, init), taps)
 
 
 def imagine(rssm: RSSM, params, policy: Callable, start, horizon: int, rng, ctx_dyn=None,
-            outputs: Callable | None = None, xs=None, unroll: int = 1):
+            outputs: Callable | None = None, unroll: int = 1):
     """Imagination with a policy: `policy(state, rng)` -> action (N, A), or a dict with an
     "action" entry plus per-step extras (e.g. the policy entropy) that are kept too.
 
     start: state dict (N, ...). ctx_dyn: optional (N, Cc), held fixed over the horizon.
     outputs: optional `outputs(state) -> dict` of per-state outputs (e.g. predicted reward)
     computed for the imagined states only; their entry 0 (the start state) is zeros.
-    xs: optional pytree of per-step inputs (H, ...); the policy is then called as
-    `policy(state, rng, x_t)` in imagined state t + 1 and `policy(start, rng, None)` in the
-    start state, and extras it returns only for imagined states are zeros in entry 0.
     unroll: steps per scan iteration (as in `observe`).
     Returns a trajectory dict of (H + 1, N, ...) including the start state and an
     `action` entry (the action taken in each state).
     """
-    def act(state, key, x=None):
-        out = policy(state, key) if xs is None else policy(state, key, x)
+    def act(state, key):
+        out = policy(state, key)
         return out if isinstance(out, dict) else {"action": out}
 
     r0, rng = jax.random.split(rng)
     start = dict(start, **act(start, r0))
 
-    def step(prev, inp):
-        key, x = inp
+    def step(prev, key):
         k1, k2 = jax.random.split(key)
         state = rssm.apply({"params": params}, prev, prev["action"], k1, ctx_dyn,
                            method=RSSM.img_step)
-        nxt = dict(state, **act(state, k2, x))
+        nxt = dict(state, **act(state, k2))
         carry = dict(state, action=nxt["action"])  # the extras do not feed the recurrence
         return carry, (nxt if outputs is None else dict(nxt, **outputs(nxt)))
 
     carry = {k: start[k] for k in ("deter", "logit", "stoch", "action")}
-    _, traj = jax.lax.scan(step, carry, (jax.random.split(rng, horizon), xs), unroll=unroll)
+    _, traj = jax.lax.scan(step, carry, jax.random.split(rng, horizon), unroll=unroll)
     zeros = lambda tree: jax.tree_util.tree_map(lambda v: jnp.zeros(v.shape[1:], v.dtype), tree)
     start = dict(start, **{k: zeros(v) for k, v in traj.items() if k not in start})
     return jax.tree_util.tree_map(lambda s, t: jnp.concatenate([s[None], t], 0), start, traj)

@@ -1,0 +1,176 @@
+"""The update's speed tricks, behind three functions; model code uses no other name here.
+
+- `layer_norm`: act(LayerNorm(x)) with a hand-written backward pass (keeps x and two
+  per-row statistics instead of autodiff's intermediates and their stacked copies in scans).
+- `defer_kernels`: the kernels of chosen `nets.Dense` layers inside a `lax.scan` get their
+  gradients after the scan, as one (in x rows) @ (rows x out) matmul each, instead of a
+  small matmul plus an accumulation per step. The layers learn of it through Flax variable
+  collections ("taps" in, "inputs" out, see `tapped_matmul`), so the model code has no
+  tap arguments.
+- `routed`: one forward pass serving two losses, each differentiated with respect to a
+  different input (the critic's logits for the actor's returns and the critic's loss).
+
+Each is tested equal, in values and gradients, to the plain computation (tests/test_nets.py,
+test_rssm.py, test_agent.py).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+f32 = jnp.float32
+tmap = jax.tree_util.tree_map
+
+
+# ------------------------------------------------------------------ LayerNorm + act
+_NORM_ACTS = {  # act -> (f(z), f'(z)); the identity's derivative is not multiplied in
+    "none": (lambda z: z, None),
+    "silu": (jax.nn.silu,
+             lambda z: jax.nn.sigmoid(z) * (1.0 + z * (1.0 - jax.nn.sigmoid(z)))),
+}
+
+
+def layer_norm(x, scale, bias, eps: float = 1e-3, act: str = "none"):
+    """act(LayerNorm(x) * scale + bias): (..., D), scale and bias (D,) -> (..., D) in x's
+    dtype, computed in float32. The backward pass is hand-written for act "none" and
+    "silu" and recomputes the normalised x from x and its two row statistics."""
+    dtype = x.dtype
+    x = x.astype(f32)
+    if act in _NORM_ACTS:
+        return _norm_act(x, scale, bias, eps, act).astype(dtype)
+    act_fn = (lambda z: z) if act == "none" else getattr(jax.nn, act)
+    return act_fn(_norm_affine(x, scale, bias, eps)[0]).astype(dtype)
+
+
+def _norm_affine(x, scale, bias, eps):
+    """-> (LayerNorm(x) * scale + bias, normalised x, mean, 1 / std), all float32."""
+    mean = x.mean(-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.square(x - mean).mean(-1, keepdims=True) + eps)
+    xhat = (x - mean) * rstd
+    return xhat * scale + bias, xhat, mean, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _norm_act(x, scale, bias, eps, act):
+    return _NORM_ACTS[act][0](_norm_affine(x, scale, bias, eps)[0])
+
+
+def _norm_act_fwd(x, scale, bias, eps, act):
+    z, _, mean, rstd = _norm_affine(x, scale, bias, eps)
+    return _NORM_ACTS[act][0](z), (x, mean, rstd, scale, bias)
+
+
+def _norm_act_bwd(eps, act, res, dy):
+    x, mean, rstd, scale, bias = res
+    xhat = (x - mean) * rstd
+    dz = dy if act == "none" else dy * _NORM_ACTS[act][1](xhat * scale + bias)
+    rows = tuple(range(x.ndim - 1))
+    dscale, dbias = (dz * xhat).sum(rows), dz.sum(rows)
+    dxhat = dz * scale
+    dx = rstd * (dxhat - dxhat.mean(-1, keepdims=True)
+                 - xhat * (dxhat * xhat).mean(-1, keepdims=True))
+    return dx, dscale, dbias
+
+
+_norm_act.defvjp(_norm_act_fwd, _norm_act_bwd)
+
+
+# ------------------------------------------------------------ deferred kernel grads
+@jax.custom_vjp
+def _deferred_matmul(x, kernel, tap):
+    """x @ kernel whose kernel gets a zero cotangent; `tap` (zeros (..., O)) receives the
+    output's cotangent instead."""
+    return x @ kernel
+
+
+def _deferred_fwd(x, kernel, tap):
+    return x @ kernel, kernel
+
+
+def _deferred_bwd(kernel, dy):
+    return dy @ kernel.T, jnp.zeros_like(kernel), dy
+
+
+_deferred_matmul.defvjp(_deferred_fwd, _deferred_bwd)
+
+
+def tapped_matmul(module, x, kernel):
+    """x @ kernel for a Flax layer `module`. When the layer is given a tap (variable "dy"
+    of collection "taps", see `defer_kernels`), it records x in collection "inputs" and
+    leaves its kernel's gradient to `defer_kernels`."""
+    if not module.has_variable("taps", "dy"):
+        return x @ kernel
+    module.put_variable("inputs", "x", x)
+    return _deferred_matmul(x, kernel, module.get_variable("taps", "dy"))
+
+
+def apply_tapped(module, params, taps, *args, **kwargs):
+    """module.apply with the "taps" collection `taps` (None: a plain apply).
+    -> (output, the "inputs" collection or None)."""
+    if taps is None:
+        return module.apply({"params": params}, *args, **kwargs), None
+    out, cols = module.apply({"params": params, "taps": taps}, *args, mutable=["inputs"],
+                             **kwargs)
+    return out, cols["inputs"]
+
+
+def defer_kernels(scan, params, args, taps):
+    """scan(params, args, taps) -> (out, inputs), differentiable in (params, args), with
+    the kernels of the tapped layers' gradients computed after the scan.
+
+    taps: {layer path: {"dy": ShapeDtypeStruct (T, B, out)}}, nested like `params`;
+    `scan` passes step t's slice of the zeros built from it as the "taps" collection of
+    its module (`apply_tapped`) and returns the stacked "inputs" collection
+    ({path: {"x": (T, B, in)}}). The kernel of layer `path` then gets
+    sum_{t,b} x^T dy: one float32 matmul per layer. Returns out.
+    """
+    def zeros():
+        return tmap(lambda s: jnp.zeros(s.shape, s.dtype), taps)
+
+    @jax.custom_vjp
+    def f(params, args):
+        return scan(params, args, None)[0]
+
+    def fwd(params, args):
+        (out, inputs), vjp = jax.vjp(scan, params, args, zeros())
+        return out, (vjp, inputs)
+
+    def bwd(res, d_out):
+        vjp, inputs = res
+        d_params, d_args, d_taps = vjp((d_out, tmap(jnp.zeros_like, inputs)))
+        flat = traverse_util.flatten_dict(d_params)
+        xs, dys = traverse_util.flatten_dict(inputs), traverse_util.flatten_dict(d_taps)
+        for path, x in xs.items():  # the kernels' cotangents from inside the scan are zero
+            kernel = path[:-1] + ("kernel",)
+            flat[kernel] = flat[kernel] + jnp.einsum(
+                "...i,...o->io", x, dys[path[:-1] + ("dy",)], preferred_element_type=f32)
+        return traverse_util.unflatten_dict(flat), d_args
+
+    f.defvjp(fwd, bwd)
+    return f(params, args)
+
+
+# ---------------------------------------------------------------------- routing
+def routed(fn, params, x):
+    """(y, y) with y = fn(params, x) computed once: the first copy's cotangent flows only
+    into x, the second's only into params (two losses sharing one forward pass, each
+    differentiated with respect to a different input)."""
+
+    @jax.custom_vjp
+    def route(params, x):
+        y = fn(params, x)
+        return y, y
+
+    def fwd(params, x):
+        y, vjp = jax.vjp(fn, params, x)
+        return (y, y), vjp
+
+    def bwd(vjp, cts):
+        ct_x, ct_params = cts
+        return vjp(ct_params)[0], vjp(ct_x)[1]
+
+    route.defvjp(fwd, bwd)
+    return route(params, x)
