@@ -6,6 +6,7 @@ import pytest
 
 from conftest import random_batch
 from dali_jax import config as config_lib
+from dali_jax.analysis import imagination
 from dali_jax.agent import Agent, Spec, count_params, trained_param_count
 
 WALKER = Spec(obs={"obs": ((24,), np.float32), "context": ((2,), np.float32)}, action_dim=6)
@@ -73,7 +74,7 @@ def test_gradient_isolation(agent_cache):
     state = agent.init(jax.random.PRNGKey(0))
     p = state["params"]
     batch = random_batch(agent.spec)
-    mp = agent._model_params(p)
+    mp = agent.model_params(p)
     # KL balancing: dyn trains the prior only, rep the posterior only (on the logits; over
     # time the posterior sample also feeds later priors, so use a single step for params).
     from dali_jax.models import rssm as R
@@ -255,7 +256,7 @@ def test_pixel_dali_d_update_and_acting():
            "is_first": np.ones(2, bool)}
     a, carry = agent.policy_step(state["params"], carry, obs, jax.random.PRNGKey(0))
     assert a.shape == (2, 2) and carry["window"].shape == (2, 8, agent.token_obs_dim + 2)
-    dec = agent.decode(state["params"], carry["state"], carry["ctx_prev"])
+    dec = imagination.decode(agent, state["params"], carry["state"], carry["ctx_prev"])
     assert dec["image"].shape == (2, 64, 64, 3)
     assert float(dec["image"].min()) >= 0 and float(dec["image"].max()) <= 1
 

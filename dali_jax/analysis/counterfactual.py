@@ -636,6 +636,8 @@ def _imaginer(agent, params, first, key):
     import jax
     import jax.numpy as jnp
 
+    from dali_jax.analysis.imagination import imagine_open_loop
+
     gt_encoder = (agent.switches["source"] == "ground_truth"
                   and "context" in agent.enc_vector_keys)
 
@@ -647,7 +649,7 @@ def _imaginer(agent, params, first, key):
         emb = agent.encoder.apply({"params": p["encoder"]}, o)
         step0 = dict(prev_state=fs["prev_state"], prev_action=fs["prev_action"], embed=emb,
                      is_first=fs["is_first"])
-        _, dec = agent.imagine_open_loop(p, None, acts, ctx, key, first_step=step0)
+        _, dec = imagine_open_loop(agent, p, None, acts, ctx, key, first_step=step0)
         return dec
 
     def imagine(acts, ctx):

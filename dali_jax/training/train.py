@@ -39,6 +39,7 @@ import numpy as np
 
 from dali_jax import config as config_lib
 from dali_jax.agent import Agent, Spec
+from dali_jax.analysis import imagination
 from dali_jax.envs import contexts as C
 from dali_jax.envs.dmc import make_env
 from dali_jax.envs.vector import VectorEnv
@@ -483,7 +484,8 @@ class Trainer:
         if not self.agent.image_keys or not self.replay.can_sample():
             return
         if not hasattr(self, "_report_fn"):
-            self._report_fn = jax.jit(self.agent.openloop_report)
+            self._report_fn = jax.jit(functools.partial(imagination.openloop_report,
+                                                        self.agent))
         batch = self.replay.sample(min(2, self.config.train.batch_size),
                                    rng=np.random.default_rng(self.env_steps))
         videos = jax.device_get(self._report_fn(self.state["params"], batch,
