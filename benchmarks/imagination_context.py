@@ -66,10 +66,10 @@ def main(argv=None):
     run = load_run(args.logdir)
     agent, cfg, params = run.agent, run.config, run.params
     sw = agent.switches
-    if not agent.inferred or not (sw["dynamics"] or sw["heads"]):
+    if not agent.inferred or not (sw.dynamics or sw.heads):
         raise SystemExit(f"{cfg.method}: the inferred context enters neither the dynamics nor "
                          "the heads (needs dali_d or an ablation of it)")
-    dyn = sw["dynamics"]
+    dyn = sw.dynamics
     K, H = int(cfg.context.window), args.horizon
     length = K + args.starts * 8 + H + 1
     contexts = P.context_grid(cfg.task, args.grid)
@@ -87,7 +87,7 @@ def main(argv=None):
     prev = agent.prev_actions(batch["action"].astype(jnp.float32), is_first)
     post, _ = R.observe(agent.rssm, params["rssm"], embed, prev, is_first,
                         jax.random.PRNGKey(args.seed),
-                        ctx_post=ctx if sw["posterior"] else None,
+                        ctx_post=ctx if sw.posterior else None,
                         ctx_dyn=agent.dyn_context(ctx, is_first) if dyn else None)
     rng = np.random.default_rng(args.seed)
     cid = np.asarray(eps["context_id"])

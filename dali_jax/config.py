@@ -188,11 +188,11 @@ def _validate_drop(config):
     if not parse_drop(drop):
         return
     sw = config_switches(config)  # raises on unknown names
-    if sw["source"] == "none":
+    if sw.source == "none":
         raise ValueError(f"config.context.drop={drop!r}: method {config.method!r} has no "
                          "context to drop")
-    if sw["source"] == "inferred" and not (sw["posterior"] or sw["dynamics"] or sw["heads"]
-                                           or sw["crossmodal"]):
+    if sw.source == "inferred" and not (sw.posterior or sw.dynamics or sw.heads
+                                           or sw.crossmodal):
         raise ValueError(f"config.context.drop={drop!r} leaves method {config.method!r} "
                          "without any use of the inferred context")
 
@@ -249,7 +249,7 @@ def validate(config) -> None:
         raise ValueError(f"config.context.deep_lag must be an integer >= 0 (0: off); got {lag!r}")
     if lag:
         sw = config_switches(config)
-        if not (sw["dynamics"] or sw["heads"]):
+        if not (sw.dynamics or sw.heads):
             raise ValueError(f"config.context.deep_lag={lag} needs deep context inputs "
                              f"(img_step or heads); method {config.method!r} with "
                              f"context.drop={config.context.drop!r} has none")

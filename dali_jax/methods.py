@@ -23,10 +23,9 @@ reproduces the public release's leak of the true context into the shallow DALI e
 """
 from __future__ import annotations
 
-METHODS = ("dreamer_dr", "crssm_s", "crssm_d", "dali_s", "dali_s_chi", "dali_d")
+import dataclasses
 
-_SWITCHES = ("source", "encoder_input", "decoder_target", "posterior", "dynamics", "heads",
-             "crossmodal")
+METHODS = ("dreamer_dr", "crssm_s", "crssm_d", "dali_s", "dali_s_chi", "dali_d")
 
 RECIPES = {
     "dreamer_dr": dict(source="none"),
@@ -41,9 +40,23 @@ RECIPES = {
 DROPPABLE = ("posterior", "dynamics", "heads")
 
 
+@dataclasses.dataclass(frozen=True)
+class Switches:
+    """Where the context goes (see the module docstring); `gt_into_encoder`: the release's
+    leak of the true context into the shallow DALI encoders (release_compat only)."""
+    source: str = "none"
+    encoder_input: bool = False
+    decoder_target: bool = False
+    posterior: bool = False
+    dynamics: bool = False
+    heads: bool = False
+    crossmodal: bool = False
+    gt_into_encoder: bool = False
+
+
 def recipe(method: str, shallow_into_dynamics: bool = False, release_compat: bool = False,
            chi_deep: bool = False, drop: tuple = ()):
-    """Context switches of `method` (dict over _SWITCHES).
+    """Context switches of `method` (`Switches`).
 
     shallow_into_dynamics: the release also feeds c to img_step for shallow variants.
     chi_deep: DALI-D gets the cross-modal chi term too (the release's config default).
@@ -74,7 +87,7 @@ def recipe(method: str, shallow_into_dynamics: bool = False, release_compat: boo
             raise ValueError(f"config.context.drop: {name!r} is not one of "
                              f"{', '.join(DROPPABLE)}")
         out[name] = False
-    return out
+    return Switches(**out)
 
 
 def parse_drop(value: str) -> tuple:

@@ -48,7 +48,7 @@ def policy_step(agent, params, carry, obs, rng, mode="sample"):
     prev_action = carry["prev_action"] * (1.0 - first)[:, None]
     new = dict(carry)
     ctx = None
-    if sw["source"] == "ground_truth":
+    if sw.source == "ground_truth":
         ctx = obs["context"].astype(f32)
     elif agent.inferred:
         tok_obs = agent.token_obs(enc_obs, embed)
@@ -63,9 +63,9 @@ def policy_step(agent, params, carry, obs, rng, mode="sample"):
             window = jnp.where(is_first[:, None, None], fresh, rolled)
         new["window"] = window
         ctx = agent.infer_context(params, window)
-    ctx_post = ctx if sw["posterior"] else None
+    ctx_post = ctx if sw.posterior else None
     ctx_dyn = None
-    if sw["dynamics"]:
+    if sw.dynamics:
         ctx_dyn = jnp.where(is_first[:, None], ctx, carry["ctx_prev"])
     k1, k2 = jax.random.split(rng)
     post, _ = agent.rssm.apply({"params": params["rssm"]}, carry["state"], prev_action,

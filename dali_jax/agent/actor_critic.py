@@ -54,7 +54,7 @@ class ActorCritic:
                 reward=D.TwoHot(self.reward.apply({"params": params["reward"]}, hin)).mean(),
                 cont=D.Bernoulli(self.cont.apply({"params": params["cont"]}, hin)[..., 0]).mode())
 
-        ctx_dyn = ctx if sw["dynamics"] else None
+        ctx_dyn = ctx if sw.dynamics else None
         traj = R.imagine(self.rssm, params["rssm"], policy, start,
                          self.config.train.imag_horizon, rng, ctx_dyn, outputs,
                          unroll=self.unroll)

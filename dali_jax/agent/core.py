@@ -106,17 +106,17 @@ class Agent(WorldModel, ActorCritic):
         self.image_keys = tuple(k for k, (shape, _) in spec.obs.items() if len(shape) == 3)
         vec = tuple(k for k, (shape, _) in spec.obs.items() if len(shape) == 1 and k != "context")
         self.vector_keys = vec
-        enc_vec = vec + (("context",) if sw["encoder_input"] or sw.get("gt_into_encoder") else ())
+        enc_vec = vec + (("context",) if sw.encoder_input or sw.gt_into_encoder else ())
         dec_vec = {k: spec.obs[k][0][0] for k in vec}
-        if sw["decoder_target"]:
+        if sw.decoder_target:
             dec_vec["context"] = spec.obs["context"][0][0]
         self.enc_vector_keys = enc_vec
         self.dec_vector_shapes = dec_vec
         self.encoder = N.Encoder(enc_vec, self.image_keys, s["enc_layers"], s["enc_units"],
                                  s["cnn_depth"], config.model.conv_impl, dtype=dt)
         self.ctx_dim = {"none": 0, "ground_truth": spec.obs.get("context", ((0,),))[0][0],
-                        "inferred": config.context.dim}[sw["source"]]
-        post_inputs = self._embed_dim() + (self.ctx_dim if sw["posterior"] else 0)
+                        "inferred": config.context.dim}[sw.source]
+        post_inputs = self._embed_dim() + (self.ctx_dim if sw.posterior else 0)
         self.rssm = R.RSSM(s["deter"], s["units"], s["stoch"], s["classes"], config.model.unimix,
                            config.model.action_clip, dtype=dt, post_inputs=post_inputs)
         self.decoder = N.Decoder(dec_vec, {k: spec.obs[k][0] for k in self.image_keys},
@@ -132,7 +132,7 @@ class Agent(WorldModel, ActorCritic):
     def _context_networks(self, s):
         """g_phi, f_psi, the inverse head and the chi maps (inferred-context methods)."""
         spec, ctx = self.spec, self.config.context
-        self.inferred = self.switches["source"] == "inferred"
+        self.inferred = self.switches.source == "inferred"
         if self.inferred:
             # Pixel runs use the world-model embedding as the observation part of a token.
             self.token_obs_dim = (self._embed_dim() if self.image_keys
@@ -169,9 +169,9 @@ class Agent(WorldModel, ActorCritic):
                       logit=jnp.zeros((1, self.sizes["stoch"], self.sizes["classes"]), f32),
                       stoch=jnp.zeros((1, self.sizes["stoch"], self.sizes["classes"]), f32))
         p["rssm"] = self.rssm.init(ks[1], state0, z(sp.action_dim), embed, jnp.ones((1,), bool),
-                                   ks[2], z(cd) if sw["posterior"] else None,
-                                   z(cd) if sw["dynamics"] else None)["params"]
-        head_in = z(self.state_dim + (cd if sw["heads"] else 0))
+                                   ks[2], z(cd) if sw.posterior else None,
+                                   z(cd) if sw.dynamics else None)["params"]
+        head_in = z(self.state_dim + (cd if sw.heads else 0))
         p["decoder"] = self.decoder.init(ks[3], head_in)["params"]
         p["reward"] = self.reward.init(ks[4], head_in)["params"]
         p["cont"] = self.cont.init(ks[5], head_in)["params"]

@@ -18,7 +18,7 @@ tmap = jax.tree_util.tree_map
 class WorldModel:
     def head_input(self, state, ctx):
         f = R.feat(state)
-        if self.switches["heads"]:
+        if self.switches.heads:
             ctx = jnp.broadcast_to(ctx.astype(f.dtype), f.shape[:-1] + ctx.shape[-1:])
             f = jnp.concatenate([f, ctx], -1)
         return f
@@ -37,7 +37,7 @@ class WorldModel:
         Returns (ctx (B, steps, Cc) or None, aux dict(obs_vec (B, L, Do), idx
         (B, steps, K) window indices into L, is_first (B, L))).
         """
-        src = self.switches["source"]
+        src = self.switches.source
         L = batch["is_first"].shape[1]
         steps = L if steps is None else steps
         if src == "none":
@@ -110,8 +110,8 @@ class WorldModel:
             ctx_deep = jnp.take_along_axis(ctx_deep, idx[..., None], 1)
         post, prior = R.observe(
             self.rssm, mp["rssm"], embed, self.prev_actions(chunk["action"].astype(f32), is_first),
-            is_first, rng, ctx_post=None if ctx is None or not sw["posterior"] else sg(ctx),
-            ctx_dyn=self.dyn_context(ctx_deep, is_first) if sw["dynamics"] else None,
+            is_first, rng, ctx_post=None if ctx is None or not sw.posterior else sg(ctx),
+            ctx_dyn=self.dyn_context(ctx_deep, is_first) if sw.dynamics else None,
             unroll=self.unroll)
         return chunk, post, prior, ctx, ctx_deep, aux
 
@@ -152,7 +152,7 @@ class WorldModel:
             align, new_stats, align_metrics = self._alignment(mp["context"], aux, ctx, stats)
             losses["dali"] = align
             total = total + cfg.loss_scale * align
-            if sw["crossmodal"]:
+            if sw.crossmodal:
                 cross = lambda c, s: self.cross.apply({"params": mp["context"]["cross"]}, c, s)
                 chi = C.crossmodal_loss(cross, ctx, R.feat(post), cfg.chi_fit_map)
                 losses["chi"] = chi

@@ -297,11 +297,11 @@ def _check_run(logdir, task, dim) -> int:
         sw = config_switches(cfg)
     except (ValueError, AttributeError, KeyError) as e:
         raise CounterfactualError(f"{logdir}: {e}") from None
-    if sw["source"] == "none":
+    if sw.source == "none":
         raise CounterfactualError(
             f"{logdir}: method {cfg.method!r} has no context (the world model never sees c), "
             f"so there is nothing to perturb; use a dali_* or crssm_* run")
-    Cc = int(cfg.context.dim) if sw["source"] == "inferred" else len(C.FACTORS[cfg.task])
+    Cc = int(cfg.context.dim) if sw.source == "inferred" else len(C.FACTORS[cfg.task])
     if dim is not None and not 0 <= dim < Cc:
         raise CounterfactualError(f"--dim {dim} is out of range: the context of this "
                                   f"{cfg.method} run has {Cc} dimensions, valid 0..{Cc - 1} "
@@ -510,7 +510,7 @@ def run_counterfactual(logdir: str, dim="auto", scale: float = 3.0, out: str | N
     summary = dict(
         logdir=str(logdir), task=task_name, method=cfg.method, obs=cfg.obs,
         setting=cfg.context_setting, seed=int(cfg.seed), checkpoint_step=int(run.step),
-        context_source=agent.switches["source"], context_dims=Cc, window=K, horizon=H,
+        context_source=agent.switches.source, context_dims=Cc, window=K, horizon=H,
         episodes=E, episode_length=L, windows=len(picks), scale=float(scale),
         dim=chosen, dim_mode="auto" if dim_auto else "given", actions=act_kind,
         default_context=default, sigma=sigma.tolist(), sigma_source=sigma_source,
@@ -638,7 +638,7 @@ def _imaginer(agent, params, first, key):
 
     from dali_jax.analysis.imagination import imagine_open_loop
 
-    gt_encoder = (agent.switches["source"] == "ground_truth"
+    gt_encoder = (agent.switches.source == "ground_truth"
                   and "context" in agent.enc_vector_keys)
 
     @jax.jit

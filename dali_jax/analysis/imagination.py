@@ -35,10 +35,10 @@ def imagine_open_loop(agent, params, start, actions, ctx, rng, first_step=None):
         start, _ = agent.rssm.apply(
             {"params": params["rssm"]}, first_step["prev_state"], first_step["prev_action"],
             first_step["embed"], first_step["is_first"], r0,
-            ctx if sw["posterior"] else None,
-            ctx if sw["dynamics"] else None, method=R.RSSM.obs_step)
+            ctx if sw.posterior else None,
+            ctx if sw.dynamics else None, method=R.RSSM.obs_step)
     states = R.imagine_actions(agent.rssm, params["rssm"], start, actions, rng,
-                               ctx if sw["dynamics"] else None)
+                               ctx if sw.dynamics else None)
     return states, decode(agent, params, states, None if ctx is None else ctx[:, None])
 
 
@@ -57,14 +57,14 @@ def openloop_report(agent, params, batch, rng, context_steps: int = 5):
     n = context_steps
     post, _ = R.observe(agent.rssm, params["rssm"], embed[:, :n], prev_act[:, :n],
                         is_first[:, :n], k1,
-                        ctx_post=ctx[:, :n] if sw["posterior"] else None,
+                        ctx_post=ctx[:, :n] if sw.posterior else None,
                         ctx_dyn=agent.dyn_context(ctx, is_first)[:, :n]
-                        if sw["dynamics"] else None)
+                        if sw.dynamics else None)
     start = tmap(lambda x: x[:, -1], post)
     c_last = None if ctx is None else ctx[:, n - 1]
     states = R.imagine_actions(agent.rssm, params["rssm"], start,
                                jnp.asarray(batch["action"], f32)[:, n - 1:-1], k2,
-                               c_last if sw["dynamics"] else None)
+                               c_last if sw.dynamics else None)
     rec_obs = decode(agent, params, post, ctx[:, :n] if ctx is not None else None)
     rec_img = decode(agent, params, states, None if c_last is None else c_last[:, None])
     out = {}
