@@ -1,4 +1,6 @@
 """Agent-level checks: parameter counts, gradient isolation, determinism, context blindness."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -237,7 +239,8 @@ def test_policy_context_window_resets_and_pairs(agent_cache):
 
 
 def test_pixel_dali_d_update_and_acting():
-    """Pixel runs: CNN encoder/decoder, tokens from the (stop-gradient) embedding."""
+    """Pixel runs: CNN encoder/decoder, tokens from the (stop-gradient) embedding; decoding
+    and the open-loop video report (analysis/imagination.py)."""
     from conftest import tiny_config
     spec = Spec(obs={"image": ((64, 64, 3), np.uint8), "context": ((2,), np.float32)},
                 action_dim=2)
@@ -259,6 +262,16 @@ def test_pixel_dali_d_update_and_acting():
     dec = imagination.decode(agent, state["params"], carry["state"], carry["ctx_prev"])
     assert dec["image"].shape == (2, 64, 64, 3)
     assert float(dec["image"].min()) >= 0 and float(dec["image"].max()) <= 1
+    # The trainer's open-loop video: true | model | error frames side by side.
+    sub = {k: v[:2] for k, v in batch.items()}
+    video = jax.jit(functools.partial(imagination.openloop_report, agent))(
+        state["params"], sub, jax.random.PRNGKey(1))["image"]
+    T = sub["image"].shape[1]
+    assert video.shape == (2, T, 64, 3 * 64, 3) and video.dtype == np.uint8
+    true, model, err = (np.asarray(video[..., i * 64:(i + 1) * 64, :], np.float32)
+                        for i in range(3))
+    np.testing.assert_allclose(true, sub["image"], atol=1)
+    np.testing.assert_allclose(err, (model - true) / 2 + 127.5, atol=2)
 
 
 def test_context_drop_ablation_removes_exactly_that_input():
