@@ -41,8 +41,7 @@ def layer_norm(x, scale, bias, eps: float = 1e-3, act: str = "none"):
     x = x.astype(f32)
     if act in _NORM_ACTS:
         return _norm_act(x, scale, bias, eps, act).astype(dtype)
-    act_fn = (lambda z: z) if act == "none" else getattr(jax.nn, act)
-    return act_fn(_norm_affine(x, scale, bias, eps)[0]).astype(dtype)
+    return getattr(jax.nn, act)(_norm_affine(x, scale, bias, eps)[0]).astype(dtype)
 
 
 def _norm_affine(x, scale, bias, eps):
