@@ -55,7 +55,10 @@ def _suite_xml(name: str) -> str:
     """Path of a dm_control suite XML, found without importing dm_control.suite."""
     spec = importlib.util.find_spec("dm_control")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("dm_control is required for the DMC tasks")
+        raise ImportError(
+            "dm_control is required for the DMC tasks: pip install dm-control==1.0.50 (on "
+            "Python 3.13, where labmaze has no wheel: pip install --no-deps dm-control==1.0.50; "
+            "scripts/bootstrap.sh does this)")
     return os.path.join(list(spec.submodule_search_locations)[0], "suite", name)
 
 
