@@ -82,6 +82,12 @@ def get_config() -> ml_collections.ConfigDict:
     x.standardize = True  # forward targets standardised per dim with running moments
     x.stats_decay = 0.99  # EMA decay of those moments (kept in the train state)
     x.loss_scale = 1.0
+    # > 0: weight of the within-episode consistency term (C.consistency_loss: the spread of
+    # c between two windows `consistency_lag` steps apart in one episode over its spread
+    # across the batch), added to the alignment loss; it keeps in c what is fixed for an
+    # episode (the context) and out of it what changes (the task's progress). 0: off.
+    x.consistency = 0.0
+    x.consistency_lag = 16
     # > 0: g_phi, f_psi and the chi heads stop changing after this many updates, so that the
     # context the actor, critic and world model read is stationary from then on (0: never).
     x.freeze_after = 0
@@ -237,6 +243,13 @@ def validate(config) -> None:
     if not (isinstance(config.context.history, int) and config.context.history >= -1):
         raise ValueError("config.context.history must be -1 (K for inferred-context methods) "
                          f"or an integer >= 0; got {config.context.history!r}")
+    if config.context.consistency < 0:
+        raise ValueError("config.context.consistency must be >= 0; "
+                         f"got {config.context.consistency!r}")
+    if config.context.consistency and not 0 < config.context.consistency_lag < config.train.batch_length:
+        raise ValueError("config.context.consistency_lag must be in [1, train.batch_length - 1] "
+                         f"= [1, {config.train.batch_length - 1}]; got "
+                         f"{config.context.consistency_lag!r}")
     if not 0.0 <= config.context.stats_decay < 1.0:
         raise ValueError("config.context.stats_decay must be in [0, 1); "
                          f"got {config.context.stats_decay!r}")

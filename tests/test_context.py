@@ -279,3 +279,52 @@ def test_deep_lag_reads_contexts_of_the_same_episode_only(agent_cache):
     assert loss(lag, const) == loss(plain, const)
     varying = dict(batch, context=ctx + np.linspace(0, 1, ctx.shape[1])[None, :, None])
     assert abs(loss(lag, varying) - loss(plain, varying)) > 1e-4
+
+
+def test_consistency_loss_equals_naive_loop_and_ignores_scale():
+    rng = np.random.default_rng(0)
+    B, T, Cc, lag = 3, 10, 4, 3
+    ctx = rng.normal(size=(B, T, Cc)).astype(np.float32)
+    is_first = np.zeros((B, T), bool)
+    is_first[1, 5] = is_first[2, 2] = is_first[2, 8] = True
+    within = [((ctx[b, t] - ctx[b, t - lag]) ** 2).sum() for b in range(B)
+              for t in range(lag, T) if not is_first[b, t - lag + 1:t + 1].any()]
+    flat = ctx.reshape(-1, Cc)
+    total = ((flat - flat.mean(0)) ** 2).sum(1).mean()
+    got = float(C.consistency_loss(jnp.asarray(ctx), jnp.asarray(is_first), lag))
+    np.testing.assert_allclose(got, np.mean(within) / (2 * total), rtol=1e-5)
+    # scale-free: shrinking c does not lower it
+    np.testing.assert_allclose(float(C.consistency_loss(jnp.asarray(0.01 * ctx),
+                                                        jnp.asarray(is_first), lag)),
+                               got, rtol=1e-4)
+    # zero for a context fixed within each episode segment, whatever it is across them
+    seg = np.cumsum(is_first, 1)
+    const = rng.normal(size=(B, 4, Cc)).astype(np.float32)[np.arange(B)[:, None], seg]
+    assert float(C.consistency_loss(jnp.asarray(const), jnp.asarray(is_first), lag)) < 1e-6
+    with pytest.raises(ValueError, match="lag"):
+        C.consistency_loss(jnp.asarray(ctx), jnp.asarray(is_first), T)
+
+
+def test_consistency_term_trains_g_phi_only_through_the_context(agent_cache):
+    """context.consistency > 0 adds the term to the world-model loss (reported as
+    loss/consistency), it changes g_phi's gradient, and leaves the world model's own
+    parameters' gradients as without it (c is stop-gradient there)."""
+    from conftest import random_batch
+    base = agent_cache("dali_d")
+    cons = agent_cache("dali_d", **{"context.consistency": 1.0, "context.consistency_lag": 4})
+    state = base.init(jax.random.PRNGKey(0))
+    batch = random_batch(base.spec, B=4, T=base.sequence_length, seed=0)
+    mp = base.model_params(state["params"])
+
+    def grads(agent):
+        fn = lambda p: agent.world_model_loss(p, batch, jax.random.PRNGKey(1))
+        (_, (_, _, metrics, _)), g = jax.value_and_grad(fn, has_aux=True)(mp)
+        return g, metrics
+
+    g0, m0 = grads(base)
+    g1, m1 = grads(cons)
+    assert "loss/consistency" not in m0 and 0 < float(m1["loss/consistency"]) < 10
+    diff = lambda a, b: max(float(np.abs(x - y).max()) for x, y in
+                            zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    assert diff(g0["context"]["encoder"], g1["context"]["encoder"]) > 1e-6
+    assert diff(g0["rssm"], g1["rssm"]) == 0 and diff(g0["decoder"], g1["decoder"]) == 0

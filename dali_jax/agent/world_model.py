@@ -152,6 +152,11 @@ class WorldModel:
             align, new_stats, align_metrics = self._alignment(mp["context"], aux, ctx, stats)
             losses["dali"] = align
             total = total + cfg.loss_scale * align
+            if cfg.consistency:
+                cons = C.consistency_loss(ctx, jnp.asarray(chunk["is_first"]),
+                                          cfg.consistency_lag)
+                losses["consistency"] = cons
+                total = total + cfg.consistency * cons
             if sw.crossmodal:
                 cross = lambda c, s: self.cross.apply({"params": mp["context"]["cross"]}, c, s)
                 chi = C.crossmodal_loss(cross, ctx, R.feat(post), cfg.chi_fit_map)

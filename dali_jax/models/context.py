@@ -352,6 +352,29 @@ def alignment_loss(forward_fn, inverse_fn, obs, action, trans, ctx, mode: str = 
     return jnp.sum(err * valid, -1) / jnp.maximum(1.0, jnp.sum(valid, -1))
 
 
+def consistency_loss(ctx, is_first, lag: int):
+    """Within-episode consistency of the context, scale-free. -> scalar.
+
+    The true context is fixed for an episode; what else a window may tell (the task's
+    progress, e.g. the ball in the cup) changes within it. With pairs (c_t, c_{t-lag}) of the
+    same episode (no episode start in (t - lag, t]):
+        mean_pairs ||c_t - c_{t-lag}||^2 / (2 mean_{b,t} ||c_{b,t} - cbar||^2),
+    the within-episode spread over the spread of all contexts of the batch (0: constant in
+    every episode; about 1: no more alike within an episode than across the batch).
+    Gradients flow through both, so shrinking c does not lower it.
+    ctx: (B, T, Cc); is_first: (B, T) bool, True where an episode starts.
+    """
+    T = ctx.shape[1]
+    if not 0 < lag < T:
+        raise ValueError(f"consistency lag must be in [1, {T - 1}], got {lag}")
+    starts = jnp.cumsum(is_first.astype(jnp.int32), 1)
+    valid = (starts[:, lag:] == starts[:, :-lag]).astype(f32)
+    d = jnp.sum((ctx[:, lag:] - ctx[:, :-lag]) ** 2, -1)
+    within = jnp.sum(d * valid) / jnp.maximum(1.0, jnp.sum(valid))
+    total = jnp.mean(jnp.sum((ctx - ctx.mean((0, 1))) ** 2, -1))
+    return within / (2.0 * total + 1e-8)
+
+
 def crossmodal_loss(cross_fn, ctx, state_feat, fit_map: bool = True):
     """chi term, (B, T). cross_fn(c, s) -> (s_hat, c_hat).
 
