@@ -8,9 +8,9 @@ ball is rarely caught. A trained agent's replay is where DALI learns: there the 
 in most episodes, and the contexts of trained runs encode the mode (caught or not) better
 than gravity (RESULTS.md, `what_c_holds.csv`). This benchmark takes the replay of a run's
 latest checkpoint (every complete episode; a random `--test-fraction` of them held out),
-trains a fresh agent of the run's configuration with each alignment option by world-model-only
-updates (`Agent.model_step`; g_phi learns only from the alignment loss, c being
-stop-gradient in the world model), and probes the context of every full window of the held-out
+trains the context networks of a fresh agent of the run's configuration with each alignment
+option on their own terms (`fit_alignment`; what the world-model update does to them, c
+being stop-gradient in the world model), and probes the context of every full window of the held-out
 episodes (ridge, fitted on the training episodes): R^2 to each varied factor of the run's
 context setting (per step), to the mean reward over the window (the task's progress) and to
 the reward at t. Rows: the run's own g_phi as trained, an untrained g_phi, then one per option.
@@ -50,6 +50,47 @@ def replay_episodes(logdir: str, length: int) -> dict:
                 for k in data:
                     out[k].append(data[k][row, s:s + length])
     return {k: np.stack(v) for k, v in out.items()}
+
+
+def fit_alignment(agent, state, episodes, updates, seed=0):
+    """`updates` Adam updates of g_phi and its heads on their own terms
+    (`agent.context_losses`, the world-model loss's context part; the world model does not
+    train g_phi, c being stop-gradient there), with the model optimiser's settings, on
+    (B, history + T) sequences of `episodes`. About 5x cheaper than `Agent.model_step`.
+    -> params with the trained context networks."""
+    import jax
+    import jax.numpy as jnp
+
+    from dali_jax.agent import make_optimizer
+    from dali_jax.analysis import probe as P
+
+    tc = agent.config.train
+    opt = make_optimizer(tc.model_lr, tc.model_eps, tc.model_clip)
+    weights = agent.context_loss_weights()
+    params = state["params"]
+    stats0 = state.get("align_stats")
+
+    @jax.jit
+    def step(cp, opt_state, stats, batch):
+        def loss_fn(cp):
+            p = dict(params, context=cp)
+            H, chunk = agent.split_history(batch)
+            ctx, aux = agent.context_chunk(p, batch, None, chunk["is_first"].shape[1])
+            terms, new_stats, _ = agent.context_losses(cp, aux, ctx, chunk["is_first"], stats)
+            return sum(weights[k] * jnp.mean(v) for k, v in terms.items()), new_stats
+        (loss, new_stats), g = jax.value_and_grad(loss_fn, has_aux=True)(cp)
+        upd, opt_state = opt.update(g, opt_state, cp)
+        return jax.tree_util.tree_map(jnp.add, cp, upd), opt_state, new_stats, loss
+
+    cp = params["context"]
+    opt_state = opt.init(cp)
+    rng = np.random.default_rng(seed)
+    keys = tuple(agent.spec.obs)
+    stats = stats0
+    for _ in range(updates):
+        b = P.sample_batch(episodes, keys, tc.batch_size, agent.sequence_length, rng)
+        cp, opt_state, stats, loss = step(cp, opt_state, stats, b)
+    return dict(params, context=cp)
 
 
 def probe_rows(agent, params, eps, train, targets, alpha=1e-3) -> dict:
@@ -126,9 +167,9 @@ def main(argv=None):
             rows.append(dict(option="untrained", **probe_rows(agent, state["params"], eps, train,
                                                              targets)))
         t1 = time.time()
-        state, _ = P.fit_world_model(agent, state, data, args.updates, seed=args.seed + 1)
+        params = fit_alignment(agent, state, data, args.updates, seed=args.seed + 1)
         rows.append(dict(option=opt, updates=args.updates, train_s=round(time.time() - t1),
-                         **probe_rows(agent, state["params"], eps, train, targets)))
+                         **probe_rows(agent, params, eps, train, targets)))
         print("  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                         for k, v in rows[-1].items()), flush=True)
     names = [k for k in rows[0] if k != "option"]

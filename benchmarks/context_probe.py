@@ -21,6 +21,11 @@ Options (context.loss / pairs / residual / standardize):
   future_std    forward, the 8 transitions after the window, standardised residuals
   inverse       inverse model a_j from [o_j, o_{j+1}, c]
   both_std      residual_std + inverse
+
+Ceilings (not alignment losses; they say how much of the factors the windows hold):
+  supervised    the same g_phi trained directly on the standardised factors (a linear
+                readout of c, mean squared error; full windows of the training episodes)
+  raw_linear    the ridge probe on the raw flattened window of tokens (K x (Do + A))
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ import json
 import os
 import sys
 import time
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -44,10 +51,11 @@ OPTIONS = {
     "inverse": dict(loss="inverse", pairs="window", residual=False, standardize=False),
     "both_std": dict(loss="both", pairs="window", residual=True, standardize=True),
 }
+CEILINGS = ("supervised", "raw_linear")
 OBS_DIM = {"ball_in_cup": (8, 2), "walker": (24, 6)}
 
 
-def probe_config(task: str, option: str, seed: int = 0):
+def probe_config(task: str, option: str, seed: int = 0, window: int = 32):
     """The experiment's agent configuration (nano DALI-D, float32) for one option."""
     from dali_jax import config as config_lib
     c = config_lib.get_config()
@@ -57,15 +65,15 @@ def probe_config(task: str, option: str, seed: int = 0):
     c.compute_dtype = "float32"
     c.train.batch_size, c.train.batch_length, c.train.imag_horizon = 16, 40, 5
     c.train.model_lr = 2e-3
-    c.context.window, c.context.hidden, c.context.head_units = 32, 32, 64
-    for k, v in OPTIONS[option].items():
+    c.context.window, c.context.hidden, c.context.head_units = window, 32, 64
+    for k, v in OPTIONS.get(option, OPTIONS["residual_std"]).items():
         c.context[k] = v
     config_lib.validate(c)
     return c
 
 
 def run(task: str, options, updates: int, seed: int = 0, grid: int = 4, episodes: int = 8,
-        length: int = 200, log=print) -> list[dict]:
+        length: int = 200, window: int = 32, log=print) -> list[dict]:
     """Collect once, then train and probe every option. -> one dict per option."""
     import jax
     import numpy as np
@@ -85,25 +93,106 @@ def run(task: str, options, updates: int, seed: int = 0, grid: int = 4, episodes
     spec = Spec(obs={"obs": ((do,), np.float32), "context": ((2,), np.float32)}, action_dim=da)
     rows = []
     for opt in options:
-        agent = Agent(probe_config(task, opt, seed), spec)
+        agent = Agent(probe_config(task, opt, seed, window), spec)
         state = agent.init(jax.random.PRNGKey(seed))
         untrained = jax.tree_util.tree_map(np.array, state["params"])
         t1 = time.time()
-        state, hist = P.fit_world_model(agent, state, data, updates, seed=seed + 1,
-                                        log_every=max(1, updates // 4))
+        hist = [{"loss/dali": float("nan")}]
+        if opt == "supervised":
+            params, hist = supervised_fit(agent, state["params"], eps, train, updates, seed + 1)
+        elif opt != "raw_linear":
+            state, hist = P.fit_world_model(agent, state, data, updates, seed=seed + 1,
+                                            log_every=max(1, updates // 4))
+            params = state["params"]
         train_s = time.time() - t1
-        r2 = P.window_probe(agent, state["params"], eps, train, test, stride=2)
+        if opt == "raw_linear":
+            r2 = raw_window_probe(agent, eps, train, test, stride=2)
+        else:
+            r2 = P.window_probe(agent, params, eps, train, test, stride=2)
         r2_0 = P.window_probe(agent, untrained, eps, train, test, stride=2)
-        row = dict(task=task, option=opt, **OPTIONS[opt], updates=updates, seed=seed,
+        kind = OPTIONS.get(opt, dict(loss=opt, pairs="window", residual="-", standardize="-"))
+        row = dict(task=task, option=opt, **kind, updates=updates, seed=seed, window=window,
+                   episodes=episodes,
                    r2={n: float(v) for n, v in zip(names, r2)},
                    r2_untrained={n: float(v) for n, v in zip(names, r2_0)},
-                   gain=[h.get("context/gain") for h in hist],
+                   gain=[h.get("context/gain", float("nan")) for h in hist],
                    loss_dali=[h["loss/dali"] for h in hist], train_s=train_s)
         rows.append(row)
         log(f"{opt:13s} " + "  ".join(f"{n} {row['r2'][n]:.3f} (untrained "
                                         f"{row['r2_untrained'][n]:.3f})" for n in names)
             + f"  gain {row['gain'][-1]:.4f}  {train_s:.0f} s")
     return rows
+
+
+def episode_tokens(agent, eps):
+    """Context-encoder tokens [o_k, a_{k-1}] of whole episodes: float32 (E, L, Do + A)."""
+    import numpy as np
+    obs = np.concatenate([eps[k] for k in agent.vector_keys], -1).astype(np.float32)
+    act = np.asarray(eps["action"], np.float32)
+    prev = np.concatenate([np.zeros_like(act[:, :1]), act[:, :-1]], 1)
+    return np.concatenate([obs, prev], -1)
+
+
+def full_windows(tok, K, episodes, steps):
+    """Windows of steps `steps` (N,) of episodes `episodes` (N,): (N, K, D)."""
+    return tok[episodes[:, None], steps[:, None] + np.arange(-K + 1, 1)[None]]
+
+
+def supervised_fit(agent, params, eps, train, updates, seed, lr=2e-3, batch=640):
+    """Ceiling: g_phi and a linear readout trained on the standardised true factors of the
+    full windows of the training episodes (Adam, `batch` windows per update).
+    -> (params with the trained encoder, [final metrics])."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    K = agent.config.context.window
+    tok = episode_tokens(agent, eps)
+    y = np.asarray(eps["factors"], np.float32)
+    idx = np.flatnonzero(train)
+    mu, sd = y[idx].mean(0), y[idx].std(0) + 1e-8
+    ys = (y - mu) / sd
+    Cc = agent.config.context.dim
+    p = dict(enc=params["context"]["encoder"], w=jnp.zeros((Cc, y.shape[1])),
+             b=jnp.zeros((y.shape[1],)))
+    opt = optax.adam(lr)
+    os_ = opt.init(p)
+
+    @jax.jit
+    def step(p, os_, win, target):
+        def loss_fn(p):
+            c = agent.ctx_encoder.apply({"params": p["enc"]}, win)
+            return jnp.mean((c @ p["w"] + p["b"] - target) ** 2)
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        up, os_ = opt.update(g, os_, p)
+        return optax.apply_updates(p, up), os_, loss
+
+    rng = np.random.default_rng(seed)
+    L = tok.shape[1]
+    for _ in range(updates):
+        e = rng.choice(idx, batch)
+        t = rng.integers(K - 1, L, batch)
+        p, os_, loss = step(p, os_, full_windows(tok, K, e, t), ys[e])
+    out = jax.tree_util.tree_map(lambda x: x, params)
+    out["context"] = dict(params["context"], encoder=p["enc"])
+    return out, [{"loss/dali": float(loss)}]
+
+
+def raw_window_probe(agent, eps, train, test, stride=2):
+    """Ceiling of a linear probe: ridge from the raw flattened window (K x D) of every full
+    window to each factor, fitted on `train` episodes and scored on `test`. -> R^2 (F,)."""
+    import numpy as np
+    from dali_jax.analysis import probe as P
+    K = agent.config.context.window
+    tok = episode_tokens(agent, eps)
+    E, L, _ = tok.shape
+    steps = np.arange(K - 1, L, stride)
+    e = np.repeat(np.arange(E), steps.size)
+    t = np.tile(steps, E)
+    X = full_windows(tok, K, e, t).reshape(len(e), -1)
+    y = np.asarray(eps["factors"], np.float64)[e]
+    return P.linear_probe_r2(X[train[e]], y[train[e]], X[test[e]], y[test[e]])
 
 
 def table(rows) -> str:
@@ -129,14 +218,16 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", type=int, default=4)
     p.add_argument("--episodes", type=int, default=8, help="per context, half held out")
+    p.add_argument("--window", type=int, default=32, help="K, the context window")
     p.add_argument("--json", default=None, help="append one JSON line per option")
     args = p.parse_args(argv)
     opts = args.options.split(",")
-    bad = [o for o in opts if o not in OPTIONS]
+    bad = [o for o in opts if o not in OPTIONS and o not in CEILINGS]
     if bad:
-        p.error(f"unknown option(s) {bad}; valid: {', '.join(OPTIONS)}")
+        p.error(f"unknown option(s) {bad}; valid: {', '.join([*OPTIONS, *CEILINGS])}")
     hostmem.tune_malloc()
-    rows = run(args.task, opts, args.updates, args.seed, args.grid, args.episodes)
+    rows = run(args.task, opts, args.updates, args.seed, args.grid, args.episodes,
+               window=args.window)
     if args.json:
         with open(args.json, "a") as f:
             for r in rows:

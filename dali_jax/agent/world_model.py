@@ -149,14 +149,10 @@ class WorldModel:
         new_stats, align_metrics = None, {}
         if self.inferred:
             cfg = self.config.context
-            align, new_stats, align_metrics = self._alignment(mp["context"], aux, ctx, stats)
-            losses["dali"] = align
-            total = total + cfg.loss_scale * align
-            if cfg.consistency:
-                cons = C.consistency_loss(ctx, jnp.asarray(chunk["is_first"]),
-                                          cfg.consistency_lag)
-                losses["consistency"] = cons
-                total = total + cfg.consistency * cons
+            align, new_stats, align_metrics = self.context_losses(
+                mp["context"], aux, ctx, chunk["is_first"], stats)
+            losses.update(align)
+            total = total + sum(self.context_loss_weights()[k] * v for k, v in align.items())
             if sw.crossmodal:
                 cross = lambda c, s: self.cross.apply({"params": mp["context"]["cross"]}, c, s)
                 chi = C.crossmodal_loss(cross, ctx, R.feat(post), cfg.chi_fit_map)
@@ -171,6 +167,24 @@ class WorldModel:
             metrics["context/std"] = ctx.std(axis=(0, 1)).mean()
         metrics.update(align_metrics)
         return total.mean(), (post, None if ctx is None else sg(ctx), metrics, new_stats)
+
+    def context_loss_weights(self):
+        """Weights of the `context_losses` terms in the world-model loss."""
+        cfg = self.config.context
+        return {"dali": cfg.loss_scale, "consistency": cfg.consistency}
+
+    def context_losses(self, cp, aux, ctx, chunk_is_first, stats):
+        """g_phi's own terms: the alignment loss "dali" (B, T) and, with
+        context.consistency, the scalar "consistency" term. cp: params["context"]; aux:
+        `context_chunk`'s; ctx (B, T, Cc); chunk_is_first (B, T). -> (dict, updated target
+        moments or None, metrics)."""
+        cfg = self.config.context
+        align, new_stats, metrics = self._alignment(cp, aux, ctx, stats)
+        out = {"dali": align}
+        if cfg.consistency:
+            out["consistency"] = C.consistency_loss(ctx, jnp.asarray(chunk_is_first),
+                                                    cfg.consistency_lag)
+        return out, new_stats, metrics
 
     def _alignment(self, cp, aux, ctx, stats):
         """Dynamics-alignment loss (B, T) of the windows' contexts, the updated target
