@@ -43,10 +43,10 @@ def replay_episodes(logdir: str, length: int) -> dict:
     data = {k[len("data/"):]: np.asarray(v) for k, v in tree["replay"].items()
             if k.startswith("data/")}
     out = {k: [] for k in data}
-    for row in range(data["is_first"].shape[0]):
-        starts = np.flatnonzero(data["is_first"][row])
-        for s in starts:
-            if s + length <= data["is_first"].shape[1] and not data["is_first"][row, s + 1:s + length].any():
+    first = data["is_first"]
+    for row in range(first.shape[0]):
+        for s in np.flatnonzero(first[row]):
+            if s + length <= first.shape[1] and not first[row, s + 1:s + length].any():
                 for k in data:
                     out[k].append(data[k][row, s:s + length])
     return {k: np.stack(v) for k, v in out.items()}

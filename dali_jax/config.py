@@ -246,10 +246,10 @@ def validate(config) -> None:
     if config.context.consistency < 0:
         raise ValueError("config.context.consistency must be >= 0; "
                          f"got {config.context.consistency!r}")
-    if config.context.consistency and not 0 < config.context.consistency_lag < config.train.batch_length:
+    lag, T = config.context.consistency_lag, config.train.batch_length
+    if config.context.consistency and not 0 < lag < T:
         raise ValueError("config.context.consistency_lag must be in [1, train.batch_length - 1] "
-                         f"= [1, {config.train.batch_length - 1}]; got "
-                         f"{config.context.consistency_lag!r}")
+                         f"= [1, {T - 1}]; got {lag!r}")
     if not 0.0 <= config.context.stats_decay < 1.0:
         raise ValueError("config.context.stats_decay must be in [0, 1); "
                          f"got {config.context.stats_decay!r}")

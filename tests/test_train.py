@@ -90,12 +90,18 @@ def test_launch_rejects_bad_overrides_and_presets_hold_the_protocol():
                       "auto, native, matmul"),
                      ("--config.model.unroll=0", "config.model.unroll must be an integer"),
                      ("--config.context.freeze_after=-5", "config.context.freeze_after must"),
-                     ("--config.context.deep_lag=-1", "config.context.deep_lag must")):
+                     ("--config.context.deep_lag=-1", "config.context.deep_lag must"),
+                     ("--config.context.consistency=-1.0", "config.context.consistency must")):
         with pytest.raises(ValueError, match=msg):
             launch.parse(ball_in_cup.get_config, [bad], ball_in_cup.PRESETS)
     with pytest.raises(ValueError, match="deep_lag=4 needs deep context inputs.*'dali_s'"):
         launch.parse(ball_in_cup.get_config, ["--config.method=dali_s",
                                               "--config.context.deep_lag=4"], ball_in_cup.PRESETS)
+    with pytest.raises(ValueError, match=r"consistency_lag must be in \[1, train.batch_length - 1\] "
+                       r"= \[1, 63\]; got 64"):
+        launch.parse(ball_in_cup.get_config, ["--config.context.consistency=1.0",
+                                              "--config.context.consistency_lag=64"],
+                     ball_in_cup.PRESETS)
     c = launch.parse(ball_in_cup.get_config, ["--config.method=dali_d", "--config.obs=pixels",
                                               "--config.seed", "3",
                                               "--config.context_setting=double_box"],
