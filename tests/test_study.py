@@ -81,7 +81,8 @@ def wait_for(cond, timeout, what):
 def test_plan_names_runs_and_builds_their_configs(tmp_path):
     path = write_study(tmp_path / "plan.py", 'c.methods = ("dreamer_dr", "dali_d")',
                        "c.seeds = (0, 5)", 'c.settings = ("single_0", "double_box")',
-                       'c.overrides["model.size"] = "tiny"')
+                       'c.overrides["model.size"] = "tiny"',
+                       'c.method_overrides["dali_d"] = {"context.loss": "inverse"}')
     study, runs, configs = load(path, tmp_path / "d")
     assert study.name == "plan" and len(runs) == 8
     assert [r.name for r in runs[:4]] == ["dreamer_dr/single_0/s0", "dali_d/single_0/s0",
@@ -100,6 +101,9 @@ def test_plan_names_runs_and_builds_their_configs(tmp_path):
         exp = os.path.join(ROOT, "experiments", "ball_in_cup.py")
         assert cmd[:3] == (sys.executable, "-u", exp)
         assert f"--config.seed={r.seed}" in cmd and "--config.model.size=tiny" in cmd
+        # method_overrides reach that method's runs only
+        assert c.context.loss == ("inverse" if r.method == "dali_d" else "forward")
+        assert ("--config.context.loss=inverse" in cmd) == (r.method == "dali_d")
     cost = P.estimate(study, runs[0], configs[runs[0].name], {"dreamer_dr": 100.0})
     # (400 - 100 prefill) x ratio 16 / (4 x 16) updates; 14 scored contexts x 1 x 100 steps
     assert (cost.env_steps, cost.updates, cost.eval_steps) == (STEPS, 75, 1400)
@@ -122,6 +126,16 @@ def test_plan_names_runs_and_builds_their_configs(tmp_path):
     ('c.overrides["seed"] = 3', r"study\.overrides\['seed'\] is set by the study"),
     ('c.overrides["run.stepz"] = 3', r"study\.overrides: unknown field --config\.run\.stepz.*"
                                      r"Valid fields: .*steps"),
+    ('c.method_overrides["dali_d"] = {"context.loss": "inverse"}',
+     r"study\.method_overrides\['dali_d'\] names a method the study does not run; its "
+     r"methods: dreamer_dr"),
+    ('c.method_overrides["dreamer_dr"] = {"seed": 1}',
+     r"study\.method_overrides\['dreamer_dr'\]\['seed'\] is set by the study"),
+    ('c.method_overrides["dreamer_dr"] = {"context.los": "inverse"}',
+     r"study\.overrides or study\.method_overrides\['dreamer_dr'\]: unknown field "
+     r"--config\.context\.los"),
+    ('c.method_overrides = {"dreamer_dr": 3}',
+     r"study\.method_overrides\['dreamer_dr'\] must be a mapping of config path"),
     ('c.settings = ("default",)', r"study\.evaluation\.contexts is 'scored', but setting\(s\) "
                                   r"default score no grid context"),
 ])
@@ -145,6 +159,28 @@ def test_run_refuses_runs_started_with_another_config(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "dreamer_dr/single_0/s1" in err and "run.steps: run has 999, study has 400" in err
     assert not os.path.exists(runs[0].logdir)  # nothing launched
+
+
+def test_a_field_added_after_a_run_started_is_no_conflict_while_at_its_default(tmp_path):
+    """A run started before dali_jax gained an option (its config.json lacks the field) still
+    matches a plan that keeps the option's default; a plan that overrides it conflicts."""
+    root = tmp_path / "d"
+    path = write_study(tmp_path / "s.py")
+    study, runs, configs = load(path, root)
+    os.makedirs(runs[0].logdir)
+    started = P.config_json(configs[runs[0].name])
+    del started["context"]["freeze_after"]  # as if the run predates the option
+    with open(os.path.join(runs[0].logdir, "config.json"), "w") as f:
+        json.dump(started, f)
+    base = P.base_config(study, runs[0])
+    assert P.config_conflict(runs[0], configs[runs[0].name], base) is None
+    # without the base config every missing field is a difference
+    assert "context.freeze_after: run has '<absent>', study has 0" in P.config_conflict(
+        runs[0], configs[runs[0].name])
+    path = write_study(tmp_path / "s2.py", 'c.overrides["context.freeze_after"] = 5')
+    study, runs, configs = load(path, root)
+    why = P.config_conflict(runs[0], configs[runs[0].name], P.base_config(study, runs[0]))
+    assert why == "context.freeze_after: run has '<absent>', study has 5"
 
 
 def test_a_failing_job_is_recorded_with_its_last_error_line(tmp_path):

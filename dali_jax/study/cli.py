@@ -64,6 +64,15 @@ class Context:
         self.root = os.path.abspath(args.dir)
         self.runs = P.plan_runs(self.study, self.root)
         self.configs = P.run_configs(self.study, self.runs)
+        self._base: dict = {}
+
+    def conflict(self, run) -> str | None:
+        """How ``run``'s started config differs from the plan (P.config_conflict), or None."""
+        if not os.path.isfile(os.path.join(run.logdir, "config.json")):
+            return None
+        if run.name not in self._base:
+            self._base[run.name] = P.base_config(self.study, run)
+        return P.config_conflict(run, self.configs[run.name], self._base[run.name])
 
     def job_state(self):
         if self.study.backend.name != "slurm":
@@ -109,7 +118,7 @@ def cmd_plan(ctx: Context) -> int:
               f"{hours / min(slots, len(known)):.1f} h wall-clock with {slots} run(s) at a time "
               f"({s.backend.name} backend)")
     for r in ctx.runs:
-        why = P.config_conflict(r, ctx.configs[r.name])
+        why = ctx.conflict(r)
         if why:
             print(f"warning: {r.name} was started with another configuration: {why}")
     return 0
@@ -134,7 +143,7 @@ def _slots(ctx: Context) -> int:
 
 
 def _check_conflicts(ctx: Context) -> bool:
-    bad = [(r, P.config_conflict(r, ctx.configs[r.name])) for r in ctx.runs]
+    bad = [(r, ctx.conflict(r)) for r in ctx.runs]
     bad = [(r, why) for r, why in bad if why]
     for r, why in bad:
         print(f"error: {r.name} ({r.logdir}) was started with another configuration: {why}. "

@@ -70,12 +70,21 @@ def format_value(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def run_argv(study, method: str, setting: str, seed: int, logdir: str) -> tuple:
-    """Experiment-file arguments of one run: preset, the run's fields, then the overrides."""
-    args = [f"--preset={study.preset}", f"--config.obs={study.obs}",
+def _own_argv(study, method: str, setting: str, seed: int, logdir: str) -> tuple:
+    """The preset and the run's own fields, without any override."""
+    return (f"--preset={study.preset}", f"--config.obs={study.obs}",
             f"--config.method={method}", f"--config.context_setting={setting}",
-            f"--config.seed={seed}", f"--config.logdir={logdir}"]
+            f"--config.seed={seed}", f"--config.logdir={logdir}")
+
+
+def run_argv(study, method: str, setting: str, seed: int, logdir: str) -> tuple:
+    """Experiment-file arguments of one run: preset, the run's fields, the overrides, then the
+    method's own overrides."""
+    args = list(_own_argv(study, method, setting, seed, logdir))
     args += [f"--config.{k}={format_value(v)}" for k, v in study.overrides.items()]
+    if method in study.method_overrides:
+        args += [f"--config.{k}={format_value(v)}"
+                 for k, v in study.method_overrides[method].items()]
     return tuple(args)
 
 
@@ -103,7 +112,9 @@ def run_configs(study, runs: Sequence[Run]) -> dict:
         try:
             out[run.name] = launch.parse(module.get_config, list(run.argv), presets.NAMES)
         except ValueError as e:
-            raise StudyError(f"study.overrides: {e}") from None
+            where = ("study.overrides" if run.method not in study.method_overrides else
+                     f"study.overrides or study.method_overrides[{run.method!r}]")
+            raise StudyError(f"{where}: {e}") from None
     return out
 
 
@@ -119,9 +130,13 @@ def config_json(config) -> dict:
     return d
 
 
-def config_conflict(run: Run, config) -> str | None:
+def config_conflict(run: Run, config, base=None) -> str | None:
     """Fields where ``run``'s existing config.json differs from the planned ``config``, as one
-    line; None when it matches or the run has not started."""
+    line; None when it matches or the run has not started.
+
+    ``base``: the run's config without the study's overrides (``base_config``). A field the
+    run's config.json lacks (added to dali_jax after the run started) is no conflict when the
+    plan keeps ``base``'s value for it: new options default to the old behaviour."""
     path = os.path.join(run.logdir, "config.json")
     if not os.path.isfile(path):
         return None
@@ -131,10 +146,23 @@ def config_conflict(run: Run, config) -> str | None:
     except (OSError, ValueError) as e:
         return f"{path} is unreadable ({e})"
     old.pop("logdir", None)
-    diffs = _diff(_flatten(old), _flatten(config_json(config)))
+    old, new = _flatten(old), _flatten(config_json(config))
+    if base is not None:
+        default = _flatten(config_json(base))
+        for k in set(new) - set(old):
+            if k in default and default[k] == new[k]:
+                old[k] = new[k]
+    diffs = _diff(old, new)
     if not diffs:
         return None
     return "; ".join(diffs[:8]) + (f"; ... ({len(diffs)} fields)" if len(diffs) > 8 else "")
+
+
+def base_config(study, run: Run):
+    """``run``'s config built from the preset and the run's own fields only (no overrides)."""
+    module = _load_experiment(study.task)
+    argv = _own_argv(study, run.method, run.setting, run.seed, run.logdir)
+    return launch.parse(module.get_config, list(argv), presets.NAMES)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

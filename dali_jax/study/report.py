@@ -227,6 +227,8 @@ def _index(study, out, runs, statuses, missing, excluded, rep, notes) -> str:
              f"- settings: {', '.join(study.settings)}; seeds: "
              f"{', '.join(map(str, study.seeds))}",
              f"- preset `{study.preset}`, overrides {overrides}",
+             *[f"- {m} only: " + ", ".join(f"`{k}={v!r}`" for k, v in o.items())
+               for m, o in study.method_overrides.items()],
              f"- evaluation: {study.evaluation.episodes} episodes per context on "
              f"{study.evaluation.contexts} grid contexts ({study.evaluation.mode} actions)",
              f"- {len(runs)} planned runs: {len(runs) - len(missing) - len(excluded)} aggregated, "

@@ -41,6 +41,7 @@ EVAL_CONTEXTS = ("all", "scored")
 RUN_FIELDS = ("task", "obs", "method", "seed", "context_setting", "logdir")
 # Fields holding free-form mappings (their keys are not checked against the defaults).
 _FREE = ("overrides", "backend.slurm.extra")
+_NESTED_FREE = ("method_overrides",)  # method -> {dotted config path: value}
 
 
 class StudyError(ValueError):
@@ -65,6 +66,10 @@ def defaults() -> ml_collections.ConfigDict:
     # c.overrides["run.steps"] = 50_000. The study's own fields (task, obs, method, seed,
     # context_setting, logdir) cannot be overridden.
     c.overrides = ml_collections.ConfigDict(allow_dotted_keys=True)
+    # Method -> {dotted config path: value}, applied after `overrides` to that method's runs
+    # only, e.g. c.method_overrides["dali_d"] = {"context.loss": "inverse"}: a per-method
+    # hyperparameter that other methods' configs (and their resumability) do not see.
+    c.method_overrides = ml_collections.ConfigDict(convert_dict=False)
 
     e = c.evaluation = ml_collections.ConfigDict()
     e.episodes = 50  # episodes per grid context (protocol: 50)
@@ -148,7 +153,17 @@ def _merge_into(base, user, prefix: str) -> None:
                                                   else "")
                 + f"; valid fields{' of study.' + prefix[:-1] if prefix else ''}: "
                 f"{', '.join(sorted(base.keys()))}")
-        if path in _FREE:
+        if path in _NESTED_FREE:
+            if not isinstance(value, (ml_collections.ConfigDict, Mapping)):
+                raise StudyError(f"study.{path} must be a mapping of method -> mapping; "
+                                 f"got {type(value).__name__}")
+            for k in value.keys():
+                inner = value[k]
+                if not isinstance(inner, (ml_collections.ConfigDict, Mapping)):
+                    raise StudyError(f"study.{path}[{k!r}] must be a mapping of config path -> "
+                                     f"value; got {type(inner).__name__}")
+                base[key][k] = {kk: _plain(inner[kk]) for kk in inner.keys()}
+        elif path in _FREE:
             if not isinstance(value, (ml_collections.ConfigDict, Mapping)):
                 raise StudyError(f"study.{path} must be a mapping; got {type(value).__name__}")
             for k in value.keys():
@@ -232,6 +247,15 @@ def validate(s) -> None:
         if key in RUN_FIELDS:
             _fail(f"overrides[{key!r}]", f"is set by the study (one of {', '.join(RUN_FIELDS)}); "
                                          f"use the study's own fields instead")
+    for method in s.method_overrides.keys():
+        if method not in s.methods:
+            _fail(f"method_overrides[{method!r}]", f"names a method the study does not run; "
+                                                    f"its methods: {', '.join(s.methods)}")
+        for key in s.method_overrides[method].keys():
+            if key in RUN_FIELDS:
+                _fail(f"method_overrides[{method!r}][{key!r}]",
+                      f"is set by the study (one of {', '.join(RUN_FIELDS)}); "
+                      f"use the study's own fields instead")
     e = s.evaluation
     _int("evaluation.episodes", e.episodes, 1)
     _choice("evaluation.contexts", e.contexts, EVAL_CONTEXTS)
