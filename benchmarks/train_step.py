@@ -55,6 +55,7 @@ import numpy as np
 
 from dali_jax import config as config_lib
 from dali_jax import hostmem
+from dali_jax import launch
 from dali_jax.agent import Agent, Spec, compute_dtype, count_params
 from dali_jax.flops import count_flops
 
@@ -113,14 +114,6 @@ def parse_args(argv=None):
     return args
 
 
-def parse_override(value: str):
-    import ast
-    try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return value
-
-
 def make_config(args, size, obs, method):
     method, _, overrides = method.partition("@")
     c = config_lib.get_config()
@@ -136,15 +129,11 @@ def make_config(args, size, obs, method):
         c.compute_dtype = args.dtype
     c.train.batch_size, c.train.batch_length = args.batch, args.length
     c.train.imag_horizon = args.horizon
-    for item in filter(None, overrides.split(";")):
-        key, _, value = item.partition("=")
-        node = c
-        *path, leaf = key.strip().split(".")
-        for part in path:
-            node = node[part]
-        if leaf not in node:
-            raise SystemExit(f"unknown config field in --methods: {key!r}")
-        node[leaf] = parse_override(value.strip())
+    try:  # the experiment files' parser: true/false, ints, floats, strings
+        launch.apply_overrides(c, [f"--config.{item.strip()}"
+                                   for item in filter(None, overrides.split(";"))])
+    except launch.UsageError as e:
+        raise SystemExit(f"--methods {method}@{overrides}: {e}") from None
     config_lib.validate(c)
     return c
 

@@ -82,6 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
     x.standardize = True  # forward targets standardised per dim with running moments
     x.stats_decay = 0.99  # EMA decay of those moments (kept in the train state)
     x.loss_scale = 1.0
+    # Compute the alignment loss from per-step parts (models/context.alignment_loss_per_step,
+    # equal in values and gradients; benchmarks/RESULTS.md: the A/B) instead of running the
+    # heads on every (window, transition) pair; False: the plain formula.
+    x.per_step_alignment = True
     # > 0: weight of the within-episode consistency term (C.consistency_loss: the spread of
     # c between two windows `consistency_lag` steps apart in one episode over its spread
     # across the batch), added to the alignment loss; it keeps in c what is fixed for an

@@ -140,6 +140,48 @@ def test_alignment_loss_equals_naive_loop(pairs, residual, standardize):
         assert got[1, T - 1] == 0.0  # nothing after the sequence
 
 
+@pytest.mark.parametrize("pairs,residual,standardize,layers", [
+    ("window", False, False, 2), ("window", True, True, 2), ("future", True, True, 1),
+    ("window", False, False, 3)])
+def test_per_step_alignment_loss_equals_the_plain_formula(pairs, residual, standardize,
+                                                          layers):
+    """alignment_loss_per_step (fastgrad.pair_mse) against alignment_loss: values and the
+    gradients with respect to the heads' params, the contexts and the observations, for
+    forward, inverse and both; the targets are offset by 30 so that |y|^2 dwarfs the error
+    (the rewrite's expanded square must not lose it)."""
+    obs, act, first, tok = _data(4)
+    obs = jnp.asarray(obs) + 30.0
+    fwd, inv = C.DynamicsHead(DO, layers, 8), C.DynamicsHead(A, layers, 8)
+    pf = fwd.init(jax.random.PRNGKey(1), jnp.zeros((1, DO + A + CD)))["params"]
+    pi = inv.init(jax.random.PRNGKey(2), jnp.zeros((1, 2 * DO + CD)))["params"]
+    rng = np.random.default_rng(7)  # non-zero biases: every term of the rewrite matters
+    pf, pi = jax.tree_util.tree_map(
+        lambda x: x + jnp.asarray(rng.normal(0, 0.3, x.shape), jnp.float32), (pf, pi))
+    idx = C.window_indices(jnp.asarray(first), K)
+    ctx = jnp.asarray(np.random.default_rng(5).normal(size=(B, T, CD)), jnp.float32)
+    trans = C.transition_indices(jnp.asarray(first), idx, pairs, 3)
+    norm = ((jnp.array([30.5, 29.0, 30.0]), jnp.array([2.0, 0.5, 1.0])) if standardize
+            else None)
+    weights = jnp.asarray(np.random.default_rng(6).uniform(size=(B, T)), jnp.float32)
+    for mode in ("forward", "inverse", "both"):
+        def plain(pf, pi, ctx, obs):
+            f = lambda x: fwd.apply({"params": pf}, x)
+            g = lambda x: inv.apply({"params": pi}, x)
+            return C.alignment_loss(f, g, obs, act, trans, ctx, mode, residual, norm)
+
+        def per_step(pf, pi, ctx, obs):
+            return C.alignment_loss_per_step(pf, pi, obs, act, trans, ctx, mode, residual,
+                                             norm)
+
+        want, got = plain(pf, pi, ctx, obs), per_step(pf, pi, ctx, obs)
+        assert float(want.max()) > 0
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5)
+        grads = [jax.grad(lambda *a: (fn(*a) * weights).sum(), argnums=(0, 1, 2, 3))(
+            pf, pi, ctx, obs) for fn in (plain, per_step)]
+        for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+            np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-4)
+
+
 def test_target_moments_are_masked_at_episode_starts():
     obs, _, first, _ = _data(3)
     for residual in (False, True):

@@ -204,10 +204,15 @@ class WorldModel:
             new_stats = dict(mean=d * stats["mean"] + (1 - d) * mean,
                              var=d * stats["var"] + (1 - d) * var, count=stats["count"] + 1)
             norm = (new_stats["mean"], jnp.sqrt(new_stats["var"] + 1e-6))
-        fwd = lambda x: self.forward_head.apply({"params": cp["forward"]}, x)
-        inv = lambda x: self.inverse_head.apply({"params": cp["inverse"]}, x)
-        loss = lambda c, tr: C.alignment_loss(fwd, inv, obs, act, tr, c, cfg.loss,
-                                              cfg.residual, norm)
+        if cfg.per_step_alignment:  # the same loss, computed per step where it can
+            loss = lambda c, tr: C.alignment_loss_per_step(
+                cp["forward"], cp.get("inverse"), obs, act, tr, c, cfg.loss, cfg.residual,
+                norm)
+        else:
+            fwd = lambda x: self.forward_head.apply({"params": cp["forward"]}, x)
+            inv = lambda x: self.inverse_head.apply({"params": cp["inverse"]}, x)
+            loss = lambda c, tr: C.alignment_loss(fwd, inv, obs, act, tr, c, cfg.loss,
+                                                  cfg.residual, norm)
         align = loss(ctx, trans)
         # The gain on every 4th window (a metric; a quarter of the cost).
         sub = lambda x: x[:, ::4]

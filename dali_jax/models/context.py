@@ -31,6 +31,9 @@ Alignment (the loss that trains g_phi): `transition_indices` picks, per window, 
 transitions its context must explain (inside the window, the paper; or the next m steps
 after it), `alignment_loss` scores f_psi / the inverse head on them; targets may be residual
 (o_{j+1} - o_j) and standardised with running moments (`target_moments`).
+`alignment_loss_per_step` is the same loss computed from per-step parts (every pair is a
+transition j -> j + 1 of the sequence, so its input's observation part and its target are
+per step; `fastgrad.pair_mse`): the training path, equal to `alignment_loss` in tests.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dali_jax.models import fastgrad as FG
 from dali_jax.models.nets import Dense, LayerNorm
 
 f32 = jnp.float32
@@ -349,6 +353,33 @@ def alignment_loss(forward_fn, inverse_fn, obs, action, trans, ctx, mode: str = 
     if mode in ("inverse", "both"):
         pred = inverse_fn(jnp.concatenate([o, gather_windows(obs, dst), c], -1))
         err = err + jnp.mean((pred - gather_windows(action, src)) ** 2, -1)
+    return jnp.sum(err * valid, -1) / jnp.maximum(1.0, jnp.sum(valid, -1))
+
+
+def transition_steps(obs, action, residual: bool = False, norm=None):
+    """Per-step parts of transition j -> j + 1 of a (B, L, ...) sequence: forward input
+    [o_j, a_j] and target (`alignment_loss`'s y), inverse input [o_j, o_{j+1}] and target
+    a_j. The last step's are padding: no transition starts there. -> dict of (B, L, ...)."""
+    nxt = jnp.concatenate([obs[:, 1:], obs[:, -1:]], 1)
+    y = nxt - obs if residual else nxt
+    if norm is not None:
+        y = (y - norm[0]) / norm[1]
+    return dict(forward_in=jnp.concatenate([obs, action], -1), forward_y=y,
+                inverse_in=jnp.concatenate([obs, nxt], -1), inverse_y=action)
+
+
+def alignment_loss_per_step(forward_params, inverse_params, obs, action, trans, ctx,
+                            mode: str = "forward", residual: bool = False, norm=None):
+    """`alignment_loss` with the heads given as DynamicsHead params, computed per step where
+    it can (`fastgrad.pair_mse`). Every valid pair of `trans` must be a transition
+    j -> j + 1 (`transition_indices` gives only those). -> (B, T)."""
+    src, _, valid = trans
+    s = transition_steps(obs, action, residual, norm)
+    err = jnp.zeros(valid.shape, f32)
+    if mode in ("forward", "both"):
+        err = err + FG.pair_mse(forward_params, s["forward_in"], ctx, src, s["forward_y"])
+    if mode in ("inverse", "both"):
+        err = err + FG.pair_mse(inverse_params, s["inverse_in"], ctx, src, s["inverse_y"])
     return jnp.sum(err * valid, -1) / jnp.maximum(1.0, jnp.sum(valid, -1))
 
 

@@ -1,4 +1,4 @@
-"""The update's speed tricks, behind three functions; model code uses no other name here.
+"""The update's speed tricks, behind four functions; model code uses no other name here.
 
 - `layer_norm`: act(LayerNorm(x)) with a hand-written backward pass (keeps x and two
   per-row statistics instead of autodiff's intermediates and their stacked copies in scans).
@@ -9,6 +9,10 @@
   tap arguments.
 - `routed`: one forward pass serving two losses, each differentiated with respect to a
   different input (the critic's logits for the actor's returns and the critic's loss).
+- `pair_mse`: the squared error of an MLP head on (step, window) pairs whose input is a
+  per-step part and the window's context, and whose target is per step (the alignment
+  losses): the per-step parts of the first layer and of the error are computed once per
+  step instead of once per pair, so no (pairs x target size) array exists.
 
 Each is tested equal, in values and gradients, to the plain computation (tests/test_nets.py,
 test_rssm.py, test_agent.py).
@@ -173,3 +177,35 @@ def routed(fn, params, x):
 
     route.defvjp(fwd, bwd)
     return route(params, x)
+
+
+# ---------------------------------------------------------------------- pair heads
+def pair_mse(params, x_step, ctx, src, y_step):
+    """mean_d (head([x_step[src], ctx]) - y_step[src])_d^2 for every pair. -> (B, T, P)
+
+    params: a `context.DynamicsHead`'s (hidden layers h0.. with SiLU, then `out`); x_step
+    (B, L, Ds) and y_step (B, L, Do): the per-step part of the input and the target;
+    ctx (B, T, Cc): the window's context, the input's last Cc entries; src (B, T, P): the
+    step of each pair. Exact rewrite of the plain computation (the same sums, regrouped):
+    the first layer is x_step W_x + b (per step) + ctx W_c (per window), and with the last
+    hidden layer h and the output layer (W, b),
+        |h W + b - y|^2 = h (W W') h' + 2 h W b + |b|^2 - 2 (h (W y') + b y) + |y|^2,
+    whose y terms are per step. Float32 throughout.
+    """
+    gather = lambda x: jax.vmap(lambda xb, ib: xb[ib])(x, src)
+    n = len(params) - 1
+    w0, b0 = params["h0"]["kernel"], params["h0"]["bias"]
+    ds = x_step.shape[-1]
+    h = gather(x_step.astype(f32) @ w0[:ds] + b0) + (ctx.astype(f32) @ w0[ds:])[:, :, None]
+    h = jax.nn.silu(h)
+    for i in range(1, n):
+        h = jax.nn.silu(h @ params[f"h{i}"]["kernel"] + params[f"h{i}"]["bias"])
+    w, b = params["out"]["kernel"], params["out"]["bias"]
+    y = y_step.astype(f32)
+    per_step = jnp.concatenate([y @ w.T, (y @ b)[..., None], (y * y).sum(-1, keepdims=True)],
+                               -1)  # (B, L, U + 2): W y', b y, |y|^2
+    g = gather(per_step)
+    wy, by, yy = g[..., :-2], g[..., -2], g[..., -1]
+    sq = (jnp.einsum("...u,uv,...v->...", h, w @ w.T, h) + 2 * h @ (w @ b) + b @ b
+          - 2 * ((h * wy).sum(-1) + by) + yy)
+    return sq / y.shape[-1]
