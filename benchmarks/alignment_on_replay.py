@@ -97,7 +97,7 @@ def probe_rows(agent, params, eps, train, targets, alpha=1e-3) -> dict:
     """Per-step R^2 of ridge probes from c (full windows) to each target (E, L, F)."""
     from dali_jax.analysis import probe as P
     K = agent.config.context.window
-    ctx = P.episode_contexts(agent, params, eps, group=4)
+    ctx = P.episode_contexts(agent, params, eps)
     out = {}
     for name, y in targets.items():
         X, Y, ep = P.step_samples(ctx, y, start=K - 1)

@@ -98,12 +98,16 @@ def test_step_samples_split_and_inference_match_the_training_windows(agent_cache
     assert test.tolist() == [False, False, True, False, False, True]
     agent = agent_cache("dali_d")
     params = agent.init(jax.random.PRNGKey(0))["params"]
-    ctx = P.episode_contexts(agent, params, eps, group=4)  # 6 episodes in padded groups of 4
-    assert ctx.shape == (6, 21, agent.config.context.dim)
-    batch = {k: eps[k] for k in ("obs", "context", "action", "is_first")}
-    ref, _ = agent.context_chunk(params, batch)
-    np.testing.assert_allclose(ctx, np.asarray(ref), rtol=1e-5, atol=1e-6)
     K = agent.config.context.window
+    batch = {k: eps[k] for k in ("obs", "context", "action", "is_first")}
+    ref, _ = agent.context_chunk(params, batch)  # whole episodes in one sequence
+    # blocks of K (default) or 5 steps (the last one ragged) with K steps of history each,
+    # in padded groups of 4 blocks; and the whole episode as one block
+    for block in (None, 5, 21):
+        ctx = P.episode_contexts(agent, params, eps, group=4, block=block)
+        assert ctx.shape == (6, 21, agent.config.context.dim)
+        np.testing.assert_allclose(ctx, np.asarray(ref), rtol=1e-5, atol=1e-6)
+    assert K < 21 and 21 % 5  # several blocks, the last one shorter
     X, y, ep = P.step_samples(ctx, eps["factors"][:, :1], start=K - 1, stride=2)
     n = len(range(K - 1, 21, 2))
     assert X.shape == (6 * n, ctx.shape[-1]) and y.shape == (6 * n, 1)

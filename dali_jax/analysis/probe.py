@@ -203,7 +203,8 @@ _INFER = weakref.WeakKeyDictionary()
 
 
 def _infer_fn(agent):
-    """Jitted (params, batch) -> (E, L, Cc) context of every step of whole episodes."""
+    """Jitted (params, batch (N, K + T, ...)) -> (N, T, Cc): the context of the last T steps
+    of each sequence, the first K steps being their history."""
     from dali_jax.models import context as C
 
     fn = _INFER.get(agent)
@@ -219,7 +220,7 @@ def _infer_fn(agent):
             obs_vec = agent.token_obs(batch, embed)
             prev = agent.prev_actions(batch["action"].astype(jnp.float32), is_first)
             tok = C.tokens(obs_vec, prev)
-            idx = C.window_indices(is_first, K)
+            idx = C.window_indices(is_first, K)[:, K:]
             return agent.ctx_encoder.apply({"params": params["context"]["encoder"]}, tok, idx,
                                            method=C.ContextEncoder.chunk)
 
@@ -228,34 +229,54 @@ def _infer_fn(agent):
     return fn
 
 
-def episode_contexts(agent, params, episodes: dict, group: int | None = None) -> np.ndarray:
+def _blocks(x: np.ndarray, K: int, T: int) -> np.ndarray:
+    """(E, L, ...) episodes -> (E * nb, K + T, ...) sequences: block b holds steps
+    [bT - K, (b + 1)T), the episode's first row repeated before its start and its last row
+    after its end (nb = ceil(L / T))."""
+    E, L = x.shape[:2]
+    nb = -(-L // T)
+    padded = np.concatenate([np.repeat(x[:, :1], K, 1), x,
+                             np.repeat(x[:, -1:], nb * T - L, 1)], 1)
+    return np.stack([padded[:, b * T:b * T + K + T] for b in range(nb)], 1).reshape(
+        (E * nb, K + T) + x.shape[2:])
+
+
+def episode_contexts(agent, params, episodes: dict, group: int | None = None,
+                     block: int | None = None) -> np.ndarray:
     """Inferred context of every step of every episode: float32 (E, L, Cc).
 
     Step t's context is g_phi over the tokens [o_k, a_{k-1}] of the last K = window steps of
     the episode (edge-padded before its start): the causal windows of training and acting
     (`Agent.context_chunk` without `release_compat`). For `release_compat` runs, whose training
     windows were whole chunks (future steps included), the same causal windows are used.
-    `group` episodes are processed per call (default: about 2^26 gathered activations).
+    Episodes are cut into blocks of `block` steps (default K) that carry the K steps before
+    them as history, as training sequences do, so memory grows with the episode's length,
+    not its square; `group` blocks are processed per call (default: about 2^25 values of
+    the attention's (pairs x sequence) arrays).
     """
     if not getattr(agent, "inferred", False):
         raise ValueError(f"method {agent.config.method!r} has no inferred context "
                          "(the probe needs a DALI method: dali_s, dali_s_chi or dali_d)")
     E, L = episodes["is_first"].shape
-    cfg = agent.config.context
-    if group is None:
-        group = max(1, min(E, (1 << 26) // max(1, L * cfg.window * cfg.hidden)))
+    K = agent.config.context.window
+    T = block or K
     keys = tuple(agent.spec.obs) + ("action", "is_first")
+    b = {k: _blocks(np.asarray(episodes[k]), K, T) for k in keys if k in episodes}
+    N = b["is_first"].shape[0]
+    if "context" in agent.spec.obs and "context" not in b:
+        b["context"] = np.zeros((N, K + T) + tuple(agent.spec.obs["context"][0]), np.float32)
+    if group is None:
+        group = max(1, min(N, (1 << 25) // (T * K * (K + T))))
     fn = _infer_fn(agent)
     out = []
-    for s in range(0, E, group):
-        n = min(group, E - s)
-        b = {k: np.asarray(episodes[k][s:s + n]) for k in keys if k in episodes}
-        if "context" in agent.spec.obs and "context" not in b:
-            b["context"] = np.zeros((n, L) + tuple(agent.spec.obs["context"][0]), np.float32)
+    for s in range(0, N, group):
+        n = min(group, N - s)
+        g = {k: v[s:s + n] for k, v in b.items()}
         if n < group:  # pad the last group so that every call has the same shapes
-            b = {k: np.concatenate([v, np.repeat(v[-1:], group - n, 0)]) for k, v in b.items()}
-        out.append(np.asarray(fn(params, b))[:n])
-    return np.concatenate(out).astype(np.float32)
+            g = {k: np.concatenate([v, np.repeat(v[-1:], group - n, 0)]) for k, v in g.items()}
+        out.append(np.asarray(fn(params, g))[:n])
+    ctx = np.concatenate(out).astype(np.float32)
+    return ctx.reshape(E, -1, ctx.shape[-1])[:, :L]
 
 
 def step_samples(ctx: np.ndarray, targets: np.ndarray, start: int = 0, stride: int = 1):
