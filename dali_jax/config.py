@@ -270,7 +270,7 @@ def validate(config) -> None:
             raise ValueError(f"config.context.deep_lag={lag} needs deep context inputs "
                              f"(img_step or heads); method {config.method!r} with "
                              f"context.drop={config.context.drop!r} has none")
-    for name in ("context.window", "context.dim", "context.future_steps",
+    for name in ("context.window", "context.dim", "context.future_steps", "context.head_layers",
                  "train.batch_size", "train.batch_length", "train.imag_horizon",
                  "run.num_envs", "num_contexts", "model.encdec_layers", "model.encdec_units",
                  "run.episode_length", "run.prefill_hold"):
