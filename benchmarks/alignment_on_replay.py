@@ -67,8 +67,8 @@ def fit_alignment(agent, state, episodes, updates, seed=0):
     tc = agent.config.train
     opt = make_optimizer(tc.model_lr, tc.model_eps, tc.model_clip)
     weights = agent.context_loss_weights()
-    params = state["params"]
-    stats0 = state.get("align_stats")
+    params = state.params
+    stats0 = state.align_stats
 
     @jax.jit
     def step(cp, opt_state, stats, batch):
@@ -164,7 +164,7 @@ def main(argv=None):
         agent = Agent(c, run.agent.spec)
         state = agent.init(jax.random.PRNGKey(args.seed))
         if not rows[1:]:
-            rows.append(dict(option="untrained", **probe_rows(agent, state["params"], eps, train,
+            rows.append(dict(option="untrained", **probe_rows(agent, state.params, eps, train,
                                                              targets)))
         t1 = time.time()
         params = fit_alignment(agent, state, data, args.updates, seed=args.seed + 1)

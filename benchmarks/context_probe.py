@@ -95,15 +95,15 @@ def run(task: str, options, updates: int, seed: int = 0, grid: int = 4, episodes
     for opt in options:
         agent = Agent(probe_config(task, opt, seed, window), spec)
         state = agent.init(jax.random.PRNGKey(seed))
-        untrained = jax.tree_util.tree_map(np.array, state["params"])
+        untrained = jax.tree_util.tree_map(np.array, state.params)
         t1 = time.time()
         hist = [{"loss/dali": float("nan")}]
         if opt == "supervised":
-            params, hist = supervised_fit(agent, state["params"], eps, train, updates, seed + 1)
+            params, hist = supervised_fit(agent, state.params, eps, train, updates, seed + 1)
         elif opt != "raw_linear":
             state, hist = P.fit_world_model(agent, state, data, updates, seed=seed + 1,
                                             log_every=max(1, updates // 4))
-            params = state["params"]
+            params = state.params
         train_s = time.time() - t1
         if opt == "raw_linear":
             r2 = raw_window_probe(agent, eps, train, test, stride=2)

@@ -200,7 +200,7 @@ def bench_one(args, size, obs, method) -> dict:
     agent = Agent(config, spec)
     key = jax.random.PRNGKey(0)
     state = block(agent.init(key))
-    params = count_params(state["params"])
+    params = count_params(state.params)
     batch = block(jax.device_put(make_batch(spec, args.batch, agent.sequence_length)))
 
     # FLOPs: trace only, abstract inputs (no memory for the arrays).

@@ -126,7 +126,7 @@ def run_probe(args) -> dict:
         variance_shares=shares, other_r2=other,
         context_std=[float(s) for s in ctx[:, K - 1:].reshape(-1, ctx.shape[-1]).std(0)])
     if not args.no_random_baseline:
-        init = jax.jit(agent.init)(jax.random.PRNGKey(int(cfg.seed)))["params"]
+        init = jax.jit(agent.init)(jax.random.PRNGKey(int(cfg.seed))).params
         _, _, _, b_step, b_ep, b_shares, b_other = evaluate(init)
         result["untrained_encoder"] = dict(r2_step=dict(zip(names, map(float, b_step))),
                                            r2_episode_mean=dict(zip(names, map(float, b_ep))),

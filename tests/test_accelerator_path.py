@@ -35,10 +35,10 @@ def test_train_and_policy_step_export_for_cuda_and_tpu(obs, method):
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
     platforms = ("cuda", "tpu")
     update = export.export(agent.train_step, platforms=platforms)(state, batch, key)
-    carry = jax.eval_shape(functools.partial(agent.initial_carry, n=3), state["params"])
+    carry = jax.eval_shape(functools.partial(agent.initial_carry, n=3), state.params)
     obs_in = {k: jax.ShapeDtypeStruct((3,) + s, d) for k, (s, d) in spec.obs.items()}
     obs_in["is_first"] = jax.ShapeDtypeStruct((3,), jnp.bool_)
-    act = export.export(agent.policy_step, platforms=platforms)(state["params"], carry,
+    act = export.export(agent.policy_step, platforms=platforms)(state.params, carry,
                                                                 obs_in, key)
     for ex in (update, act):
         assert ex.platforms == platforms

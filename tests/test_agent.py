@@ -24,7 +24,7 @@ def _walker_params(method, obs="features", **ctx):
     for k, v in ctx.items():
         c.context[k] = v
     agent = Agent(c, WALKER if obs == "features" else WALKER_PIXELS)
-    return jax.eval_shape(agent.init, jax.random.PRNGKey(0))["params"]
+    return jax.eval_shape(agent.init, jax.random.PRNGKey(0)).params
 
 
 def test_release_small_parameter_count_walker():
@@ -74,7 +74,7 @@ def _nonzero(tree):
 def test_gradient_isolation(agent_cache):
     agent = agent_cache("dali_d")
     state = agent.init(jax.random.PRNGKey(0))
-    p = state["params"]
+    p = state.params
     batch = random_batch(agent.spec)
     mp = agent.model_params(p)
     # KL balancing: dyn trains the prior only, rep the posterior only (on the logits; over
@@ -113,12 +113,12 @@ def test_gradient_isolation(agent_cache):
     # Give the zero-initialised reward and critic heads some weights so gradients can flow.
     p = jax.tree_util.tree_map(lambda x: x + 0.01, p)
     (a_loss, aux), g_act = jax.jit(jax.value_and_grad(agent.actor_objective, has_aux=True))(
-        p, state["retnorm"], start, flat(ctx), flat(jnp.asarray(batch["is_terminal"])),
+        p, state.retnorm, start, flat(ctx), flat(jnp.asarray(batch["is_terminal"])),
         jax.random.PRNGKey(2))
     sums = _nonzero(g_act)
     assert sums["actor"] > 0
     assert all(v == 0 for k, v in sums.items() if k != "actor"), sums
-    g_crit = jax.jit(jax.grad(agent.critic_objective))(p, state["slow_critic"], aux["traj"],
+    g_crit = jax.jit(jax.grad(agent.critic_objective))(p, state.slow_critic, aux["traj"],
                                                        aux["ret"])
     sums = _nonzero(g_crit)
     assert sums["critic"] > 0
@@ -127,7 +127,7 @@ def test_gradient_isolation(agent_cache):
     # the gradient of the two separate objectives, and the same loss values.
     args = (start, flat(ctx), flat(jnp.asarray(batch["is_terminal"])), jax.random.PRNGKey(2))
     g_both, aux_b = jax.jit(jax.grad(agent.behavior_objective, has_aux=True))(
-        p, state["slow_critic"], state["retnorm"], *args)
+        p, state.slow_critic, state.retnorm, *args)
     for k in g_both:
         want = g_act[k] if k == "actor" else g_crit[k]
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
@@ -135,7 +135,7 @@ def test_gradient_isolation(agent_cache):
                                g_both[k], want)
     np.testing.assert_allclose(aux_b["loss/actor"], a_loss, rtol=1e-4)
     np.testing.assert_allclose(aux_b["loss/critic"], agent.critic_objective(
-        p, state["slow_critic"], aux["traj"], aux["ret"]), rtol=1e-4)
+        p, state.slow_critic, aux["traj"], aux["ret"]), rtol=1e-4)
 
 
 def _run(agent, steps=2, seed=0, batch=None):
@@ -169,9 +169,9 @@ def test_context_parameters_are_trained(agent_cache, compat):
     over = {"context.release_compat": True, "context.window": 16} if compat else {}
     agent = agent_cache(method, **over)
     init = agent.init(jax.random.PRNGKey(0))
-    before = jax.device_get(init["params"]["context"])
+    before = jax.device_get(init.params["context"])
     state, _ = _run(agent, steps=3)
-    after = jax.device_get(state["params"]["context"])
+    after = jax.device_get(state.params["context"])
     changed = _changed(before, after)
     if compat:
         assert not any(changed)  # the release never updates g_phi, f_psi or chi
@@ -202,8 +202,8 @@ def test_context_blindness(agent_cache, method, blind):
               .astype(np.float32))
     s1, m1 = _run(agent, batch=b1)
     s2, m2 = _run(agent, batch=b2)
-    a1 = _policy_actions(agent, s1["params"], b1)
-    a2 = _policy_actions(agent, s1["params"], b2)
+    a1 = _policy_actions(agent, s1.params, b1)
+    a2 = _policy_actions(agent, s1.params, b2)
     if blind:
         assert m1 == m2
         np.testing.assert_array_equal(a1, a2)
@@ -218,7 +218,7 @@ def test_policy_context_window_resets_and_pairs(agent_cache):
     """Acting builds the same tokens as training: [o_t, a_{t-1}], reset at episode start."""
     from dali_jax.models import context as C
     agent = agent_cache("dali_d")
-    params = agent.init(jax.random.PRNGKey(0))["params"]
+    params = agent.init(jax.random.PRNGKey(0)).params
     batch = random_batch(agent.spec, B=2, T=12, seed=3)
     first = batch["is_first"].copy()
     first[:, 0] = True
@@ -254,18 +254,18 @@ def test_pixel_dali_d_update_and_acting():
         recon.append(float(m["loss/recon_image"]))
     assert all(np.isfinite(v) for v in jax.device_get(m).values())
     assert recon[-1] < recon[0]
-    carry = agent.initial_carry(state["params"], 2)
+    carry = agent.initial_carry(state.params, 2)
     obs = {"image": batch["image"][:2, 0], "context": batch["context"][:2, 0],
            "is_first": np.ones(2, bool)}
-    a, carry = agent.policy_step(state["params"], carry, obs, jax.random.PRNGKey(0))
+    a, carry = agent.policy_step(state.params, carry, obs, jax.random.PRNGKey(0))
     assert a.shape == (2, 2) and carry["window"].shape == (2, 8, agent.token_obs_dim + 2)
-    dec = imagination.decode(agent, state["params"], carry["state"], carry["ctx_prev"])
+    dec = imagination.decode(agent, state.params, carry["state"], carry["ctx_prev"])
     assert dec["image"].shape == (2, 64, 64, 3)
     assert float(dec["image"].min()) >= 0 and float(dec["image"].max()) <= 1
     # The trainer's open-loop video: true | model | error frames side by side.
     sub = {k: v[:2] for k, v in batch.items()}
     video = jax.jit(functools.partial(imagination.openloop_report, agent))(
-        state["params"], sub, jax.random.PRNGKey(1))["image"]
+        state.params, sub, jax.random.PRNGKey(1))["image"]
     T = sub["image"].shape[1]
     assert video.shape == (2, T, 64, 3 * 64, 3) and video.dtype == np.uint8
     true, model, err = (np.asarray(video[..., i * 64:(i + 1) * 64, :], np.float32)

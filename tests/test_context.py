@@ -267,11 +267,11 @@ def test_freeze_after_stops_g_phi_and_its_heads_but_not_the_world_model(agent_ca
     ctx_params, rssm_params = [], []
     for i in range(4):
         batch = random_batch(agent.spec, B=4, T=agent.sequence_length, seed=i)
-        ctx_params.append(jax.tree_util.tree_map(np.asarray, state["params"]["context"]))
-        rssm_params.append(np.asarray(state["params"]["rssm"]["gru"]["kernel"]))
+        ctx_params.append(jax.tree_util.tree_map(np.asarray, state.params["context"]))
+        rssm_params.append(np.asarray(state.params["rssm"]["gru"]["kernel"]))
         state, _ = step(state, batch, jax.random.PRNGKey(i))
-    ctx_params.append(jax.tree_util.tree_map(np.asarray, state["params"]["context"]))
-    rssm_params.append(np.asarray(state["params"]["rssm"]["gru"]["kernel"]))
+    ctx_params.append(jax.tree_util.tree_map(np.asarray, state.params["context"]))
+    rssm_params.append(np.asarray(state.params["rssm"]["gru"]["kernel"]))
     leaves = [jax.tree_util.tree_leaves(p) for p in ctx_params]
     moved = lambda a, b: any(np.abs(x - y).max() > 0 for x, y in zip(a, b))
     assert moved(leaves[0], leaves[1]) and moved(leaves[1], leaves[2])  # updates 0, 1
@@ -311,7 +311,7 @@ def test_deep_lag_reads_contexts_of_the_same_episode_only(agent_cache):
     plain = agent_cache("crssm_d")
     lag = agent_cache("crssm_d", **{"context.deep_lag": 4})
     state = plain.init(jax.random.PRNGKey(0))
-    mp = state["params"]
+    mp = state.params
     batch = random_batch(plain.spec, B=4, T=plain.sequence_length, seed=1)
     ctx = np.zeros_like(batch["context"])
     half = batch["is_first"].shape[1] // 2
@@ -356,7 +356,7 @@ def test_consistency_term_trains_g_phi_only_through_the_context(agent_cache):
     cons = agent_cache("dali_d", **{"context.consistency": 1.0, "context.consistency_lag": 4})
     state = base.init(jax.random.PRNGKey(0))
     batch = random_batch(base.spec, B=4, T=base.sequence_length, seed=0)
-    mp = base.model_params(state["params"])
+    mp = base.model_params(state.params)
 
     def grads(agent):
         fn = lambda p: agent.world_model_loss(p, batch, jax.random.PRNGKey(1))

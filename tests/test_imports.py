@@ -29,7 +29,7 @@ import dali_jax.models.conv, dali_jax.methods, dali_jax.presets
 c = config_lib.get_config()
 c.method = "dali_d"
 spec = Spec(obs={{"obs": ((8,), np.float32), "context": ((2,), np.float32)}}, action_dim=2)
-n = count_params(jax.eval_shape(Agent(c, spec).init, jax.random.PRNGKey(0))["params"])
+n = count_params(jax.eval_shape(Agent(c, spec).init, jax.random.PRNGKey(0)).params)
 sys.argv = ["train_step.py", "--help"]
 try:
     runpy.run_path("benchmarks/train_step.py", run_name="__main__")

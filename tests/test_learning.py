@@ -211,13 +211,13 @@ def test_end_to_end_learning_point_mass():
                     seed=0)
     rng = np.random.default_rng(0)
     key = jax.random.PRNGKey(1)
-    carry = agent.initial_carry(state["params"], NUM_ENVS)
+    carry = agent.initial_carry(state.params, NUM_ENVS)
     train_returns, updates = [], 0
     try:
         tr = venv.reset()
         for it in range(ENV_STEPS // NUM_ENVS):
             key, k_act, k_train = jax.random.split(key, 3)
-            action, carry = _act(agent, state["params"], carry, tr, k_act, "sample")
+            action, carry = _act(agent, state.params, carry, tr, k_act, "sample")
             if it * NUM_ENVS < PREFILL:
                 action = rng.uniform(-1.0, 1.0, action.shape).astype(np.float32)
                 carry["prev_action"] = action
@@ -232,7 +232,7 @@ def test_end_to_end_learning_point_mass():
         venv.close()
     train_time = time.perf_counter() - t0
 
-    returns = _evaluate(agent, state["params"], jax.random.PRNGKey(2))
+    returns = _evaluate(agent, state.params, jax.random.PRNGKey(2))
     trained = float(np.mean(returns))
     random_ret = random_policy_return(episodes=200, seed=EVAL_SEEDS[0])
     reference = controller_return(episodes=20, seed=EVAL_SEEDS[0])  # near-optimal PD control

@@ -97,7 +97,7 @@ def test_step_samples_split_and_inference_match_the_training_windows(agent_cache
     train, test = P.heldout_split(eps, 1)
     assert test.tolist() == [False, False, True, False, False, True]
     agent = agent_cache("dali_d")
-    params = agent.init(jax.random.PRNGKey(0))["params"]
+    params = agent.init(jax.random.PRNGKey(0)).params
     K = agent.config.context.window
     batch = {k: eps[k] for k in ("obs", "context", "action", "is_first")}
     ref, _ = agent.context_chunk(params, batch)  # whole episodes in one sequence

@@ -59,9 +59,9 @@ def test_nonfinite_batch_is_skipped_with_the_state_bitwise_unchanged(agent_cache
     # a finite batch is applied (the guard does not hold back good updates)
     before = _host(state)
     state, m = agent.train_step(state, batch, jax.random.PRNGKey(1))
-    assert float(m["train/nonfinite"]) == 0.0 and int(state["step"]) == 1
-    assert not np.array_equal(np.asarray(jax.tree_util.tree_leaves(state["params"])[0]),
-                              jax.tree_util.tree_leaves(before["params"])[0])
+    assert float(m["train/nonfinite"]) == 0.0 and int(state.step) == 1
+    assert not np.array_equal(np.asarray(jax.tree_util.tree_leaves(state.params)[0]),
+                              jax.tree_util.tree_leaves(before.params)[0])
     bad_obs = dict(batch, obs=batch["obs"].copy())
     bad_obs["obs"][1, -3, 2] = np.nan
     bad_reward = dict(batch, reward=batch["reward"].copy())
@@ -215,14 +215,14 @@ def test_consecutive_nonfinite_updates_stop_the_run_with_the_last_good_checkpoin
     _, tree, _ = Checkpointer(ckdir).restore()
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree["agent"])
                if np.issubdtype(x.dtype, np.inexact))
-    params = jax.device_get(trainer.state["params"])
+    params = jax.device_get(trainer.state.params)
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
     lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     skipped = [l["train/nonfinite_skipped"] for l in lines if "train/nonfinite_skipped" in l]
     assert skipped[0] == 0 and 0 < max(skipped) <= trainer.nonfinite_skipped
     # Never a checkpoint of non-finite values.
-    leaf = trainer.state["params"]["reward"]
-    trainer.state["params"]["reward"] = jax.tree_util.tree_map(lambda x: x * np.nan, leaf)
+    leaf = trainer.state.params["reward"]
+    trainer.state.params["reward"] = jax.tree_util.tree_map(lambda x: x * np.nan, leaf)
     with pytest.raises(NonFiniteError, match=r"not checkpointing.*\['params'\]\['reward'\]"):
         trainer.save()
     assert Checkpointer(ckdir).steps() == [120]
@@ -469,7 +469,7 @@ def test_extreme_contexts_complete_an_episode(task):
                             action_dim=int(np.prod(venv.action_space.shape)))
                 agent = Agent(tiny_config("dali_d", task=task), spec)
                 init = jax.jit(agent.init, compiler_options=agent.compiler_options)
-                params = init(jax.random.PRNGKey(0))["params"]
+                params = init(jax.random.PRNGKey(0)).params
             carry = agent.initial_carry(params, venv.num_envs)
             key = jax.random.PRNGKey(1)
             obs, done, finished = venv.reset(), np.zeros(venv.num_envs, bool), []

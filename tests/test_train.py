@@ -134,7 +134,7 @@ _DP_SCRIPT = textwrap.dedent("""
     rep, data = parallel.shardings(mesh)
     st = parallel.replicate(agent.init(jax.random.PRNGKey(0)), mesh)
     s2, m2 = step(st, jax.device_put(batch, data), key)
-    assert len(s2["params"]["actor"]["out"]["kernel"].sharding.device_set) == 4
+    assert len(s2.params["actor"]["out"]["kernel"].sharding.device_set) == 4
     diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
              for a, b in zip(jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(s2))]
     mets = [abs(float(m1[k]) - float(m2[k])) / (1 + abs(float(m1[k]))) for k in m1]

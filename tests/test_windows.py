@@ -43,7 +43,7 @@ def test_training_context_equals_acting_context(agent_cache, readout):
     agent = agent_cache("dali_d", **{"context.readout": readout})
     K, T = agent.config.context.window, agent.config.train.batch_length
     assert agent.history == K and agent.sequence_length == K + T
-    params = agent.init(jax.random.PRNGKey(0))["params"]
+    params = agent.init(jax.random.PRNGKey(0)).params
     data = _streams(agent.spec)
 
     # Acting: one policy step per recorded step, then the executed (recorded) action.

@@ -1,13 +1,7 @@
 """The agent's core: networks, `init`, the pure `update` (jitted: `train_step`).
 
-State pytree (checkpoints cleanly):
-    params:      dict(encoder, rssm, decoder, reward, cont, actor, critic[, context])
-    slow_critic: critic params (EMA, fraction 0.02 per update)
-    opt:         dict(model, actor, critic) optax states
-    retnorm:     dict(lo=(), hi=()) EMA of return percentiles
-    step:        () int32 number of updates
-    align_stats: dict(mean (Do,), var (Do,), count ()) running moments of f_psi's targets
-                 (inferred-context methods with context.standardize only)
+Train state: `TrainState` (a pytree; `state_dict` / `TrainState.from_state_dict` convert to
+and from the plain nested dicts that checkpoints hold).
 
 Batch (B, H + T, ...): the observation keys (`obs` float32 (Do,), `image` uint8 (64,64,3),
 `context` float32 (2,) normalised ground truth), `action` (A,) = action executed at step t,
@@ -24,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +44,35 @@ def compute_dtype(name: str):
     if name == "auto":
         return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else f32
     return {"float32": f32, "bfloat16": jnp.bfloat16}[name]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything an update changes (a pytree).
+
+    params:      dict(encoder, rssm, decoder, reward, cont, actor, critic[, context])
+    slow_critic: critic params (EMA, fraction 0.02 per update)
+    opt:         dict(model, actor, critic) optax states
+    retnorm:     dict(lo=(), hi=()) EMA of return percentiles
+    step:        () int32 number of updates
+    align_stats: dict(mean (Do,), var (Do,), count ()) running moments of f_psi's targets
+                 (inferred-context methods with context.standardize), else None
+    """
+    params: dict
+    slow_critic: dict
+    opt: dict
+    retnorm: dict
+    step: jax.Array
+    align_stats: dict | None = None
+
+    def state_dict(self) -> dict:
+        """Plain nested dicts (the checkpoint layout; align_stats left out when None)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: v for k, v in d.items() if v is not None}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "TrainState":
+        return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +178,7 @@ class Agent(WorldModel, ActorCritic):
             jax.random.PRNGKey(0), dummy)[0])
         return out.shape[-1]
 
-    def init(self, rng) -> dict:
+    def init(self, rng) -> TrainState:
         """Fresh training state from an RNG key."""
         ks = jax.random.split(rng, 12)
         sp = self.spec
@@ -189,20 +213,19 @@ class Agent(WorldModel, ActorCritic):
                 p["context"]["inverse"] = self.inverse_head.init(
                     ks[11], z(2 * self.token_obs_dim + cd))["params"]
         model_params = self.model_params(p)
-        extra = {}
+        align_stats = None
         if self.standardize:  # running moments of f_psi's targets (count 0: not yet seen)
             D_o = self.token_obs_dim
-            extra["align_stats"] = dict(mean=jnp.zeros((D_o,), f32), var=jnp.ones((D_o,), f32),
-                                        count=jnp.zeros((), f32))
-        return dict(
-            **extra,
+            align_stats = dict(mean=jnp.zeros((D_o,), f32), var=jnp.ones((D_o,), f32),
+                               count=jnp.zeros((), f32))
+        return TrainState(
             params=p,
             slow_critic=tmap(jnp.array, p["critic"]),
             opt=dict(model=self.opt["model"].init(model_params),
                      actor=self.opt["actor"].init(p["actor"]),
                      critic=self.opt["critic"].init(p["critic"])),
             retnorm=dict(lo=jnp.zeros((), f32), hi=jnp.zeros((), f32)),
-            step=jnp.zeros((), jnp.int32))
+            step=jnp.zeros((), jnp.int32), align_stats=align_stats)
 
     def model_params(self, p):
         out = {k: p[k] for k in MODEL_KEYS}
@@ -213,22 +236,22 @@ class Agent(WorldModel, ActorCritic):
     def _world_model_update(self, state, batch, rng):
         """One optimiser step of the world model (+ g_phi, f_psi, chi heads).
         -> (state with new params / model optimiser / align_stats, post, ctx_wm, metrics)."""
-        p = state["params"]
+        p = state.params
         mp = self.model_params(p)
         (_, (post, ctx_wm, metrics, stats)), grads = jax.value_and_grad(
-            self.world_model_loss, has_aux=True)(mp, batch, rng, state.get("align_stats"))
+            self.world_model_loss, has_aux=True)(mp, batch, rng, state.align_stats)
         if self.release_compat and "context" in grads:
             grads["context"] = tmap(jnp.zeros_like, grads["context"])  # release defect 1
         metrics["grad_norm/model"] = optax.tree_utils.tree_norm(grads)
-        upd, opt_model = self.opt["model"].update(grads, state["opt"]["model"], mp)
+        upd, opt_model = self.opt["model"].update(grads, state.opt["model"], mp)
         freeze = self.config.context.freeze_after
         if freeze > 0 and "context" in upd:  # g_phi and its heads stop after `freeze` updates
-            live = (state["step"] < freeze).astype(f32)
+            live = (state.step < freeze).astype(f32)
             upd = dict(upd, context=tmap(lambda u: u * live.astype(u.dtype), upd["context"]))
-        new = dict(state, params=dict(p, **optax.apply_updates(mp, upd)),
-                   opt=dict(state["opt"], model=opt_model))
+        new = state.replace(params=dict(p, **optax.apply_updates(mp, upd)),
+                            opt=dict(state.opt, model=opt_model))
         if stats is not None:
-            new["align_stats"] = stats
+            new = new.replace(align_stats=stats)
         return new, post, ctx_wm, metrics
 
     @staticmethod
@@ -250,22 +273,22 @@ class Agent(WorldModel, ActorCritic):
     def model_update(self, state, batch, rng):
         """World-model-only update (world model, g_phi, f_psi, chi; no actor-critic):
         offline model training and representation studies. -> (state, metrics)."""
-        key = jax.random.fold_in(rng, state["step"])
+        key = jax.random.fold_in(rng, state.step)
         new, _, _, metrics = self._world_model_update(state, batch, key)
-        return self._finite_or_keep(dict(new, step=state["step"] + 1), state, batch, metrics)
+        return self._finite_or_keep(new.replace(step=state.step + 1), state, batch, metrics)
 
     def update(self, state, batch, rng):
         """One training update (world model, then actor and critic in imagination), pure:
         `train_step` is its jit with the state donated. -> (state, metrics)."""
         cfg = self.config.train
-        k_wm, k_img = jax.random.split(jax.random.fold_in(rng, state["step"]))
+        k_wm, k_img = jax.random.split(jax.random.fold_in(rng, state.step))
         metrics = {}
 
         # World model (+ g_phi, f_psi, chi heads).
         wm, post, ctx_wm, m = self._world_model_update(state, batch, k_wm)
         metrics.update(m)
-        p = dict(wm["params"])
-        opt_model = wm["opt"]["model"]
+        p = dict(wm.params)
+        opt_model = wm.opt["model"]
         full_batch, batch = batch, self.split_history(batch)[1]
 
         # Actor and critic in imagination from every posterior state (B * T starts): one
@@ -275,19 +298,19 @@ class Agent(WorldModel, ActorCritic):
         ctx0 = None if ctx_wm is None else flat(ctx_wm)
         ac = {"actor": p["actor"], "critic": p["critic"]}
         (_, aux), g = jax.value_and_grad(
-            lambda q: self.behavior_objective(dict(p, **q), state["slow_critic"],
-                                              state["retnorm"], start, ctx0,
+            lambda q: self.behavior_objective(dict(p, **q), state.slow_critic,
+                                              state.retnorm, start, ctx0,
                                               flat(batch["is_terminal"]), k_img),
             has_aux=True)(ac)
         a_grads, c_grads = g["actor"], g["critic"]
         a_loss, c_loss = aux["loss/actor"], aux["loss/critic"]
-        upd, opt_actor = self.opt["actor"].update(a_grads, state["opt"]["actor"], p["actor"])
+        upd, opt_actor = self.opt["actor"].update(a_grads, state.opt["actor"], p["actor"])
         p["actor"] = optax.apply_updates(p["actor"], upd)
-        upd, opt_critic = self.opt["critic"].update(c_grads, state["opt"]["critic"],
+        upd, opt_critic = self.opt["critic"].update(c_grads, state.opt["critic"],
                                                     p["critic"])
         p["critic"] = optax.apply_updates(p["critic"], upd)
         frac = cfg.slow_critic_fraction
-        slow = tmap(lambda s, c: (1 - frac) * s + frac * c, state["slow_critic"], p["critic"])
+        slow = tmap(lambda s, c: (1 - frac) * s + frac * c, state.slow_critic, p["critic"])
 
         traj = aux["traj"]
         metrics.update({
@@ -298,9 +321,9 @@ class Agent(WorldModel, ActorCritic):
             "behavior/imag_reward": traj["reward"][1:].mean(),
             "behavior/retnorm_scale": aux["scale"], "behavior/adv_std": aux["adv"].std(),
         })
-        new = dict(wm, params=p, slow_critic=slow,
-                   opt=dict(model=opt_model, actor=opt_actor, critic=opt_critic),
-                   retnorm=aux["retnorm"], step=state["step"] + 1)
+        new = wm.replace(params=p, slow_critic=slow,
+                         opt=dict(model=opt_model, actor=opt_actor, critic=opt_critic),
+                         retnorm=aux["retnorm"], step=state.step + 1)
         return self._finite_or_keep(new, state, full_batch, metrics)
 
     # ---------------------------------------------------------------- acting

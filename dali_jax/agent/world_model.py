@@ -135,7 +135,7 @@ class WorldModel:
 
         The last T = train.batch_length steps are the chunk every world-model loss is taken
         on; the H steps before it (history) only fill context windows. stats: the running
-        moments of f_psi's targets (state["align_stats"]) when targets are standardised.
+        moments of f_psi's targets (`TrainState.align_stats`) when targets are standardised.
         Returns (scalar loss, (post, sg(ctx), metrics, updated stats or None)).
         """
         sw, scales = self.switches, self.config.train.loss_scales

@@ -75,7 +75,7 @@ def load_run(logdir: str, step: Optional[int] = None, task: Optional[str] = None
     step, tree, extra = ck.restore(step=step)
     template = jax.eval_shape(agent.init, jax.random.PRNGKey(0))
     state = agent_state(tree, template, ck.path(step))
-    return Run(logdir, config, agent, state["params"], step, extra)
+    return Run(logdir, config, agent, state.params, step, extra)
 
 
 def _require_dir(logdir: str, error_cls: Type[Exception]) -> None:

@@ -192,7 +192,7 @@ class Trainer:
     def save(self):
         """Checkpoints the run. Raises NonFiniteError (nothing written) when the agent state
         holds a non-finite value, CheckpointSaveError when the write fails."""
-        agent = jax.device_get(self.state)
+        agent = jax.device_get(self.state.state_dict())  # the checkpoint layout: plain dicts
         bad = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_flatten_with_path(agent)[0]
                if np.issubdtype(np.asarray(x).dtype, np.inexact) and not np.isfinite(x).all()]
         if bad:
@@ -283,7 +283,7 @@ class Trainer:
         run = self.config.run
         with jax.transfer_guard(run.transfer_guard):
             self.rng, k_act, k_upd = jax.random.split(self.rng, 3)
-            action, carry = self.agent.policy_step(self.state["params"], carry,
+            action, carry = self.agent.policy_step(self.state.params, carry,
                                                    jax.device_put(obs), k_act)
             action = np.asarray(jax.device_get(action))
             self._check_updates(pending)
@@ -355,7 +355,7 @@ class Trainer:
             loop.next_eval = (self.env_steps // run.eval_every + 1) * run.eval_every
         t_start = time.time()
         obs = self.venv.reset()
-        carry = self.agent.initial_carry(self.state["params"], self.venv.num_envs)
+        carry = self.agent.initial_carry(self.state.params, self.venv.num_envs)
         stopped = False
         failed = None
         with GracefulStop() as stop:
@@ -488,7 +488,7 @@ class Trainer:
                                                         self.agent))
         batch = self.replay.sample(min(2, self.config.train.batch_size),
                                    rng=np.random.default_rng(self.env_steps))
-        videos = jax.device_get(self._report_fn(self.state["params"], batch,
+        videos = jax.device_get(self._report_fn(self.state.params, batch,
                                                 jax.random.PRNGKey(self.env_steps)))
         for k, v in videos.items():
             # one strip per sequence: every 4th frame side by side over time
@@ -515,7 +515,7 @@ class Trainer:
 
     def evaluate(self, contexts: dict, episodes: int) -> dict:
         """Mean return per held-out context (sampled actions) -> scalars."""
-        params = jax.device_get(self.state["params"])
+        params = jax.device_get(self.state.params)
         res = evaluate_contexts(self.agent, params, self.config.task, self.config.obs,
                                 contexts, episodes, num_envs=self.venv.num_envs,
                                 seed=self.config.seed + 1, parallel=self.config.run.parallel_envs,
