@@ -235,6 +235,23 @@ def test_fingerprint_mismatch(tmp_path):
     assert config_fingerprint({"a": 1, "b": 2}) == config_fingerprint({"b": 2, "a": 1})
 
 
+def test_a_field_added_after_the_checkpoint_takes_its_default(tmp_path):
+    """A checkpoint written before an option existed (its nested fingerprint lacks the
+    field) restores while the option is at its default, and not when it is changed."""
+    _save_small(tmp_path, fingerprint={"task": "cup", "model": {"size": "tiny"}})
+    defaults = {"model": {"size": "small", "new_option": True}, "context": {"k": 64}}
+    now = {"task": "cup", "model": {"size": "tiny", "new_option": True}}
+    Checkpointer(tmp_path, fingerprint=now, fingerprint_defaults=defaults).restore()
+    with pytest.raises(CheckpointError, match="fingerprint differs"):  # no defaults given
+        Checkpointer(tmp_path, fingerprint=now).restore()
+    changed = {"task": "cup", "model": {"size": "tiny", "new_option": False}}
+    with pytest.raises(CheckpointError, match="fingerprint differs: model"):
+        Checkpointer(tmp_path, fingerprint=changed, fingerprint_defaults=defaults).restore()
+    with pytest.raises(CheckpointError, match="fingerprint differs: context"):  # a new group
+        Checkpointer(tmp_path, fingerprint=dict(now, context={"k": 32}),
+                     fingerprint_defaults=defaults).restore()
+
+
 def test_no_checkpoint_and_bad_extra(tmp_path):
     ck = Checkpointer(tmp_path)
     with pytest.raises(FileNotFoundError):

@@ -74,6 +74,20 @@ def config_fingerprint(config: Any) -> str:
 
 
 # ------------------------------------------------------------------ helpers
+def _with_defaults(stored: dict, defaults: dict, current: dict) -> dict:
+    """``stored`` with the keys it lacks and ``current`` has taken from ``defaults``,
+    recursively."""
+    out = dict(stored)
+    for k, v in defaults.items():
+        if k not in current:
+            continue
+        if k not in out:
+            out[k] = v
+        elif isinstance(out[k], dict) and isinstance(v, dict) and isinstance(current[k], dict):
+            out[k] = _with_defaults(out[k], v, current[k])
+    return out
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -193,15 +207,21 @@ class Checkpointer:
         or a JSON-able mapping (then a mismatch names the differing fields). Stored
         with every save; ``restore`` raises ``CheckpointError`` if the stored one
         differs from this one.
+      fingerprint_defaults: a mapping shaped like ``fingerprint`` whose values a stored
+        fingerprint takes for the fields it lacks (nested): a run checkpointed before an
+        option existed resumes when the option is at its default, which by convention
+        reproduces the old behaviour.
     """
 
-    def __init__(self, directory: str, keep: int = 2, fingerprint: str | Mapping | None = None):
+    def __init__(self, directory: str, keep: int = 2, fingerprint: str | Mapping | None = None,
+                 fingerprint_defaults: Mapping | None = None):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = os.path.abspath(os.fspath(directory))
         self.keep = int(keep)
-        self.fingerprint = json.loads(json.dumps(fingerprint, default=str)) \
-            if fingerprint is not None else None
+        jsonable = lambda x: json.loads(json.dumps(x, default=str)) if x is not None else None
+        self.fingerprint = jsonable(fingerprint)
+        self.fingerprint_defaults = jsonable(fingerprint_defaults)
         os.makedirs(self.directory, exist_ok=True)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -456,6 +476,9 @@ class Checkpointer:
 
     def _check_fingerprint(self, path: str, meta: dict) -> None:
         stored, current = meta.get("fingerprint"), self.fingerprint
+        if (isinstance(stored, dict) and isinstance(current, dict)
+                and isinstance(self.fingerprint_defaults, dict)):
+            stored = _with_defaults(stored, self.fingerprint_defaults, current)
         if current is None or stored == current:
             return
         where = os.path.join(path, _META)
