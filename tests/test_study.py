@@ -394,7 +394,7 @@ def term(*_):
     sys.exit(0)
 signal.signal(signal.SIGTERM, term)
 os.kill(os.getpid(), signal.SIGUSR2)  # ignored: the launcher's time-out signal
-print("ready", flush=True)
+print("re" + "ady:", os.getpid(), flush=True)  # not a substring of this source (the log's header)
 time.sleep(120)
 """
 
@@ -408,7 +408,7 @@ def test_requeue_checkpoint_stops_the_child_and_resubmits_the_same_job(tmp_path)
     thread = threading.Thread(target=lambda: errors.append(pytest.raises(
         RuntimeError, callable_)))
     thread.start()
-    wait_for(lambda: "ready" in open(job.log).read() if os.path.exists(job.log) else False, 30,
+    wait_for(lambda: "ready:" in open(job.log).read() if os.path.exists(job.log) else False, 30,
              "the child to start")
     wait_for(lambda: callable_._proc is not None, 30, "the launcher to record the child")
     delayed = callable_.checkpoint()  # what submitit calls on USR2 before requeueing
