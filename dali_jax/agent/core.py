@@ -1,7 +1,7 @@
 """The agent's core: networks, `init`, the pure `update` (jitted: `train_step`).
 
-Train state: `TrainState` (a pytree; `state_dict` / `TrainState.from_state_dict` convert to
-and from the plain nested dicts that checkpoints hold).
+Train state: `TrainState` (a pytree; `state_dict()` gives the plain nested dicts that
+checkpoints hold; the trainer rebuilds a TrainState from them with Agent.init's structure).
 
 Batch (B, H + T, ...): the observation keys (`obs` float32 (Do,), `image` uint8 (64,64,3),
 `context` float32 (2,) normalised ground truth), `action` (A,) = action executed at step t,
@@ -69,10 +69,6 @@ class TrainState:
         """Plain nested dicts (the checkpoint layout; align_stats left out when None)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {k: v for k, v in d.items() if v is not None}
-
-    @classmethod
-    def from_state_dict(cls, d: dict) -> "TrainState":
-        return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)
