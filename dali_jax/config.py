@@ -302,6 +302,24 @@ def validate(config) -> None:
                          f"({config.context.window} != {config.train.batch_length})")
 
 
+def fill_missing(saved: dict, defaults: dict, only: dict | None = None) -> dict:
+    """A config saved by an older dali_jax (nested dicts: config.json, a checkpoint's
+    fingerprint) with the fields it lacks taken from ``defaults``, recursively: an option
+    added since then takes its default, which keeps the old behaviour. ``only``: fill just
+    the fields this nested dict has (the part of the config being compared)."""
+    out = dict(saved)
+    for k, v in defaults.items():
+        if only is not None and k not in only:
+            continue
+        sub = None if only is None else only[k]
+        if k not in out:
+            out[k] = v
+        elif isinstance(out[k], dict) and isinstance(v, dict) and (
+                only is None or isinstance(sub, dict)):
+            out[k] = fill_missing(out[k], v, sub)
+    return out
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

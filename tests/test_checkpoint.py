@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dali_jax.config import fill_missing
 from dali_jax.training.checkpoint import CheckpointError, Checkpointer, config_fingerprint
 from dali_jax.training.replay import Replay
 
@@ -250,6 +251,20 @@ def test_a_field_added_after_the_checkpoint_takes_its_default(tmp_path):
     with pytest.raises(CheckpointError, match="fingerprint differs: context"):  # a new group
         Checkpointer(tmp_path, fingerprint=dict(now, context={"k": 32}),
                      fingerprint_defaults=defaults).restore()
+
+
+def test_fill_missing_takes_defaults_for_absent_fields_only():
+    """The one helper behind load_config, the fingerprint check and the study's
+    config_conflict: a saved config's absent fields take their defaults."""
+    saved = {"task": "cup", "model": {"size": "tiny"}, "gone": 1}
+    defaults = {"task": "walker", "model": {"size": "small", "new": True},
+                "context": {"k": 64}}
+    assert fill_missing(saved, defaults) == {
+        "task": "cup", "model": {"size": "tiny", "new": True}, "gone": 1, "context": {"k": 64}}
+    only = {"task": "x", "model": {"size": "x", "new": "x"}}  # the compared part: no context
+    assert fill_missing(saved, defaults, only=only) == {
+        "task": "cup", "model": {"size": "tiny", "new": True}, "gone": 1}
+    assert saved == {"task": "cup", "model": {"size": "tiny"}, "gone": 1}  # not modified
 
 
 def test_no_checkpoint_and_bad_extra(tmp_path):

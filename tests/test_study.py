@@ -180,7 +180,7 @@ def test_a_field_added_after_a_run_started_is_no_conflict_while_at_its_default(t
     path = write_study(tmp_path / "s2.py", 'c.overrides["context.freeze_after"] = 5')
     study, runs, configs = load(path, root)
     why = P.config_conflict(runs[0], configs[runs[0].name], P.base_config(study, runs[0]))
-    assert why == "context.freeze_after: run has '<absent>', study has 5"
+    assert why == "context.freeze_after: run has 0, study has 5"
 
 
 def test_a_failing_job_is_recorded_with_its_last_error_line(tmp_path):

@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Sequence
 
+from dali_jax import config as config_lib
 from dali_jax import launch
 from dali_jax import presets
 from dali_jax.study.spec import StudyError
@@ -146,13 +147,9 @@ def config_conflict(run: Run, config, base=None) -> str | None:
     except (OSError, ValueError) as e:
         return f"{path} is unreadable ({e})"
     old.pop("logdir", None)
-    old, new = _flatten(old), _flatten(config_json(config))
     if base is not None:
-        default = _flatten(config_json(base))
-        for k in set(new) - set(old):
-            if k in default and default[k] == new[k]:
-                old[k] = new[k]
-    diffs = _diff(old, new)
+        old = config_lib.fill_missing(old, config_json(base))
+    diffs = _diff(_flatten(old), _flatten(config_json(config)))
     if not diffs:
         return None
     return "; ".join(diffs[:8]) + (f"; ... ({len(diffs)} fields)" if len(diffs) > 8 else "")

@@ -45,6 +45,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from dali_jax.config import fill_missing
+
 __all__ = ["Checkpointer", "CheckpointError", "CheckpointSaveError", "config_fingerprint"]
 
 log = logging.getLogger(__name__)
@@ -74,20 +76,6 @@ def config_fingerprint(config: Any) -> str:
 
 
 # ------------------------------------------------------------------ helpers
-def _with_defaults(stored: dict, defaults: dict, current: dict) -> dict:
-    """``stored`` with the keys it lacks and ``current`` has taken from ``defaults``,
-    recursively."""
-    out = dict(stored)
-    for k, v in defaults.items():
-        if k not in current:
-            continue
-        if k not in out:
-            out[k] = v
-        elif isinstance(out[k], dict) and isinstance(v, dict) and isinstance(current[k], dict):
-            out[k] = _with_defaults(out[k], v, current[k])
-    return out
-
-
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -478,7 +466,7 @@ class Checkpointer:
         stored, current = meta.get("fingerprint"), self.fingerprint
         if (isinstance(stored, dict) and isinstance(current, dict)
                 and isinstance(self.fingerprint_defaults, dict)):
-            stored = _with_defaults(stored, self.fingerprint_defaults, current)
+            stored = fill_missing(stored, self.fingerprint_defaults, only=current)
         if current is None or stored == current:
             return
         where = os.path.join(path, _META)

@@ -36,16 +36,8 @@ def load_config(logdir: str) -> ml_collections.ConfigDict:
             saved = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    return ml_collections.ConfigDict(_over(config_lib.get_config().to_dict(), saved))
-
-
-def _over(defaults: dict, saved: dict) -> dict:
-    """`saved` with the entries it lacks filled in from `defaults`, recursively."""
-    out = dict(defaults)
-    for k, v in saved.items():
-        out[k] = _over(defaults[k], v) if isinstance(v, dict) and isinstance(
-            defaults.get(k), dict) else v
-    return out
+    return ml_collections.ConfigDict(config_lib.fill_missing(saved,
+                                                             config_lib.get_config().to_dict()))
 
 
 def spec_for(config) -> Spec:
