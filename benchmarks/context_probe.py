@@ -50,6 +50,11 @@ OPTIONS = {
     "future_std": dict(loss="forward", pairs="future", residual=True, standardize=True),
     "inverse": dict(loss="inverse", pairs="window", residual=False, standardize=False),
     "both_std": dict(loss="both", pairs="window", residual=True, standardize=True),
+    # the inverse term weighted up (its error is ~1% of the standardised forward error)
+    "both_std_w10": dict(loss="both", pairs="window", residual=True, standardize=True,
+                         inverse_weight=10.0),
+    "both_std_w100": dict(loss="both", pairs="window", residual=True, standardize=True,
+                          inverse_weight=100.0),
 }
 CEILINGS = ("supervised", "raw_linear")
 OBS_DIM = {"ball_in_cup": (8, 2), "walker": (24, 6)}

@@ -76,6 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Dynamics alignment (benchmarks/RESULTS.md compares the options; the paper's form is
     # loss=forward, pairs=window, residual=False, standardize=False):
     x.loss = "forward"  # forward (f_psi: [o_j, a_j, c] -> o_{j+1}) | inverse | both
+    # loss=both: forward + inverse_weight * inverse. The inverse error of a trained head is
+    # ~1% of the standardised forward error, so at 1 the forward term shapes c.
+    x.inverse_weight = 1.0
     x.pairs = "window"  # window (transitions inside the window) | future (the m after it)
     x.future_steps = 8  # m for pairs=future
     x.residual = True  # forward target o_{j+1} - o_j instead of o_{j+1}
@@ -247,6 +250,10 @@ def validate(config) -> None:
     if not (isinstance(config.context.history, int) and config.context.history >= -1):
         raise ValueError("config.context.history must be -1 (K for inferred-context methods) "
                          f"or an integer >= 0; got {config.context.history!r}")
+    if not (isinstance(config.context.inverse_weight, (int, float))
+            and config.context.inverse_weight > 0):
+        raise ValueError("config.context.inverse_weight must be a number > 0; "
+                         f"got {config.context.inverse_weight!r}")
     if config.context.consistency < 0:
         raise ValueError("config.context.consistency must be >= 0; "
                          f"got {config.context.consistency!r}")

@@ -181,6 +181,18 @@ def test_per_step_alignment_loss_equals_the_plain_formula(pairs, residual, stand
         for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
             np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-4)
 
+    # loss=both weighs the inverse term by inverse_weight, in both implementations
+    f = lambda x: fwd.apply({"params": pf}, x)
+    g = lambda x: inv.apply({"params": pi}, x)
+    parts = {m: C.alignment_loss(f, g, obs, act, trans, ctx, m, residual, norm)
+             for m in ("forward", "inverse")}
+    want = parts["forward"] + 7.0 * parts["inverse"]
+    np.testing.assert_allclose(C.alignment_loss(f, g, obs, act, trans, ctx, "both", residual,
+                                                norm, inverse_weight=7.0), want, rtol=1e-5)
+    np.testing.assert_allclose(C.alignment_loss_per_step(pf, pi, obs, act, trans, ctx, "both",
+                                                         residual, norm, inverse_weight=7.0),
+                               want, rtol=2e-4, atol=1e-5)
+
 
 def test_target_moments_are_masked_at_episode_starts():
     obs, _, first, _ = _data(3)

@@ -207,12 +207,12 @@ class WorldModel:
         if cfg.per_step_alignment:  # the same loss, computed per step where it can
             loss = lambda c, tr: C.alignment_loss_per_step(
                 cp["forward"], cp.get("inverse"), obs, act, tr, c, cfg.loss, cfg.residual,
-                norm)
+                norm, cfg.inverse_weight)
         else:
             fwd = lambda x: self.forward_head.apply({"params": cp["forward"]}, x)
             inv = lambda x: self.inverse_head.apply({"params": cp["inverse"]}, x)
             loss = lambda c, tr: C.alignment_loss(fwd, inv, obs, act, tr, c, cfg.loss,
-                                                  cfg.residual, norm)
+                                                  cfg.residual, norm, cfg.inverse_weight)
         align = loss(ctx, trans)
         # The gain on every 4th window (a metric; a quarter of the cost).
         sub = lambda x: x[:, ::4]

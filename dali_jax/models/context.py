@@ -326,7 +326,7 @@ def target_moments(obs, is_first, residual: bool = False):
 
 
 def alignment_loss(forward_fn, inverse_fn, obs, action, trans, ctx, mode: str = "forward",
-                   residual: bool = False, norm=None):
+                   residual: bool = False, norm=None, inverse_weight: float = 1.0):
     """Dynamics-alignment loss of every window, in one vectorised call. -> (B, T).
 
     obs: (B, L, Do) token observations (raw obs or stop-gradient embeddings); action:
@@ -337,7 +337,7 @@ def alignment_loss(forward_fn, inverse_fn, obs, action, trans, ctx, mode: str = 
       o_{j+1} - o_j (`residual`), standardised as (y - mean) / std when `norm` = (mean,
       std) (Do,) is given;
     - inverse: ||inv([o_j, o_{j+1}, c_t]) - a_j||^2 / A (the correct target a_j, not the
-      release's a_{j+1}); both: their sum.
+      release's a_{j+1}); both: forward + inverse_weight * inverse.
     """
     src, dst, valid = trans
     o = gather_windows(obs, src)
@@ -352,7 +352,8 @@ def alignment_loss(forward_fn, inverse_fn, obs, action, trans, ctx, mode: str = 
         err = err + jnp.mean((pred - y) ** 2, -1)
     if mode in ("inverse", "both"):
         pred = inverse_fn(jnp.concatenate([o, gather_windows(obs, dst), c], -1))
-        err = err + jnp.mean((pred - gather_windows(action, src)) ** 2, -1)
+        w = inverse_weight if mode == "both" else 1.0
+        err = err + w * jnp.mean((pred - gather_windows(action, src)) ** 2, -1)
     return jnp.sum(err * valid, -1) / jnp.maximum(1.0, jnp.sum(valid, -1))
 
 
@@ -369,7 +370,8 @@ def transition_steps(obs, action, residual: bool = False, norm=None):
 
 
 def alignment_loss_per_step(forward_params, inverse_params, obs, action, trans, ctx,
-                            mode: str = "forward", residual: bool = False, norm=None):
+                            mode: str = "forward", residual: bool = False, norm=None,
+                            inverse_weight: float = 1.0):
     """`alignment_loss` with the heads given as DynamicsHead params, computed per step where
     it can (`fastgrad.pair_mse`). Every valid pair of `trans` must be a transition
     j -> j + 1 (`transition_indices` gives only those). -> (B, T)."""
@@ -379,7 +381,8 @@ def alignment_loss_per_step(forward_params, inverse_params, obs, action, trans, 
     if mode in ("forward", "both"):
         err = err + FG.pair_mse(forward_params, s["forward_in"], ctx, src, s["forward_y"])
     if mode in ("inverse", "both"):
-        err = err + FG.pair_mse(inverse_params, s["inverse_in"], ctx, src, s["inverse_y"])
+        w = inverse_weight if mode == "both" else 1.0
+        err = err + w * FG.pair_mse(inverse_params, s["inverse_in"], ctx, src, s["inverse_y"])
     return jnp.sum(err * valid, -1) / jnp.maximum(1.0, jnp.sum(valid, -1))
 
 
