@@ -2,8 +2,11 @@
 
     python -m dali_jax.probe --logdir RUN [--episodes N] [--grid G] [--length L] [--out DIR]
 
-Collects uniform-random-policy episodes (features or pixels, as the run) on a G x G grid over
-the train ranges of the task's two factors (N episodes per context), infers the context at
+Collects uniform-random-policy episodes (features or pixels, as the run) on G x G contexts over
+the train ranges of the factors the run was trained on (`--contexts trained`, the default: a
+single_0 run sees gravity varied with the string length at its default, so it is probed the
+same way, G * G gravity values; a double_box run, or `--contexts both`, a G x G grid over both
+factors; N episodes per context), infers the context at
 every step with the run's g_phi (causal windows of K steps, as in training and acting), and
 fits a ridge probe from the context to each true factor on the training episodes; R^2 is
 measured on held-out episodes (the last `--test-per-context` episodes of every context).
@@ -39,6 +42,10 @@ def _parser():
     p.add_argument("--length", type=int, default=0,
                    help="env steps per episode (default: min(run episode length, 250), at "
                         "least K + 10)")
+    p.add_argument("--contexts", choices=("trained", "both"), default="trained",
+                   help="trained (default): vary the factors the run's context setting "
+                        "varied, the others at their defaults (both for default/specific "
+                        "runs); both: a grid over both factors")
     p.add_argument("--test-per-context", type=int, default=2,
                    help="held-out episodes per context (default 2)")
     p.add_argument("--stride", type=int, default=1, help="probe every STRIDE-th step")
@@ -83,21 +90,24 @@ def run_probe(args) -> dict:
     if length < K:
         raise ValueError(f"--length {length} is shorter than the context window K = {K}")
     t0 = time.time()
-    contexts = P.context_grid(cfg.task, args.grid)
+    from dali_jax.envs import contexts as CTX
+    varied = CTX.varied_factors(cfg.task, cfg.context_setting)
+    names = list(varied if args.contexts == "trained" and varied else CTX.FACTORS[cfg.task])
+    contexts = P.context_grid(cfg.task, args.grid, names)
     eps = P.collect_random_episodes(cfg.task, contexts, args.episodes, length, seed=args.seed,
                                     obs_mode=cfg.obs, action_repeat=args.action_repeat)
     t_collect = time.time() - t0
     train, test = P.heldout_split(eps, args.test_per_context)
-    names = list(eps["factor_names"])
+    factors = eps["factors"][:, [list(eps["factor_names"]).index(n) for n in names]]
 
     def evaluate(params):
         ctx = P.episode_contexts(agent, params, eps)
-        X, y, ep = P.step_samples(ctx, eps["factors"], start=K - 1, stride=args.stride)
+        X, y, ep = P.step_samples(ctx, factors, start=K - 1, stride=args.stride)
         m = train[ep]
         r_step = P.linear_probe_r2(X[m], y[m], X[~m], y[~m], alpha=args.alpha)
         mean = ctx[:, K - 1:].mean(1)
-        r_ep = P.linear_probe_r2(mean[train], eps["factors"][train], mean[test],
-                                 eps["factors"][test], alpha=args.alpha)
+        r_ep = P.linear_probe_r2(mean[train], factors[train], mean[test], factors[test],
+                                 alpha=args.alpha)
         shares = P.variance_shares(ctx[:, K - 1:], eps["context_id"])
         other = {}
         for name, target in others.items():
@@ -116,7 +126,8 @@ def run_probe(args) -> dict:
     result = dict(
         logdir=os.path.abspath(args.logdir), task=cfg.task, method=cfg.method, obs=cfg.obs,
         checkpoint_step=int(run.step), window=K, context_dim=int(ctx.shape[-1]),
-        factors=names, contexts=[contexts[i] for i in sorted(contexts)],
+        factors=names, probe_contexts=args.contexts,
+        contexts=[contexts[i] for i in sorted(contexts)],
         episodes_per_context=args.episodes, test_per_context=args.test_per_context,
         episode_length=length, stride=args.stride, alpha=args.alpha, seed=args.seed,
         samples=dict(train=int(train.sum() * len(range(K - 1, length + 1, args.stride))),

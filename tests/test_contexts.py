@@ -103,6 +103,7 @@ def test_context_sets(task):
     with pytest.raises(ValueError):
         C.make_context_set(task, "triple", seed=0)
     for setting, varied in (("single_0", (f0,)), ("single_1", (f1,)), ("double_box", (f0, f1))):
+        assert C.varied_factors(task, setting) == varied
         a = C.make_context_set(task, setting, seed=3)
         assert a == C.make_context_set(task, setting, seed=3)  # reproducible
         assert a != C.make_context_set(task, setting, seed=4)
@@ -117,6 +118,7 @@ def test_context_sets(task):
             else:
                 assert np.all(vals == d[f])
     assert len(C.make_context_set(task, "double_box", seed=0, n=7)) == 7
+    assert C.varied_factors(task, "default") == C.varied_factors(task, "specific") == ()
 
 
 def test_round_robin_cycles_and_state():

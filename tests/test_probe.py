@@ -6,6 +6,7 @@ World-model-only experiment: `benchmarks/context_probe.py` with the default alig
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -143,6 +144,20 @@ def test_inferred_context_linearly_encodes_both_factors_world_model_only():
     assert max(row["r2_untrained"].values()) <= 0.2
 
 
+def test_context_grid_over_one_or_both_factors():
+    both = P.context_grid("ball_in_cup", 3)
+    assert len(both) == 9 and both[0] == {"gravity": 4.9, "string_length": 0.15}
+    assert both[1] == {"gravity": 4.9, "string_length": 0.3}  # the second factor inner
+    assert both[8] == {"gravity": 14.7, "string_length": 0.45}
+    one = P.context_grid("ball_in_cup", 3, ["gravity"])
+    g = [c["gravity"] for c in one.values()]
+    assert len(one) == 9 and g[0] == 4.9 and g[-1] == 14.7
+    np.testing.assert_allclose(np.diff(g), (14.7 - 4.9) / 8, rtol=1e-5)
+    assert {c["string_length"] for c in one.values()} == {0.3}  # at its default
+    with pytest.raises(ValueError, match="factors must be"):
+        P.context_grid("ball_in_cup", 3, ["mass"])
+
+
 # ------------------------------------------------------------------------------ CLI
 
 @pytest.fixture(scope="module")
@@ -177,6 +192,20 @@ def test_probe_cli_on_a_tiny_run(tiny_run, tmp_path):
     assert set(data["other_r2"]) == {"window_reward", "reward", "observation"}
     assert set(data["untrained_encoder"]["other_r2"]) == set(data["other_r2"])
     assert os.path.getsize(out / "tsne.png") > 1000
+    # a run trained with gravity varied (single_0) is probed with gravity varied only
+    single = tmp_path / "single"
+    shutil.copytree(tiny_run, single)
+    cfg = json.load(open(single / "config.json"))
+    cfg["context_setting"] = "single_0"
+    json.dump(cfg, open(single / "config.json", "w"))
+    res = subprocess.run(cmd[:4] + [str(single)] + cmd[5:-1] + [str(tmp_path / "o1"),
+                                                                 "--no-plot"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.load(open(tmp_path / "o1" / "probe.json"))
+    assert data["factors"] == ["gravity"] and data["probe_contexts"] == "trained"
+    assert len(data["contexts"]) == 4 and {c["string_length"] for c in data["contexts"]} == {0.3}
+    assert set(data["r2_step"]) == {"gravity"} and np.isfinite(data["r2_step"]["gravity"])
     # clear errors: no run, a run without inferred context
     bad = subprocess.run([sys.executable, "-m", "dali_jax.probe", "--logdir",
                           str(tmp_path / "nothing")], cwd=ROOT, capture_output=True, text=True)

@@ -4,7 +4,8 @@ Pure functions (numpy in, numpy out) used by ``python -m dali_jax.probe`` and th
 
 * ``collect_random_episodes(task, contexts, episodes_per_context, length, seed)``: uniform-random
   actions on a contextual env; fixed-length episodes in the training batch format.
-* ``context_grid(task, n)``: an n x n grid over the train ranges of the task's two factors.
+* ``context_grid(task, n, factors)``: n * n contexts over the train ranges of the task's
+  factors (a grid for both, evenly spaced values for one).
 * ``heldout_split(episodes, test_per_context)``: stratified split by episode.
 * ``sample_batch`` / ``fit_world_model``: world-model-only training (``Agent.model_step``) on
   collected episodes.
@@ -47,17 +48,21 @@ _MAX_RETRIES = 10
 
 # ------------------------------------------------------------------------------------- data
 
-def context_grid(task: str, n: int = 4) -> dict[int, dict[str, float]]:
-    """n x n contexts evenly spaced over the train ranges of both factors (ids 0..n*n-1)."""
-    f0, f1 = CTX.FACTORS[task]
-    v0 = np.linspace(*CTX.train_range(task, f0), n)
-    v1 = np.linspace(*CTX.train_range(task, f1), n)
-    out, i = {}, 0
-    for a in v0:
-        for b in v1:
-            out[i] = {f0: round(float(a), 6), f1: round(float(b), 6)}
-            i += 1
-    return out
+def context_grid(task: str, n: int = 4,
+                 factors: Sequence[str] | None = None) -> dict[int, dict[str, float]]:
+    """n * n contexts (ids 0..n*n-1) over the train ranges of `factors` (default: both of
+    the task's), the other factor at its default: an n x n grid for two factors, n * n evenly
+    spaced values for one."""
+    names = tuple(CTX.FACTORS[task])
+    factors = names if factors is None else tuple(factors)
+    if not factors or any(f not in names for f in factors) or len(set(factors)) < len(factors):
+        raise ValueError(f"factors must be one or both of {names}; got {factors}")
+    default = {f: round(float(CTX.DEFAULTS[task][f]), 6) for f in names}
+    axes = [np.linspace(*CTX.train_range(task, f), n if len(factors) == 2 else n * n)
+            for f in factors]
+    points = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(factors))
+    return {i: {**default, **{f: round(float(v), 6) for f, v in zip(factors, p)}}
+            for i, p in enumerate(points)}
 
 
 def collect_random_episodes(task: str, contexts: Mapping | Sequence[Mapping],

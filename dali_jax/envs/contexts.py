@@ -207,6 +207,16 @@ def denormalize_context(task: str, c_norm: Sequence[float]) -> dict[str, float]:
     return out
 
 
+def varied_factors(task: str, setting: str) -> tuple[str, ...]:
+    """The factors a training context setting varies: single_0 / single_1 one, double_box
+    both, default / specific none."""
+    _check_task(task)
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown context setting {setting!r}; expected one of {SETTINGS}")
+    f0, f1 = FACTORS[task]
+    return {"single_0": (f0,), "single_1": (f1,), "double_box": (f0, f1)}.get(setting, ())
+
+
 def make_context_set(task: str, setting: str, seed: int, n: int = 100,
                      specific: Mapping[str, float] | None = None) -> dict[int, dict[str, float]]:
     """Training context set ``{id: {factor: value}}`` (ids 0..n-1), reproducible from ``seed``.
@@ -229,7 +239,7 @@ def make_context_set(task: str, setting: str, seed: int, n: int = 100,
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     rng = np.random.default_rng(seed)
-    varied = {"single_0": (f0,), "single_1": (f1,), "double_box": (f0, f1)}[setting]
+    varied = varied_factors(task, setting)
     draws = {f: rng.uniform(*_TRAIN_RANGES[f], size=n) for f in varied}
     out = {}
     for i in range(n):
