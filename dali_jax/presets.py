@@ -2,6 +2,8 @@
 
 - paper: the DALI protocol (small DreamerV3 with the release's 5 x 1024 enc/dec MLPs,
   batch 16 x 64, train_ratio 512, 4 envs, K = 64); steps are set per task.
+- first: the first-contact run of `scripts/main.sh`: the cpu preset's learning check with
+  DALI-D and gravity varied in training (`single_0`), as DALI-D runs in the CPU study.
 - quick: a CPU run of the featurized default context that finishes in minutes on a 2-core
   machine (a tiny model, shorter batches and window, lower train ratio, short episodes).
 - cpu: the learning check on a 2-core CPU (about 30 minutes on one core): featurized default
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from dali_jax import config as config_lib
 
-NAMES = ("paper", "cpu", "quick", "smoke")
+NAMES = ("paper", "cpu", "first", "quick", "smoke")
 
 # preset -> {dotted config path: value}, applied in this order ("paper" is the default config).
 OVERRIDES: dict[str, dict[str, object]] = {
@@ -89,6 +91,10 @@ OVERRIDES: dict[str, dict[str, object]] = {
         "run.replay_capacity": 10_000,
     },
 }
+
+
+OVERRIDES["first"] = {**OVERRIDES["cpu"], "method": "dali_d", "context_setting": "single_0",
+                      "context.loss": "inverse"}  # the loss DALI-D learns with in the study
 
 
 def apply(c, name: str):

@@ -1,6 +1,6 @@
 """Ball-in-Cup (catch) under gravity x string-length contexts.
 
-Run:   python experiments/ball_in_cup.py [--preset paper|quick|smoke] [--config.FIELD=VALUE]
+Run:   python experiments/ball_in_cup.py [--preset paper|cpu|first|quick|smoke] [--config.FIELD=VALUE]
 e.g.   python experiments/ball_in_cup.py --config.method=dali_d --config.obs=pixels \
            --config.seed=3 --config.context_setting=double_box
 Load:  from experiments.ball_in_cup import get_config; get_config("paper")

@@ -1,6 +1,6 @@
 """Walker (walk) under gravity x actuator-strength contexts.
 
-Run:   python experiments/walker_walk.py [--preset paper|quick|smoke] [--config.FIELD=VALUE]
+Run:   python experiments/walker_walk.py [--preset paper|cpu|first|quick|smoke] [--config.FIELD=VALUE]
 e.g.   python experiments/walker_walk.py --config.method=dali_d --config.obs=pixels \
            --config.seed=3 --config.context_setting=double_box
 Load:  from experiments.walker_walk import get_config; get_config("paper")

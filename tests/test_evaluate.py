@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from _smoke_run import smoke_run
@@ -81,6 +82,12 @@ def test_scored_subset_and_specific_runs(run_dir, tmp_path):
     assert load_run_result(spec_dir).train_context == {"gravity": 2.45, "string_length": 0.3}
     rows = ev.regime_summary(res)
     assert rows[0]["group"] == "train context" and rows[0]["n"] == 1
+    text = ev._format_summary(res, rows).splitlines()  # short: every context listed
+    for c, line in zip(res["contexts"], text[1:3]):
+        assert f"gravity {c['values']['gravity']:g}" in line and "- " in line
+        assert f"return {np.mean(c['returns']):7.1f}" in line
+    assert text[3].strip().startswith("train context")
+    assert len(ev._format_summary(res, rows, max_listed=1).splitlines()) == 1 + len(rows)
     # "scored" for single_0 = the 14 non-default gravity singles
     sel = ev.select_contexts("ball_in_cup", "scored", "single_0")
     assert len(sel) == 14 and all(g.kind == "single_0" for g in sel)

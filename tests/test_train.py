@@ -81,6 +81,13 @@ def test_launch_rejects_bad_overrides_and_presets_hold_the_protocol():
         launch.parse(ball_in_cup.get_config, ["--config.obs=rgb"], ball_in_cup.PRESETS)
     with pytest.raises(launch.UsageError, match="preset must be one of"):
         launch.parse(ball_in_cup.get_config, ["--preset=huge"], ball_in_cup.PRESETS)
+    # the first-contact preset is the cpu preset with DALI-D and gravity varied
+    cpu = launch.parse(ball_in_cup.get_config, ["--preset=cpu"], ball_in_cup.PRESETS)
+    first = launch.parse(ball_in_cup.get_config, ["--preset=first"], ball_in_cup.PRESETS)
+    assert (first.method, first.context_setting) == ("dali_d", "single_0")
+    cpu.method, cpu.context_setting = first.method, first.context_setting
+    cpu.context.loss = first.context.loss
+    assert first.to_dict() == cpu.to_dict()
     for bad, msg in (("--config.context.pairs=next", "config.context.pairs must be one of "
                       "window, future"),
                      ("--config.context.history=-2", "config.context.history must be -1"),

@@ -269,11 +269,19 @@ def regime_summary(result: Mapping, normalizer=None) -> list[dict]:
     return rows
 
 
-def _format_summary(result: Mapping, rows: Sequence[dict]) -> str:
+def _format_summary(result: Mapping, rows: Sequence[dict], max_listed: int = 20) -> str:
+    """The run's header, one line per context when there are at most `max_listed`, then
+    one line per `regime_summary` row."""
     head = (f"{result['task']} {result['method']} ({result['obs']}) setting={result['setting']} "
             f"seed={result['seed']} step={result.get('checkpoint_step')} "
             f"episodes/context={result.get('episodes')} mode={result.get('mode')}")
     lines = [head]
+    if len(result["contexts"]) <= max_listed:  # a short run of contexts: each on its line
+        for c in result["contexts"]:
+            vals = "  ".join(f"{k} {v:g}" for k, v in c["values"].items())
+            ret = np.asarray(c["returns"], float)
+            lines.append(f"    {vals:<34} {c.get('regime') or '-':<14} return "
+                         f"{ret.mean():7.1f} (std {ret.std():.1f}, {len(ret)} episodes)")
     for r in rows:
         s = f"  {r['group']:<16} contexts={r['n']:>3}  mean return={r['mean_return']:8.1f}"
         if "mean_score" in r:

@@ -61,7 +61,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.methods = METHODS  # any of dali_jax.methods.METHODS
     c.seeds = RELEASE_SEEDS  # non-empty, distinct, >= 0
     c.settings = ("single_0", "single_1", "double_box")  # training context settings
-    c.preset = "paper"  # run preset of the experiment file: paper | cpu | quick | smoke
+    c.preset = "paper"  # run preset of the experiment file: paper | cpu | first | quick | smoke
     # Dotted config path -> value, applied to every run after the preset, e.g.
     # c.overrides["run.steps"] = 50_000. The study's own fields (task, obs, method, seed,
     # context_setting, logdir) cannot be overridden.
