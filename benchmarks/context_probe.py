@@ -17,10 +17,12 @@ Options (context.loss / pairs / residual / standardize):
   paper         forward, window, plain o_{j+1} targets (the DALI paper's form)
   std           forward, window, standardised o_{j+1}
   residual      forward, window, o_{j+1} - o_j
-  residual_std  forward, window, standardised o_{j+1} - o_j   (our default)
+  residual_std  forward, window, standardised o_{j+1} - o_j
   future_std    forward, the 8 transitions after the window, standardised residuals
-  inverse       inverse model a_j from [o_j, o_{j+1}, c]
+  inverse       inverse model a_j from [o_j, o_{j+1}, c]   (our default)
   both_std      residual_std + inverse
+  both_std_w10  residual_std + 10 x inverse
+  both_std_w100 residual_std + 100 x inverse
 
 Ceilings (not alignment losses; they say how much of the factors the windows hold):
   supervised    the same g_phi trained directly on the standardised factors (a linear

@@ -93,8 +93,7 @@ OVERRIDES: dict[str, dict[str, object]] = {
 }
 
 
-OVERRIDES["first"] = {**OVERRIDES["cpu"], "method": "dali_d", "context_setting": "single_0",
-                      "context.loss": "inverse"}  # the loss DALI-D learns with in the study
+OVERRIDES["first"] = {**OVERRIDES["cpu"], "method": "dali_d", "context_setting": "single_0"}
 
 
 def apply(c, name: str):

@@ -48,7 +48,7 @@ def test_dali_d_pixel_parameter_overhead():
     """The release's pixel DALI-D: c (8-d) enters img_step, decoder, reward, continue, actor
     and critic (+5 x 8 x 512 + 8 x 4096); g_phi reads [embedding, action] tokens. The spec
     gives +15% for the whole model."""
-    p = _walker_params("dali_d", obs="pixels", release_compat=True, window=64)
+    p = _walker_params("dali_d", obs="pixels", release_compat=True, window=64, loss="forward")
     assert trained_param_count(p) == 17_926_030 + 5 * 8 * 512 + 8 * 4096
     overhead = count_params(p) / 17_926_030 - 1
     assert 0.145 <= overhead <= 0.155, overhead
@@ -56,14 +56,19 @@ def test_dali_d_pixel_parameter_overhead():
 
 def test_dali_d_parameter_overhead():
     base = 18_708_003
-    rel = _walker_params("dali_d", release_compat=True)
+    rel = _walker_params("dali_d", release_compat=True, loss="forward")  # the release's loss
     assert trained_param_count(rel) == 18_736_675  # the release's DALI-D total
     assert count_params(rel["context"]) == 586_296  # g_phi + f_psi + chi heads
-    ours = _walker_params("dali_d")
+    ours = _walker_params("dali_d", loss="forward")
     overhead = (count_params(ours) - base) / base
     assert 0.03 <= overhead <= 0.04, overhead
     # the intended deep variant also feeds c to the posterior: + 8 * 512
     assert trained_param_count(ours) == 18_736_675 + 8 * 512
+    # the default (inverse) loss has the inverse head [o_j, o_j+1, c] (56) -> 128 -> 128 ->
+    # a_j (6) instead of f_psi [o_j, a_j, c] (38) -> 128 -> 128 -> o_j+1 (24), both biased
+    assert count_params(_walker_params("dali_d")) == count_params(ours) - (
+        38 * 128 + 128 + 128 * 128 + 128 + 128 * 24 + 24) + (
+        56 * 128 + 128 + 128 * 128 + 128 + 128 * 6 + 6)
 
 
 def _nonzero(tree):
@@ -104,7 +109,7 @@ def test_gradient_isolation(agent_cache):
     assert absum(g_rep["img_stats"]) == 0 and absum(g_rep["obs_stats"]) > 0
     # The world-model losses see c as stop-gradient; only the alignment loss trains g_phi.
     assert absum(g_rec["context"]) == 0 and absum(g_rec["encoder"]) > 0
-    assert absum(g_ali["context"]["encoder"]) > 0 and absum(g_ali["context"]["forward"]) > 0
+    assert absum(g_ali["context"]["encoder"]) > 0 and absum(g_ali["context"]["inverse"]) > 0
     assert absum({k: g_ali[k] for k in ("rssm", "decoder", "reward", "cont")}) == 0
     # Actor loss: only the actor; critic loss: only the critic.
     flat = lambda x: x.reshape((-1,) + x.shape[2:])
@@ -178,7 +183,7 @@ def test_context_parameters_are_trained(agent_cache, compat):
     else:
         assert all(changed), [jax.tree_util.keystr(k) for (k, _), c in zip(
             jax.tree_util.tree_leaves_with_path(before), changed) if not c]
-        assert set(after) >= {"encoder", "forward", "cross"}
+        assert set(after) >= {"encoder", "inverse", "cross"} and "forward" not in after
 
 
 def _policy_actions(agent, params, batch):

@@ -120,27 +120,29 @@ def test_step_samples_split_and_inference_match_the_training_windows(agent_cache
 @pytest.mark.slow
 def test_inferred_context_linearly_encodes_both_factors_world_model_only():
     """World-model-only experiment with the default alignment loss
-    (`benchmarks/context_probe.py`, option residual_std: standardised residual forward
-    targets): random-policy Ball-in-Cup episodes on a 4 x 4 grid of (gravity, string length)
-    over the train ranges, 4 of 8 episodes per context held out, 1500 `model_step` updates
-    of a nano DALI-D; ridge probe from the context of every full window to each factor.
+    (`benchmarks/context_probe.py`, option inverse: an inverse model a_j from
+    [o_j, o_{j+1}, c]): random-policy Ball-in-Cup episodes on a 4 x 4 grid of (gravity,
+    string length) over the train ranges, 4 of 8 episodes per context held out, 1500
+    `model_step` updates of a nano DALI-D; ridge probe from the context of every full
+    window to each factor.
 
-    Measured on the 2-core machine (seed 0): R^2 gravity 0.559, string length 0.676
-    (untrained g_phi 0.007 / 0.006); the paper's form 0.691 / 0.374, inverse 0.748 / 0.368,
-    both_std 0.685 / 0.667 (benchmarks/RESULTS.md). The issue's target (0.9 / 0.8) is not
-    reached at this budget by any option; the thresholds below guard what is.
+    Measured on the 2-core machine (seed 0, 237 s): R^2 gravity 0.748, string length 0.368
+    (untrained g_phi 0.007 / 0.006); residual_std 0.559 / 0.676, the paper's form
+    0.691 / 0.374, both_std_w10 0.779 / 0.548 (benchmarks/RESULTS.md). The issue's target
+    (0.9 / 0.8) is not reached (with 8 training episodes per context and 5000 updates:
+    0.884 / 0.602). The thresholds below guard what is.
     """
     from benchmarks.context_probe import run
 
-    (row,) = run("ball_in_cup", ["residual_std"], updates=1500, seed=0, log=lambda m: None)
+    (row,) = run("ball_in_cup", ["inverse"], updates=1500, seed=0, log=lambda m: None)
     from dali_jax import config as config_lib
-    c = config_lib.get_config().context
-    assert (c.loss, c.pairs, c.residual, c.standardize) == ("forward", "window", True, True)
+    assert config_lib.get_config().context.loss == "inverse"
     print(f"\nR^2 per window, held-out episodes: {row['r2']} (untrained "
-          f"{row['r2_untrained']}); context/gain {row['gain'][-1]:.3f}; {row['train_s']:.0f} s")
+          f"{row['r2_untrained']}); context/gain {row['gain'][-1]:.4f}; {row['train_s']:.0f} s")
     assert row["loss_dali"][-1] < row["loss_dali"][0]
-    assert row["gain"][-1] > 0.1  # the context tells f_psi much about the transitions
-    assert row["r2"]["gravity"] >= 0.45 and row["r2"]["string_length"] >= 0.55
+    # the context tells the inverse head much: shuffled contexts triple its error at least
+    assert row["gain"][-1] > 2 * row["loss_dali"][-1]
+    assert row["r2"]["gravity"] >= 0.65 and row["r2"]["string_length"] >= 0.25
     assert max(row["r2_untrained"].values()) <= 0.2
 
 

@@ -202,9 +202,10 @@ class Agent(WorldModel, ActorCritic):
             tok = jnp.zeros((1, K, self.token_obs_dim + sp.action_dim), f32)
             p["context"] = dict(
                 encoder=self.ctx_encoder.init(ks[8], tok)["params"],
-                forward=self.forward_head.init(
-                    ks[9], z(self.token_obs_dim + sp.action_dim + cd))["params"],
                 cross=self.cross.init(ks[10], z(cd), z(self.state_dim))["params"])
+            if self.config.context.loss in ("forward", "both"):  # f_psi
+                p["context"]["forward"] = self.forward_head.init(
+                    ks[9], z(self.token_obs_dim + sp.action_dim + cd))["params"]
             if self.config.context.loss in ("inverse", "both"):
                 p["context"]["inverse"] = self.inverse_head.init(
                     ks[11], z(2 * self.token_obs_dim + cd))["params"]

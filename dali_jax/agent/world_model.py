@@ -206,10 +206,10 @@ class WorldModel:
             norm = (new_stats["mean"], jnp.sqrt(new_stats["var"] + 1e-6))
         if cfg.per_step_alignment:  # the same loss, computed per step where it can
             loss = lambda c, tr: C.alignment_loss_per_step(
-                cp["forward"], cp.get("inverse"), obs, act, tr, c, cfg.loss, cfg.residual,
+                cp.get("forward"), cp.get("inverse"), obs, act, tr, c, cfg.loss, cfg.residual,
                 norm, cfg.inverse_weight)
         else:
-            fwd = lambda x: self.forward_head.apply({"params": cp["forward"]}, x)
+            fwd = lambda x: self.forward_head.apply({"params": cp.get("forward")}, x)
             inv = lambda x: self.inverse_head.apply({"params": cp["inverse"]}, x)
             loss = lambda c, tr: C.alignment_loss(fwd, inv, obs, act, tr, c, cfg.loss,
                                                   cfg.residual, norm, cfg.inverse_weight)
