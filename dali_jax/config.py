@@ -308,6 +308,10 @@ def validate(config) -> None:
                          f"got {run.get('max_save_failures')!r}")
     if config.run.steps < 0 or config.run.prefill < 0:
         raise ValueError("config.run.steps and config.run.prefill must be >= 0")
+    if config.context.release_compat and config.context.loss != "forward":
+        raise ValueError("config.context.release_compat reproduces the release, whose alignment "
+                         "loss is forward (f_psi): set config.context.loss=forward "
+                         f"(got {config.context.loss!r})")
     if config.context.release_compat and config.context.window != config.train.batch_length:
         raise ValueError("config.context.release_compat uses the full training chunk as the "
                          "window: config.context.window must equal config.train.batch_length "

@@ -171,7 +171,8 @@ def _changed(before, after):
 @pytest.mark.parametrize("compat", [False, True])
 def test_context_parameters_are_trained(agent_cache, compat):
     method = "dali_s_chi"
-    over = {"context.release_compat": True, "context.window": 16} if compat else {}
+    over = ({"context.release_compat": True, "context.window": 16, "context.loss": "forward"}
+            if compat else {})
     agent = agent_cache(method, **over)
     init = agent.init(jax.random.PRNGKey(0))
     before = jax.device_get(init.params["context"])

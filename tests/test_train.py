@@ -99,7 +99,8 @@ def test_launch_rejects_bad_overrides_and_presets_hold_the_protocol():
                      ("--config.context.deep_lag=-1", "config.context.deep_lag must"),
                      ("--config.context.head_layers=0", "config.context.head_layers must be"),
                      ("--config.context.consistency=-1.0", "config.context.consistency must"),
-                     ("--config.context.inverse_weight=0", "config.context.inverse_weight must")):
+                     ("--config.context.inverse_weight=0", "config.context.inverse_weight must"),
+                     ("--config.context.release_compat=true", "whose alignment loss is forward")):
         with pytest.raises(ValueError, match=msg):
             launch.parse(ball_in_cup.get_config, [bad], ball_in_cup.PRESETS)
     with pytest.raises(ValueError, match="deep_lag=4 needs deep context inputs.*'dali_s'"):
