@@ -1,6 +1,7 @@
 """Checkpointer: round trip, atomic commit, keep-last-N, corrupt and incompatible checkpoints."""
 import os
 import shutil
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 from dali_jax.config import fill_missing
-from dali_jax.training.checkpoint import CheckpointError, Checkpointer, config_fingerprint
+from dali_jax.training.checkpoint import (AS_STORED, CheckpointError, Checkpointer,
+                                          config_fingerprint)
 from dali_jax.training.replay import Replay
 
 
@@ -224,6 +226,50 @@ def test_incompatible_template_names_the_leaf(tmp_path):
         ck.restore(template=bad_tree)
 
 
+class _State(NamedTuple):
+    params: dict
+    step: jax.ShapeDtypeStruct
+
+
+def test_partial_template_typed_container_as_stored_and_upgrade(tmp_path, monkeypatch):
+    """A typed template fits the plain dicts it was saved as; AS_STORED takes a subtree as
+    stored; partial drops stored leaves the template lacks and does not read top-level
+    subtrees outside it; upgrade maps the stored layout first."""
+    ck = Checkpointer(tmp_path)
+    w = np.arange(6.0, dtype=np.float32).reshape(2, 3)
+    ck.save(1, {"agent": {"params": {"w": w, "old": np.ones(4, np.float32)},
+                          "step": np.int32(7)},
+                "replay": {"obs": np.arange(10, dtype=np.float32)}, "rng": np.uint32([1, 2])})
+    agent = _State(params={"w": jax.ShapeDtypeStruct((2, 3), jnp.float32)},
+                   step=jax.ShapeDtypeStruct((), jnp.int32))
+    with pytest.raises(CheckpointError, match=r"leaves not in template \[\"\['agent'\]\['par"):
+        ck.restore({"agent": agent, "replay": AS_STORED, "rng": AS_STORED})
+    _, got, _ = ck.restore({"agent": agent, "replay": AS_STORED, "rng": AS_STORED},
+                           partial=True)
+    assert isinstance(got["agent"], _State) and isinstance(got["agent"].params["w"], jax.Array)
+    np.testing.assert_array_equal(got["agent"].params["w"], w)
+    assert int(got["agent"].step) == 7
+    assert list(got["replay"]) == ["obs"] and isinstance(got["replay"]["obs"], np.ndarray)
+    np.testing.assert_array_equal(got["replay"]["obs"], np.arange(10))
+    np.testing.assert_array_equal(got["rng"], [1, 2])
+    read = []
+    load = Checkpointer._load_values
+    monkeypatch.setattr(Checkpointer, "_load_values",
+                        lambda self, path, table: read.extend(e["name"] for e in table)
+                        or load(self, path, table))
+    _, got, _ = ck.restore({"agent": agent}, partial=True)
+    assert set(got) == {"agent"} and not any("replay" in n or "rng" in n for n in read)
+    with pytest.raises(CheckpointError, match=r"missing in checkpoint \[\"\['replay2'\]\"\]"):
+        ck.restore({"agent": agent, "replay2": AS_STORED}, partial=True)
+
+    def rename(tree):
+        tree["agent"]["params"]["v"] = tree["agent"]["params"].pop("w") * 2
+        return tree
+    template = {"agent": _State(params={"v": agent.params["w"]}, step=agent.step)}
+    _, got, _ = ck.restore(template, upgrade=rename, partial=True)
+    np.testing.assert_array_equal(got["agent"].params["v"], 2 * w)
+
+
 def test_fingerprint_mismatch(tmp_path):
     _save_small(tmp_path, fingerprint={"seed": 1, "task": "cup"})
     with pytest.raises(CheckpointError, match=r"meta\.json.*seed: checkpoint 1 vs now 2"):
@@ -294,7 +340,7 @@ def _to_legacy(node):
 def test_checkpoints_of_the_one_layer_posterior_still_load(agent_cache, tmp_path):
     """A checkpoint written before the posterior layer was split (obs_out) restores into the
     split layout with the same numbers, optimiser moments included."""
-    from dali_jax.training.train import agent_state
+    from dali_jax.training.train import restore_checkpoint
     agent = agent_cache("dali_d")
     state = agent.init(jax.random.PRNGKey(0))
     state = jax.tree_util.tree_map(lambda x: x + 0.5 if x.dtype == np.float32 else x, state)
@@ -305,7 +351,9 @@ def test_checkpoints_of_the_one_layer_posterior_still_load(agent_cache, tmp_path
     tree = _to_legacy(tree)
     assert "obs_out" in tree["agent"]["params"]["rssm"]
     assert str(tree).count("'obs_out'") >= 3  # params and Adam's two moments
-    template = jax.eval_shape(agent.init, jax.random.PRNGKey(0))
-    got = agent_state(tree, template, ck.path(1))
+    ck.save(2, tree, {})  # as the trainer of that time wrote it
+    _, got, _ = restore_checkpoint(ck, agent, replay=False)
+    got = got["agent"]
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(state)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -23,7 +23,7 @@ re-save of the same step leaves the old copy as ``ckpt_<step>.partial-old-*``; t
 next ``Checkpointer`` on the directory renames it back.
 
 ``meta.json`` lists every file with its size (and CRC-32 for the orbax files);
-``restore`` checks them, the leaf table against the template (paths, shapes,
+``restore`` checks them, the stored leaves against the template (paths, shapes,
 dtypes) and the stored config fingerprint against the current one, and raises
 ``CheckpointError`` naming the offending file or leaf instead of returning
 anything partial. Python scalars (int, float, bool, str) are stored in
@@ -40,14 +40,15 @@ import threading
 import time
 import uuid
 import zlib
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 
 from dali_jax.config import fill_missing
 
-__all__ = ["Checkpointer", "CheckpointError", "CheckpointSaveError", "config_fingerprint"]
+__all__ = ["AS_STORED", "Checkpointer", "CheckpointError", "CheckpointSaveError",
+           "config_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,14 @@ _PARTIAL = ".partial-"
 _META = "meta.json"
 _NPZ = "arrays.npz"
 _ORBAX = "orbax"
+
+
+class _AsStored:
+    def __repr__(self):
+        return "AS_STORED"
+
+
+AS_STORED = _AsStored()  # a template leaf: take this subtree as stored (nested dicts/lists)
 
 
 class CheckpointError(RuntimeError):
@@ -379,14 +388,25 @@ class Checkpointer:
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     # --------------------------------------------------------------- restoring
-    def restore(self, template: Any = None, step: int | None = None) -> tuple[int, Any, dict]:
+    def restore(self, template: Any = None, step: int | None = None, *,
+                upgrade: Callable[[Any], Any] | None = None,
+                partial: bool = False) -> tuple[int, Any, dict]:
         """Loads the latest (or the given) checkpoint: ``(step, tree, extra)``.
 
-        With ``template`` (a pytree like the saved one; leaves may be arrays or
-        ``jax.ShapeDtypeStruct``) the result has the template's structure and leaf
-        types, jax leaves placed with the template leaf's sharding; without it,
-        nested dicts/lists of the saved kinds. Raises ``FileNotFoundError`` when
-        there is no checkpoint and ``CheckpointError`` when it is unusable.
+        Without ``template``: nested dicts/lists of the saved kinds. With ``template`` (a
+        pytree like the saved one; leaves may be arrays or ``jax.ShapeDtypeStruct``) the
+        result has the template's structure and leaf types, jax leaves placed with the
+        template leaf's sharding; leaves are matched by path (dict key, index or attribute
+        name), so a typed container fits the plain dicts it was saved as; ``AS_STORED`` in
+        the template takes that subtree as stored (nested dicts/lists).
+
+        ``upgrade`` maps the stored tree (nested dicts/lists) to the current layout before
+        it is fitted (an older format read by newer code). ``partial=True`` lets the template
+        name only part of the checkpoint: stored leaves outside it are left out, and
+        top-level subtrees outside a dict template are not read at all.
+
+        Raises ``FileNotFoundError`` when there is no checkpoint and ``CheckpointError``
+        when it is unusable (naming the file or the leaf).
         """
         self.wait()
         if step is None:
@@ -397,7 +417,7 @@ class Checkpointer:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no checkpoint {path}")
         try:
-            return self._restore(path, template)
+            return self._restore(path, template, upgrade, partial)
         except CheckpointError as exc:
             others = [s for s in self.steps() if s != step]
             if not others:
@@ -406,27 +426,22 @@ class Checkpointer:
                 f"{exc} [other checkpoints in {self.directory}: steps {others}; restore one "
                 f"with restore(step=...) or move {path} away]") from exc
 
-    def _restore(self, path: str, template: Any) -> tuple[int, Any, dict]:
+    def _restore(self, path: str, template: Any, upgrade, partial: bool):
         meta = self._read_meta(path)
         self._verify_files(path, meta)
         self._check_fingerprint(path, meta)
         table = meta["leaves"]
-        if template is not None:
-            t_leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-            self._check_template(path, table, t_leaves)
-            targets = [x for _, x in t_leaves]
-        else:
-            targets = [None] * len(table)
-
+        if partial and isinstance(template, Mapping):  # skip the subtrees nobody asked for
+            table = [e for e in table if not e["path"] or e["path"][0][1] in template]
         values = self._load_values(path, table)
-        out = []
-        for entry, target in zip(table, targets):
-            out.append(self._convert(entry, values[entry.get("key")] if entry["store"] != "json"
-                                     else entry["value"], target))
+        place = template is None  # with a template, leaves are placed when fitted
+        leaves = [(e["path"], self._convert(e, e["value"] if e["store"] == "json"
+                                            else values[e["key"]], place)) for e in table]
+        tree = _rebuild(leaves) if leaves else None
+        if upgrade is not None:
+            tree = upgrade(tree)
         if template is not None:
-            tree = jax.tree_util.tree_unflatten(treedef, out)
-        else:
-            tree = _rebuild([(e["path"], v) for e, v in zip(table, out)]) if out else None
+            tree = _fit(os.path.join(path, _META), tree, template, partial)
         return int(meta["step"]), tree, meta["extra"]
 
     def read_extra(self, step: int | None = None) -> dict:
@@ -482,39 +497,6 @@ class Checkpointer:
         raise CheckpointError(
             f"incompatible checkpoint {where}: config fingerprint differs: {detail}")
 
-    def _check_template(self, path: str, table: list, t_leaves: list) -> None:
-        where = os.path.join(path, _META)
-        saved = {e["name"]: e for e in table}
-        wanted = {_path_name(p): x for p, x in t_leaves}
-        missing = [n for n in wanted if n not in saved]
-        unexpected = [n for n in saved if n not in wanted]
-        if missing or unexpected:
-            raise CheckpointError(
-                f"incompatible checkpoint {where}: tree structure differs from the template: "
-                f"leaves missing in checkpoint {missing[:10]}, "
-                f"leaves not in template {unexpected[:10]}")
-        order = [e["name"] for e in table]
-        if order != list(wanted):
-            raise CheckpointError(
-                f"incompatible checkpoint {where}: leaf order differs from the template "
-                f"(checkpoint {order[:5]}..., template {list(wanted)[:5]}...)")
-        for name, x in wanted.items():
-            e = saved[name]
-            kind, shape, dtype = _describe(x)
-            if (kind == "scalar") != (e["kind"] == "scalar") or \
-                    (kind == "key") != (e["kind"] == "key"):
-                raise CheckpointError(f"incompatible checkpoint {where}: leaf {name} is a "
-                                      f"{e['kind']} in the checkpoint, a {kind} in the template")
-            if kind == "scalar":
-                continue
-            if tuple(e["shape"]) != shape:
-                raise CheckpointError(
-                    f"incompatible checkpoint {where}: leaf {name} has shape "
-                    f"{tuple(e['shape'])} in the checkpoint, {shape} in the template")
-            if kind != "key" and e["dtype"] != dtype:
-                raise CheckpointError(f"incompatible checkpoint {where}: leaf {name} has dtype "
-                                      f"{e['dtype']} in the checkpoint, {dtype} in the template")
-
     def _load_values(self, path: str, table: list) -> dict[str, np.ndarray]:
         values: dict[str, np.ndarray] = {}
         orbax_keys = [e["key"] for e in table if e["store"] == "orbax"]
@@ -558,22 +540,87 @@ class Checkpointer:
         return values
 
     @staticmethod
-    def _convert(entry: dict, value: Any, target: Any) -> Any:
+    def _convert(entry: dict, value: Any, place: bool) -> Any:
+        """A stored value as its kind: scalars as they are, keys wrapped, arrays as numpy
+        (put on the default device when ``place`` and the leaf was a jax array)."""
         kind = entry["kind"]
         if kind == "scalar":
             return value
         if kind == "key":
-            impl = entry["dtype"]
-            key = jax.random.wrap_key_data(value, impl=impl)
-            sharding = getattr(target, "sharding", None)
-            return jax.device_put(key, sharding) if sharding is not None else key
+            return jax.random.wrap_key_data(value, impl=entry["dtype"])
         value = np.asarray(value)
-        if target is None:
-            return jax.device_put(value) if kind == "jax" else value
-        if isinstance(target, (jax.Array, jax.ShapeDtypeStruct)):
-            sharding = getattr(target, "sharding", None)
-            return jax.device_put(value, sharding) if sharding is not None \
-                else jax.device_put(value)
-        if isinstance(target, np.generic):
-            return value[()]
-        return value
+        return jax.device_put(value) if place and kind == "jax" else value
+
+
+def _plain(path) -> tuple:
+    """A key path as plain keys (dict key, index or attribute name)."""
+    out = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                out.append(getattr(k, attr))
+                break
+        else:
+            raise TypeError(f"unsupported key {k!r}")
+    return tuple(out)
+
+
+def _fit(where: str, tree: Any, template: Any, partial: bool) -> Any:
+    """``tree`` (nested dicts/lists) in the structure of ``template``, leaf by leaf (shape,
+    dtype and kind checked; jax leaves placed with the template leaf's sharding)."""
+    t_leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    wanted = {_plain(p): (_path_name(p), x) for p, x in t_leaves}
+    s_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    stored = {_plain(p): x for p, x in s_leaves}
+    taken = [k for k, (_, x) in wanted.items() if x is AS_STORED]  # subtrees taken as stored
+    missing = [name for k, (name, x) in wanted.items()
+               if x is not AS_STORED and k not in stored
+               or x is AS_STORED and not any(s[:len(k)] == k for s in stored)]
+    unexpected = [_path_name(p) for p, _ in s_leaves if _plain(p) not in wanted
+                  and not any(_plain(p)[:len(t)] == t for t in taken)]
+    if missing or (unexpected and not partial):
+        raise CheckpointError(
+            f"incompatible checkpoint {where}: tree structure differs from the template: "
+            f"leaves missing in checkpoint {missing[:10]}, "
+            f"leaves not in template {[] if partial else unexpected[:10]}")
+    if unexpected:
+        log.info("checkpoint %s: %d stored leaves outside the template left out (%s%s)",
+                 where, len(unexpected), ", ".join(unexpected[:3]),
+                 " ..." if len(unexpected) > 3 else "")
+    out = []
+    for k, (name, want) in wanted.items():
+        if want is AS_STORED:
+            node = tree
+            for key in k:
+                node = node[key]
+            out.append(node)
+            continue
+        value = stored[k]
+        kind, shape, dtype = _describe(want)
+        got_kind, got_shape, got_dtype = _describe(value)
+        if (kind == "scalar") != (got_kind == "scalar") or (kind == "key") != (got_kind == "key"):
+            raise CheckpointError(f"incompatible checkpoint {where}: leaf {name} is a "
+                                  f"{got_kind} in the checkpoint, a {kind} in the template")
+        if kind != "scalar":
+            if got_shape != shape:
+                raise CheckpointError(
+                    f"incompatible checkpoint {where}: leaf {name} has shape {got_shape} in "
+                    f"the checkpoint, {shape} in the template")
+            if kind != "key" and got_dtype != dtype:
+                raise CheckpointError(
+                    f"incompatible checkpoint {where}: leaf {name} has dtype {got_dtype} in "
+                    f"the checkpoint, {dtype} in the template")
+        out.append(_place(value, want))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _place(value: Any, target: Any) -> Any:
+    """A stored leaf as the template leaf's type: jax leaves on its sharding (or the
+    default device), numpy scalars unwrapped, the rest as stored."""
+    if isinstance(target, (jax.Array, jax.ShapeDtypeStruct)):
+        sharding = getattr(target, "sharding", None)
+        return jax.device_put(value, sharding) if sharding is not None \
+            else jax.device_put(value)
+    if isinstance(target, np.generic):
+        return np.asarray(value)[()]
+    return value

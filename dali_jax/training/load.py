@@ -6,7 +6,6 @@ import json
 import os
 from typing import Any, Optional, Type
 
-import jax
 import ml_collections
 
 from dali_jax import config as config_lib
@@ -63,11 +62,9 @@ def load_run(logdir: str, step: Optional[int] = None, task: Optional[str] = None
     if ck.latest_step() is None:
         raise FileNotFoundError(f"{logdir} has no checkpoint (looked in {ckdir})")
     agent = Agent(config, spec_for(config))
-    from dali_jax.training.train import agent_state
-    step, tree, extra = ck.restore(step=step)
-    template = jax.eval_shape(agent.init, jax.random.PRNGKey(0))
-    state = agent_state(tree, template, ck.path(step))
-    return Run(logdir, config, agent, state.params, step, extra)
+    from dali_jax.training.train import restore_checkpoint
+    step, tree, extra = restore_checkpoint(ck, agent, step=step, replay=False)
+    return Run(logdir, config, agent, tree["agent"].params, step, extra)
 
 
 def _require_dir(logdir: str, error_cls: Type[Exception]) -> None:

@@ -44,7 +44,8 @@ from dali_jax.envs import contexts as C
 from dali_jax.envs.dmc import make_env
 from dali_jax.envs.vector import VectorEnv
 from dali_jax.training import parallel
-from dali_jax.training.checkpoint import CheckpointError, CheckpointSaveError, Checkpointer
+from dali_jax.training.checkpoint import (AS_STORED, CheckpointError, CheckpointSaveError,
+                                          Checkpointer)
 from dali_jax.training.logger import Logger, Progress
 from dali_jax.training.replay import Prefetcher, Replay
 from dali_jax.training.rollout import evaluate_contexts
@@ -220,14 +221,13 @@ class Trainer:
                  self.ckpt.path(self.env_steps))
 
     def restore_or_init(self):
-        template = jax.eval_shape(self.agent.init, jax.random.PRNGKey(0))
         if self.ckpt.latest_step() is None:
             self.state = parallel.replicate(
                 self.agent.init(jax.random.PRNGKey(self.config.seed)), self.mesh)
             return False
-        step, tree, extra = self.ckpt.restore()
+        step, tree, extra = restore_checkpoint(self.ckpt, self.agent)
         path = self.ckpt.path(step)
-        self.state = parallel.replicate(agent_state(tree, template, path), self.mesh)
+        self.state = parallel.replicate(tree["agent"], self.mesh)
         self.replay.load_state_dict(tree["replay"])
         self.rng = jnp.asarray(tree["rng"], jnp.uint32)
         self.env_steps = int(extra["env_steps"])
@@ -542,35 +542,25 @@ def _nonfinite_terms(metrics: dict) -> str:
     return ", ".join(names) or "no named term"
 
 
-def _like(template, tree):
-    """Rebuild `tree` (nested dicts from the checkpoint) in the structure of `template`."""
-    leaves = []
-    paths = jax.tree_util.tree_flatten_with_path(template)[0]
-    for path, _ in paths:
-        node = tree
-        for k in path:
-            node = node[_key(k)]
-        leaves.append(node)
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
+def restore_checkpoint(ckpt: Checkpointer, agent, step: Optional[int] = None,
+                       replay: bool = True) -> tuple[int, dict, dict]:
+    """(step, tree, extra) of a trainer checkpoint; tree["agent"] is a TrainState like
+    agent.init's (older layouts upgraded, leaves it no longer has left out), tree["replay"]
+    and tree["rng"] as stored, or not read when `replay` is False. CheckpointError naming
+    the checkpoint and the leaf when it does not fit."""
+    template = dict(agent=jax.eval_shape(agent.init, jax.random.PRNGKey(0)))
+    if replay:
+        template.update(replay=AS_STORED, rng=AS_STORED)
+    return ckpt.restore(template, step=step, upgrade=upgrade_checkpoint, partial=True)
 
 
-def _key(k):
-    for attr in ("key", "idx", "name"):
-        if hasattr(k, attr):
-            return getattr(k, attr)
-    raise TypeError(k)
-
-
-def agent_state(tree, template, path: str):
-    """The agent state of a restored checkpoint tree (nested dicts) in the structure of
-    `template` (jax.eval_shape of Agent.init), checkpoints of the one-layer posterior
-    (before it was split into obs_h / obs_e) upgraded; CheckpointError naming `path` when it
-    does not fit."""
+def upgrade_checkpoint(tree):
+    """A stored trainer tree (nested dicts) in today's layout: the one-layer posterior
+    (obs_out, before it was split into obs_h / obs_e) read as the split layers."""
     agent = tree.get("agent") if isinstance(tree, dict) else None
     if agent is not None and _split_legacy_posterior(agent):
-        log.info("checkpoint %s: its one-layer posterior (obs_out) read as obs_h / obs_e", path)
-    check_state(agent, template, path)
-    return jax.tree_util.tree_map(jnp.asarray, _like(template, agent))
+        log.info("checkpoint: its one-layer posterior (obs_out) read as obs_h / obs_e")
+    return tree
 
 
 def _split_legacy_posterior(node) -> bool:
@@ -593,25 +583,6 @@ def _split_legacy_posterior(node) -> bool:
         for v in node:
             found = _split_legacy_posterior(v) or found
     return found
-
-
-def check_state(tree, template, path: str) -> None:
-    """CheckpointError naming `path` and the first leaf whose presence/shape differs."""
-    if tree is None:
-        raise CheckpointError(f"checkpoint {path} holds no agent state")
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(template)[0]:
-        node = tree
-        name = jax.tree_util.keystr(kp)
-        try:
-            for k in kp:
-                node = node[_key(k)]
-        except (KeyError, IndexError, TypeError):
-            raise CheckpointError(f"checkpoint {path} is incompatible with this configuration: "
-                                  f"agent state has no leaf {name}") from None
-        if tuple(np.shape(node)) != tuple(leaf.shape):
-            raise CheckpointError(f"checkpoint {path} is incompatible with this configuration: "
-                                  f"leaf {name} has shape {tuple(np.shape(node))}, expected "
-                                  f"{tuple(leaf.shape)}")
 
 
 def train(config, **kw) -> dict:
