@@ -94,7 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
     # equal in values and gradients; benchmarks/RESULTS.md: the A/B) instead of running the
     # heads on every (window, transition) pair; False: the plain formula.
     x.per_step_alignment = True
-    # > 0: weight of the within-episode consistency term (C.consistency_loss: the spread of
+    # > 0: weight of the within-episode consistency term (alignment.consistency_loss: the spread of
     # c between two windows `consistency_lag` steps apart in one episode over its spread
     # across the batch), added to the alignment loss; it keeps in c what is fixed for an
     # episode (the context) and out of it what changes (the task's progress). 0: off.

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dali_jax.models import alignment as AL
 from dali_jax.models import context as C
 
 B, T, K, DO, A, H, CD = 2, 9, 4, 3, 2, 16, 5
@@ -91,8 +92,8 @@ def test_alignment_loss_equals_naive_loop(pairs, residual, standardize):
     M = 3
     obs, act, first, tok = _data(1)
     enc = C.ContextEncoder("transformer", H, CD, K)
-    fwd = C.DynamicsHead(DO, 2, 8)
-    inv = C.DynamicsHead(A, 2, 8)
+    fwd = AL.DynamicsHead(DO, 2, 8)
+    inv = AL.DynamicsHead(A, 2, 8)
     pe = enc.init(jax.random.PRNGKey(0), jnp.zeros((1, K, DO + A)))["params"]
     pf = fwd.init(jax.random.PRNGKey(1), jnp.zeros((1, DO + A + CD)))["params"]
     pi = inv.init(jax.random.PRNGKey(2), jnp.zeros((1, 2 * DO + CD)))["params"]
@@ -100,10 +101,10 @@ def test_alignment_loss_equals_naive_loop(pairs, residual, standardize):
     g = lambda x: inv.apply({"params": pi}, x)
     idx = C.window_indices(jnp.asarray(first), K)
     ctx = enc.apply({"params": pe}, tok, idx, method=C.ContextEncoder.chunk)
-    trans = C.transition_indices(jnp.asarray(first), idx, pairs, M)
+    trans = AL.transition_indices(jnp.asarray(first), idx, pairs, M)
     norm = (np.array([0.5, -1.0, 0.0], np.float32), np.array([2.0, 0.5, 1.0], np.float32))
     for mode in ("forward", "inverse", "both"):
-        got = np.asarray(C.alignment_loss(f, g, obs, act, trans, ctx, mode, residual,
+        got = np.asarray(AL.alignment_loss(f, g, obs, act, trans, ctx, mode, residual,
                                           norm if standardize else None))
         want = np.zeros((B, T))
         for b in range(B):
@@ -151,7 +152,7 @@ def test_per_step_alignment_loss_equals_the_plain_formula(pairs, residual, stand
     (the rewrite's expanded square must not lose it)."""
     obs, act, first, tok = _data(4)
     obs = jnp.asarray(obs) + 30.0
-    fwd, inv = C.DynamicsHead(DO, layers, 8), C.DynamicsHead(A, layers, 8)
+    fwd, inv = AL.DynamicsHead(DO, layers, 8), AL.DynamicsHead(A, layers, 8)
     pf = fwd.init(jax.random.PRNGKey(1), jnp.zeros((1, DO + A + CD)))["params"]
     pi = inv.init(jax.random.PRNGKey(2), jnp.zeros((1, 2 * DO + CD)))["params"]
     rng = np.random.default_rng(7)  # non-zero biases: every term of the rewrite matters
@@ -159,7 +160,7 @@ def test_per_step_alignment_loss_equals_the_plain_formula(pairs, residual, stand
         lambda x: x + jnp.asarray(rng.normal(0, 0.3, x.shape), jnp.float32), (pf, pi))
     idx = C.window_indices(jnp.asarray(first), K)
     ctx = jnp.asarray(np.random.default_rng(5).normal(size=(B, T, CD)), jnp.float32)
-    trans = C.transition_indices(jnp.asarray(first), idx, pairs, 3)
+    trans = AL.transition_indices(jnp.asarray(first), idx, pairs, 3)
     norm = ((jnp.array([30.5, 29.0, 30.0]), jnp.array([2.0, 0.5, 1.0])) if standardize
             else None)
     weights = jnp.asarray(np.random.default_rng(6).uniform(size=(B, T)), jnp.float32)
@@ -167,10 +168,10 @@ def test_per_step_alignment_loss_equals_the_plain_formula(pairs, residual, stand
         def plain(pf, pi, ctx, obs):
             f = lambda x: fwd.apply({"params": pf}, x)
             g = lambda x: inv.apply({"params": pi}, x)
-            return C.alignment_loss(f, g, obs, act, trans, ctx, mode, residual, norm)
+            return AL.alignment_loss(f, g, obs, act, trans, ctx, mode, residual, norm)
 
         def per_step(pf, pi, ctx, obs):
-            return C.alignment_loss_per_step(pf, pi, obs, act, trans, ctx, mode, residual,
+            return AL.alignment_loss_per_step(pf, pi, obs, act, trans, ctx, mode, residual,
                                              norm)
 
         want, got = plain(pf, pi, ctx, obs), per_step(pf, pi, ctx, obs)
@@ -184,12 +185,12 @@ def test_per_step_alignment_loss_equals_the_plain_formula(pairs, residual, stand
     # loss=both weighs the inverse term by inverse_weight, in both implementations
     f = lambda x: fwd.apply({"params": pf}, x)
     g = lambda x: inv.apply({"params": pi}, x)
-    parts = {m: C.alignment_loss(f, g, obs, act, trans, ctx, m, residual, norm)
+    parts = {m: AL.alignment_loss(f, g, obs, act, trans, ctx, m, residual, norm)
              for m in ("forward", "inverse")}
     want = parts["forward"] + 7.0 * parts["inverse"]
-    np.testing.assert_allclose(C.alignment_loss(f, g, obs, act, trans, ctx, "both", residual,
+    np.testing.assert_allclose(AL.alignment_loss(f, g, obs, act, trans, ctx, "both", residual,
                                                 norm, inverse_weight=7.0), want, rtol=1e-5)
-    np.testing.assert_allclose(C.alignment_loss_per_step(pf, pi, obs, act, trans, ctx, "both",
+    np.testing.assert_allclose(AL.alignment_loss_per_step(pf, pi, obs, act, trans, ctx, "both",
                                                          residual, norm, inverse_weight=7.0),
                                want, rtol=2e-4, atol=1e-5)
 
@@ -197,7 +198,7 @@ def test_per_step_alignment_loss_equals_the_plain_formula(pairs, residual, stand
 def test_target_moments_are_masked_at_episode_starts():
     obs, _, first, _ = _data(3)
     for residual in (False, True):
-        mean, var = C.target_moments(jnp.asarray(obs), jnp.asarray(first), residual)
+        mean, var = AL.target_moments(jnp.asarray(obs), jnp.asarray(first), residual)
         ys = [obs[b, t] - (obs[b, t - 1] if residual else 0.0)
               for b in range(B) for t in range(1, T) if not first[b, t]]
         np.testing.assert_allclose(mean, np.mean(ys, 0), rtol=1e-5, atol=1e-6)
@@ -228,11 +229,11 @@ def test_context_is_causal():
 
 
 def test_crossmodal_loss_gradients():
-    cm = C.CrossModal(state_dim=6, ctx_dim=3)
+    cm = AL.CrossModal(state_dim=6, ctx_dim=3)
     p = cm.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)), jnp.zeros((1, 6)))["params"]
     c = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 3))
     s = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 6))
-    fn = lambda pp, c, s, fit: C.crossmodal_loss(lambda a, b: cm.apply({"params": pp}, a, b),
+    fn = lambda pp, c, s, fit: AL.crossmodal_loss(lambda a, b: cm.apply({"params": pp}, a, b),
                                                   c, s, fit).mean()
     g_s = jax.grad(fn, argnums=2)(p, c, s, True)
     assert np.abs(np.asarray(g_s)).max() > 0  # pulls the state towards the context
@@ -345,18 +346,18 @@ def test_consistency_loss_equals_naive_loop_and_ignores_scale():
               for t in range(lag, T) if not is_first[b, t - lag + 1:t + 1].any()]
     flat = ctx.reshape(-1, Cc)
     total = ((flat - flat.mean(0)) ** 2).sum(1).mean()
-    got = float(C.consistency_loss(jnp.asarray(ctx), jnp.asarray(is_first), lag))
+    got = float(AL.consistency_loss(jnp.asarray(ctx), jnp.asarray(is_first), lag))
     np.testing.assert_allclose(got, np.mean(within) / (2 * total), rtol=1e-5)
     # scale-free: shrinking c does not lower it
-    np.testing.assert_allclose(float(C.consistency_loss(jnp.asarray(0.01 * ctx),
+    np.testing.assert_allclose(float(AL.consistency_loss(jnp.asarray(0.01 * ctx),
                                                         jnp.asarray(is_first), lag)),
                                got, rtol=1e-4)
     # zero for a context fixed within each episode segment, whatever it is across them
     seg = np.cumsum(is_first, 1)
     const = rng.normal(size=(B, 4, Cc)).astype(np.float32)[np.arange(B)[:, None], seg]
-    assert float(C.consistency_loss(jnp.asarray(const), jnp.asarray(is_first), lag)) < 1e-6
+    assert float(AL.consistency_loss(jnp.asarray(const), jnp.asarray(is_first), lag)) < 1e-6
     with pytest.raises(ValueError, match="lag"):
-        C.consistency_loss(jnp.asarray(ctx), jnp.asarray(is_first), T)
+        AL.consistency_loss(jnp.asarray(ctx), jnp.asarray(is_first), T)
 
 
 def test_consistency_term_trains_g_phi_only_through_the_context(agent_cache):

@@ -29,12 +29,12 @@ from dali_jax.agent import acting
 from dali_jax.agent.actor_critic import ActorCritic
 from dali_jax.agent.world_model import WorldModel
 from dali_jax.methods import config_switches
+from dali_jax.models import alignment as A
 from dali_jax.models import context as C
 from dali_jax.models import nets as N
 from dali_jax.models import rssm as R
 
 f32 = jnp.float32
-sg = jax.lax.stop_gradient
 tmap = jax.tree_util.tree_map
 
 MODEL_KEYS = ("encoder", "rssm", "decoder", "reward", "cont")
@@ -161,11 +161,11 @@ class Agent(WorldModel, ActorCritic):
             # model's dtype: the context's signal is a few percent of the forward error.
             self.ctx_encoder = C.ContextEncoder(ctx.encoder, s["ctx_hidden"], ctx.dim,
                                                 ctx.window, ctx.readout, dtype=f32)
-            self.forward_head = C.DynamicsHead(self.token_obs_dim, ctx.head_layers,
+            self.forward_head = A.DynamicsHead(self.token_obs_dim, ctx.head_layers,
                                                s["ctx_head_units"], dtype=f32)
-            self.inverse_head = C.DynamicsHead(spec.action_dim, ctx.head_layers,
+            self.inverse_head = A.DynamicsHead(spec.action_dim, ctx.head_layers,
                                                s["ctx_head_units"], dtype=f32)
-            self.cross = C.CrossModal(self.state_dim, ctx.dim, dtype=f32)
+            self.cross = A.CrossModal(self.state_dim, ctx.dim, dtype=f32)
 
     def _embed_dim(self):
         dummy = {k: jnp.zeros((1,) + tuple(shape), dtype)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dali_jax.models import alignment as A
 from dali_jax.models import context as C
 from dali_jax.models import distributions as D
 from dali_jax.models import rssm as R
@@ -155,7 +156,7 @@ class WorldModel:
             total = total + sum(self.context_loss_weights()[k] * v for k, v in align.items())
             if sw.crossmodal:
                 cross = lambda c, s: self.cross.apply({"params": mp["context"]["cross"]}, c, s)
-                chi = C.crossmodal_loss(cross, ctx, R.feat(post), cfg.chi_fit_map)
+                chi = A.crossmodal_loss(cross, ctx, R.feat(post), cfg.chi_fit_map)
                 losses["chi"] = chi
                 total = total + cfg.lambda_cross * chi
         metrics = {f"loss/{k}": v.mean() for k, v in losses.items()}
@@ -182,7 +183,7 @@ class WorldModel:
         align, new_stats, metrics = self._alignment(cp, aux, ctx, stats)
         out = {"dali": align}
         if cfg.consistency:
-            out["consistency"] = C.consistency_loss(ctx, jnp.asarray(chunk_is_first),
+            out["consistency"] = A.consistency_loss(ctx, jnp.asarray(chunk_is_first),
                                                     cfg.consistency_lag)
         return out, new_stats, metrics
 
@@ -194,10 +195,10 @@ class WorldModel:
         cfg = self.config.context
         obs, is_first = aux["obs_vec"], aux["is_first"]
         act = aux["action"]
-        trans = C.transition_indices(is_first, aux["idx"], cfg.pairs, cfg.future_steps)
+        trans = A.transition_indices(is_first, aux["idx"], cfg.pairs, cfg.future_steps)
         norm, new_stats = None, None
         if self.standardize:
-            mean, var = C.target_moments(sg(obs), is_first, cfg.residual)
+            mean, var = A.target_moments(sg(obs), is_first, cfg.residual)
             if stats is None:  # called without a train state: this batch's moments
                 stats = dict(mean=mean, var=var, count=jnp.zeros((), f32))
             d = jnp.where(stats["count"] > 0, cfg.stats_decay, 0.0)
@@ -205,13 +206,13 @@ class WorldModel:
                              var=d * stats["var"] + (1 - d) * var, count=stats["count"] + 1)
             norm = (new_stats["mean"], jnp.sqrt(new_stats["var"] + 1e-6))
         if cfg.per_step_alignment:  # the same loss, computed per step where it can
-            loss = lambda c, tr: C.alignment_loss_per_step(
+            loss = lambda c, tr: A.alignment_loss_per_step(
                 cp.get("forward"), cp.get("inverse"), obs, act, tr, c, cfg.loss, cfg.residual,
                 norm, cfg.inverse_weight)
         else:
             fwd = lambda x: self.forward_head.apply({"params": cp.get("forward")}, x)
             inv = lambda x: self.inverse_head.apply({"params": cp["inverse"]}, x)
-            loss = lambda c, tr: C.alignment_loss(fwd, inv, obs, act, tr, c, cfg.loss,
+            loss = lambda c, tr: A.alignment_loss(fwd, inv, obs, act, tr, c, cfg.loss,
                                                   cfg.residual, norm, cfg.inverse_weight)
         align = loss(ctx, trans)
         # The gain on every 4th window (a metric; a quarter of the cost).
