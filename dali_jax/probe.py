@@ -62,6 +62,19 @@ def _parser():
     return p
 
 
+def _check_args(args) -> None:
+    """ValueError naming the option when a numeric option is out of range."""
+    if args.episodes < 2:
+        raise ValueError(f"--episodes must be >= 2 (training and held-out), got {args.episodes}")
+    if not 1 <= args.test_per_context < args.episodes:
+        raise ValueError(f"--test-per-context must be in [1, {args.episodes - 1}], "
+                         f"got {args.test_per_context}")
+    for name, value, low in (("grid", args.grid, 2), ("stride", args.stride, 1),
+                             ("action-repeat", args.action_repeat, 1)):
+        if value < low:
+            raise ValueError(f"--{name} must be >= {low}, got {value}")
+
+
 def run_probe(args) -> dict:
     import jax
     import numpy as np
@@ -69,17 +82,7 @@ def run_probe(args) -> dict:
     from dali_jax.analysis import probe as P
     from dali_jax.training.load import load_run
 
-    if args.episodes < 2:
-        raise ValueError(f"--episodes must be >= 2 (training and held-out), got {args.episodes}")
-    if not 1 <= args.test_per_context < args.episodes:
-        raise ValueError(f"--test-per-context must be in [1, {args.episodes - 1}], "
-                         f"got {args.test_per_context}")
-    if args.grid < 2:
-        raise ValueError(f"--grid must be >= 2, got {args.grid}")
-    if args.stride < 1:
-        raise ValueError(f"--stride must be >= 1, got {args.stride}")
-    if args.action_repeat < 1:
-        raise ValueError(f"--action-repeat must be >= 1, got {args.action_repeat}")
+    _check_args(args)
     run = load_run(args.logdir, step=args.step)
     agent, cfg = run.agent, run.config
     if not agent.inferred:
