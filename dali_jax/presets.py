@@ -8,8 +8,8 @@
   machine (a tiny model, shorter batches and window, lower train ratio, short episodes).
 - cpu: the learning check on a 2-core CPU (about 30 minutes on one core): featurized default
   context, 100k env steps, the "tiny" model (g_phi 32 wide), batch 16 x 32, train_ratio 64
-  (11k updates), raised learning rates, a 12k-step prefill of held random actions, 10 evaluation episodes
-  every 10k steps.
+  (11k updates), raised learning rates, a 12k-step prefill of held random actions, 10
+  evaluation episodes every 10k steps.
 - smoke: seconds; used by the tests (compiled at XLA -O0: faster to compile, slower to run).
 """
 from __future__ import annotations
@@ -30,8 +30,8 @@ OVERRIDES: dict[str, dict[str, object]] = {
         # by 30k env steps where 16 x 64 needed 60k (benchmarks/RESULTS.md).
         "train.batch_length": 32,
         "context.window": 32,
-        # g_phi 32 wide (the tiny size ties it to 64): DALI-D's update 1.22x Dreamer-DR's
-        # instead of 1.56x, and it learned as well on 2 seeds (benchmarks/RESULTS.md).
+        # g_phi 32 wide (the tiny size ties it to 64): DALI-D's update 1.27x Dreamer-DR's
+        # instead of 1.60x, and it learned as well on 2 seeds (benchmarks/RESULTS.md).
         "context.hidden": 32,
         "context.head_units": 32,
         "train.model_lr": 3e-4,

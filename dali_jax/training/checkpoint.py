@@ -576,8 +576,8 @@ def _fit(where: str, tree: Any, template: Any, partial: bool) -> Any:
     missing = [name for k, (name, x) in wanted.items()
                if x is not AS_STORED and k not in stored
                or x is AS_STORED and not any(s[:len(k)] == k for s in stored)]
-    unexpected = [_path_name(p) for p, _ in s_leaves if _plain(p) not in wanted
-                  and not any(_plain(p)[:len(t)] == t for t in taken)]
+    unexpected = [_path_name(p) for p, _ in s_leaves if (k := _plain(p)) not in wanted
+                  and not any(k[:len(t)] == t for t in taken)]
     if missing or (unexpected and not partial):
         raise CheckpointError(
             f"incompatible checkpoint {where}: tree structure differs from the template: "
