@@ -24,6 +24,9 @@ Options (context.loss / pairs / residual / standardize):
   both_std_w10  residual_std + 10 x inverse
   both_std_w100 residual_std + 100 x inverse
 
+An option may carry config overrides after `@` (`;`-separated), as in `train_step.py`:
+`--options "both_std_w10@context.hidden=64;context.inverse_weight=30"`.
+
 Ceilings (not alignment losses; they say how much of the factors the windows hold):
   supervised    the same g_phi trained directly on the standardised factors (a linear
                 readout of c, mean squared error; full windows of the training episodes)
@@ -63,8 +66,11 @@ OBS_DIM = {"ball_in_cup": (8, 2), "walker": (24, 6)}
 
 
 def probe_config(task: str, option: str, seed: int = 0, window: int = 32):
-    """The experiment's agent configuration (nano DALI-D, float32) for one option."""
+    """The experiment's agent configuration (nano DALI-D, float32) for one option
+    (`NAME` or `NAME@key=value;key=value`)."""
     from dali_jax import config as config_lib
+    from dali_jax import launch
+    option, _, overrides = option.partition("@")
     c = config_lib.get_config()
     c.task, c.method, c.seed = task, "dali_d", seed
     c.model.size = "nano"
@@ -75,6 +81,11 @@ def probe_config(task: str, option: str, seed: int = 0, window: int = 32):
     c.context.window, c.context.hidden, c.context.head_units = window, 32, 64
     for k, v in OPTIONS.get(option, OPTIONS["residual_std"]).items():
         c.context[k] = v
+    try:  # the experiment files' parser: true/false, ints, floats, strings
+        launch.apply_overrides(c, [f"--config.{item.strip()}"
+                                   for item in filter(None, overrides.split(";"))])
+    except launch.UsageError as e:
+        raise SystemExit(f"--options {option}@{overrides}: {e}") from None
     config_lib.validate(c)
     return c
 
@@ -105,19 +116,20 @@ def run(task: str, options, updates: int, seed: int = 0, grid: int = 4, episodes
         untrained = jax.tree_util.tree_map(np.array, state.params)
         t1 = time.time()
         hist = [{"loss/dali": float("nan")}]
-        if opt == "supervised":
+        base = opt.partition("@")[0]
+        if base == "supervised":
             params, hist = supervised_fit(agent, state.params, eps, train, updates, seed + 1)
-        elif opt != "raw_linear":
+        elif base != "raw_linear":
             state, hist = P.fit_world_model(agent, state, data, updates, seed=seed + 1,
                                             log_every=max(1, updates // 4))
             params = state.params
         train_s = time.time() - t1
-        if opt == "raw_linear":
+        if base == "raw_linear":
             r2 = raw_window_probe(agent, eps, train, test, stride=2)
         else:
             r2 = P.window_probe(agent, params, eps, train, test, stride=2)
         r2_0 = P.window_probe(agent, untrained, eps, train, test, stride=2)
-        kind = OPTIONS.get(opt, dict(loss=opt, pairs="window", residual="-", standardize="-"))
+        kind = OPTIONS.get(base, dict(loss=base, pairs="window", residual="-", standardize="-"))
         row = dict(task=task, option=opt, **kind, updates=updates, seed=seed, window=window,
                    episodes=episodes,
                    r2={n: float(v) for n, v in zip(names, r2)},
@@ -229,7 +241,7 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="append one JSON line per option")
     args = p.parse_args(argv)
     opts = args.options.split(",")
-    bad = [o for o in opts if o not in OPTIONS and o not in CEILINGS]
+    bad = [o for o in opts if o.partition("@")[0] not in (*OPTIONS, *CEILINGS)]
     if bad:
         p.error(f"unknown option(s) {bad}; valid: {', '.join([*OPTIONS, *CEILINGS])}")
     hostmem.tune_malloc()

@@ -146,6 +146,15 @@ def test_inferred_context_linearly_encodes_both_factors_world_model_only():
     assert max(row["r2_untrained"].values()) <= 0.2
 
 
+def test_probe_options_take_config_overrides_after_at():
+    from benchmarks.context_probe import probe_config
+    c = probe_config("ball_in_cup", "both_std_w10@context.inverse_weight=30.0;context.hidden=64")
+    assert (c.context.loss, c.context.inverse_weight, c.context.hidden) == ("both", 30.0, 64)
+    assert probe_config("ball_in_cup", "both_std_w10").context.inverse_weight == 10.0
+    with pytest.raises(SystemExit, match="inverse_wieght"):
+        probe_config("ball_in_cup", "inverse@context.inverse_wieght=3")
+
+
 def test_context_grid_over_one_or_both_factors():
     both = P.context_grid("ball_in_cup", 3)
     assert len(both) == 9 and both[0] == {"gravity": 4.9, "string_length": 0.15}
