@@ -19,9 +19,10 @@ Options (context.loss / pairs / residual / standardize):
   residual      forward, window, o_{j+1} - o_j
   residual_std  forward, window, standardised o_{j+1} - o_j
   future_std    forward, the 8 transitions after the window, standardised residuals
-  inverse       inverse model a_j from [o_j, o_{j+1}, c]   (our default)
+  inverse       inverse model a_j from [o_j, o_{j+1}, c]
   both_std      residual_std + inverse
   both_std_w10  residual_std + 10 x inverse
+  both_std_w30  residual_std + 30 x inverse   (our default)
   both_std_w100 residual_std + 100 x inverse
 
 An option may carry config overrides after `@` (`;`-separated), as in `train_step.py`:
@@ -58,6 +59,8 @@ OPTIONS = {
     # the inverse term weighted up (its error is ~1% of the standardised forward error)
     "both_std_w10": dict(loss="both", pairs="window", residual=True, standardize=True,
                          inverse_weight=10.0),
+    "both_std_w30": dict(loss="both", pairs="window", residual=True, standardize=True,
+                         inverse_weight=30.0),
     "both_std_w100": dict(loss="both", pairs="window", residual=True, standardize=True,
                           inverse_weight=100.0),
 }

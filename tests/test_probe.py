@@ -120,29 +120,32 @@ def test_step_samples_split_and_inference_match_the_training_windows(agent_cache
 @pytest.mark.slow
 def test_inferred_context_linearly_encodes_both_factors_world_model_only():
     """World-model-only experiment with the default alignment loss
-    (`benchmarks/context_probe.py`, option inverse: an inverse model a_j from
-    [o_j, o_{j+1}, c]): random-policy Ball-in-Cup episodes on a 4 x 4 grid of (gravity,
-    string length) over the train ranges, 4 of 8 episodes per context held out, 1500
-    `model_step` updates of a nano DALI-D; ridge probe from the context of every full
-    window to each factor.
+    (`benchmarks/context_probe.py`, option both_std_w30: standardised residual forward
+    targets plus 30 x an inverse model a_j from [o_j, o_{j+1}, c]): random-policy
+    Ball-in-Cup episodes on a 4 x 4 grid of (gravity, string length) over the train ranges,
+    4 of 8 episodes per context held out, 1500 `model_step` updates of a nano DALI-D; ridge
+    probe from the context of every full window to each factor.
 
-    Measured on the 2-core machine (seed 0, 237 s): R^2 gravity 0.748, string length 0.368
-    (untrained g_phi 0.007 / 0.006); residual_std 0.559 / 0.676, the paper's form
-    0.691 / 0.374, both_std_w10 0.779 / 0.548 (benchmarks/RESULTS.md). The issue's target
-    (0.9 / 0.8) is not reached (with 8 training episodes per context and 5000 updates:
-    0.884 / 0.602). The thresholds below guard what is.
+    Measured on the 2-core machine (seed 0, 427 s beside two training runs): R^2 gravity
+    0.726, string length 0.492 (untrained g_phi 0.007 / 0.006), context/gain 7.8x the
+    loss; inverse alone 0.748 / 0.368, residual_std 0.559 / 0.676
+    (benchmarks/RESULTS.md). With 16 training episodes per context and 10,000 updates the
+    default reaches the issue's 0.9 / 0.8 (0.903 / 0.823, seed 0). The thresholds below
+    guard what this short run reaches.
     """
     from benchmarks.context_probe import run
 
-    (row,) = run("ball_in_cup", ["inverse"], updates=1500, seed=0, log=lambda m: None)
+    (row,) = run("ball_in_cup", ["both_std_w30"], updates=1500, seed=0, log=lambda m: None)
     from dali_jax import config as config_lib
-    assert config_lib.get_config().context.loss == "inverse"
+    ctx = config_lib.get_config().context
+    assert (ctx.loss, ctx.inverse_weight, ctx.residual, ctx.standardize) == ("both", 30.0,
+                                                                              True, True)
     print(f"\nR^2 per window, held-out episodes: {row['r2']} (untrained "
           f"{row['r2_untrained']}); context/gain {row['gain'][-1]:.4f}; {row['train_s']:.0f} s")
     assert row["loss_dali"][-1] < row["loss_dali"][0]
-    # the context tells the inverse head much: shuffled contexts triple its error at least
-    assert row["gain"][-1] > 2 * row["loss_dali"][-1]
-    assert row["r2"]["gravity"] >= 0.65 and row["r2"]["string_length"] >= 0.25
+    # the context tells the heads much: shuffled contexts add at least 4x the loss
+    assert row["gain"][-1] > 4 * row["loss_dali"][-1]
+    assert row["r2"]["gravity"] >= 0.62 and row["r2"]["string_length"] >= 0.38
     assert max(row["r2_untrained"].values()) <= 0.2
 
 

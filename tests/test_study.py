@@ -82,7 +82,7 @@ def test_plan_names_runs_and_builds_their_configs(tmp_path):
     path = write_study(tmp_path / "plan.py", 'c.methods = ("dreamer_dr", "dali_d")',
                        "c.seeds = (0, 5)", 'c.settings = ("single_0", "double_box")',
                        'c.overrides["model.size"] = "tiny"',
-                       'c.method_overrides["dali_d"] = {"context.loss": "both"}')
+                       'c.method_overrides["dali_d"] = {"context.loss": "forward"}')
     study, runs, configs = load(path, tmp_path / "d")
     assert study.name == "plan" and len(runs) == 8
     assert [r.name for r in runs[:4]] == ["dreamer_dr/single_0/s0", "dali_d/single_0/s0",
@@ -102,8 +102,8 @@ def test_plan_names_runs_and_builds_their_configs(tmp_path):
         assert cmd[:3] == (sys.executable, "-u", exp)
         assert f"--config.seed={r.seed}" in cmd and "--config.model.size=tiny" in cmd
         # method_overrides reach that method's runs only
-        assert c.context.loss == ("both" if r.method == "dali_d" else "inverse")
-        assert ("--config.context.loss=both" in cmd) == (r.method == "dali_d")
+        assert c.context.loss == ("forward" if r.method == "dali_d" else "both")
+        assert ("--config.context.loss=forward" in cmd) == (r.method == "dali_d")
     cost = P.estimate(study, runs[0], configs[runs[0].name], {"dreamer_dr": 100.0})
     # (400 - 100 prefill) x ratio 16 / (4 x 16) updates; 14 scored contexts x 1 x 100 steps
     assert (cost.env_steps, cost.updates, cost.eval_steps) == (STEPS, 75, 1400)

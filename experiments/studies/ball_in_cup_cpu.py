@@ -23,8 +23,8 @@ def get_config():
     c.seeds = (0, 1, 2)
     c.settings = ("single_0",)
     c.preset = "cpu"
-    # DALI-D aligns its context with the inverse-dynamics loss (the default since the
-    # fourteenth session; kept explicit so the study's runs keep it): with the paper's forward
+    # DALI-D aligns its context with the inverse-dynamics loss (the default of the
+    # fourteenth and fifteenth sessions; kept explicit so the study's runs keep it): with the paper's forward
     # loss its context encodes the task's progress and DALI-D reached 0.27x Dreamer-DR here;
     # with the inverse loss 0.92x and 1.06x (seeds 0 and 2; benchmarks/RESULTS.md).
     c.method_overrides["dali_d"] = {"context.loss": "inverse"}
