@@ -325,10 +325,12 @@ LEGACY = {"context": {"inverse_weight": 1.0}}
 
 
 def _overlay(defaults: dict, legacy: dict) -> dict:
+    """defaults with the LEGACY values of the fields it has."""
     out = dict(defaults)
     for k, v in legacy.items():
-        if k in out:
-            out[k] = _overlay(out[k], v) if isinstance(v, dict) else v
+        if k not in out or isinstance(v, dict) != isinstance(out[k], dict):
+            continue
+        out[k] = _overlay(out[k], v) if isinstance(v, dict) else v
     return out
 
 

@@ -324,6 +324,7 @@ def test_fill_missing_gives_configs_older_than_a_changed_default_its_legacy_valu
     assert fill_missing({"context": {"inverse_weight": 7.0}}, defaults)["context"] == dict(
         defaults["context"], inverse_weight=7.0)
     assert fill_missing({}, {"context": {"k": 1}}) == {"context": {"k": 1}}  # no field added
+    assert fill_missing({}, {"context": 3}) == {"context": 3}  # nor a leaf replaced
 
 
 def test_no_checkpoint_and_bad_extra(tmp_path):
