@@ -24,9 +24,10 @@ def get_config():
     c.settings = ("single_0",)
     c.preset = "cpu"
     # DALI-D aligns its context with the inverse-dynamics loss (the default of the
-    # fourteenth and fifteenth sessions; kept explicit so the study's runs keep it): with the paper's forward
-    # loss its context encodes the task's progress and DALI-D reached 0.27x Dreamer-DR here;
-    # with the inverse loss 0.92x and 1.06x (seeds 0 and 2; benchmarks/RESULTS.md).
+    # fourteenth and fifteenth sessions; kept explicit so the study's runs keep it): with
+    # the paper's forward loss its context encodes the task's progress and DALI-D reached
+    # 0.27x Dreamer-DR here; with the inverse loss 0.92x and 1.06x (seeds 0 and 2;
+    # benchmarks/RESULTS.md). Today's default is forward + 30 x inverse.
     c.method_overrides["dali_d"] = {"context.loss": "inverse"}
     c.evaluation.episodes = 20
     c.evaluation.contexts = "scored"
