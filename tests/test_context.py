@@ -141,18 +141,19 @@ def test_alignment_loss_equals_naive_loop(pairs, residual, standardize):
         assert got[1, T - 1] == 0.0  # nothing after the sequence
 
 
-@pytest.mark.parametrize("pairs,residual,standardize,layers", [
-    ("window", False, False, 2), ("window", True, True, 2), ("future", True, True, 1),
-    ("window", False, False, 3)])
+@pytest.mark.parametrize("pairs,residual,standardize,layers,units", [
+    ("window", False, False, 2, 8), ("window", True, True, 2, 8), ("future", True, True, 1, 8),
+    ("window", False, False, 3, 8), ("window", True, True, 2, 2), ("future", False, False, 1, 2)])
 def test_per_step_alignment_loss_equals_the_plain_formula(pairs, residual, standardize,
-                                                          layers):
+                                                          layers, units):
     """alignment_loss_per_step (fastgrad.pair_mse) against alignment_loss: values and the
     gradients with respect to the heads' params, the contexts and the observations, for
     forward, inverse and both; the targets are offset by 30 so that |y|^2 dwarfs the error
-    (the rewrite's expanded square must not lose it)."""
+    (the rewrite's expanded square must not lose it). units 2 < DO: f_psi's error takes the
+    expanded form; 8: every head computes its output per pair."""
     obs, act, first, tok = _data(4)
     obs = jnp.asarray(obs) + 30.0
-    fwd, inv = AL.DynamicsHead(DO, layers, 8), AL.DynamicsHead(A, layers, 8)
+    fwd, inv = AL.DynamicsHead(DO, layers, units), AL.DynamicsHead(A, layers, units)
     pf = fwd.init(jax.random.PRNGKey(1), jnp.zeros((1, DO + A + CD)))["params"]
     pi = inv.init(jax.random.PRNGKey(2), jnp.zeros((1, 2 * DO + CD)))["params"]
     rng = np.random.default_rng(7)  # non-zero biases: every term of the rewrite matters

@@ -11,8 +11,8 @@
   different input (the critic's logits for the actor's returns and the critic's loss).
 - `pair_mse`: the squared error of an MLP head on (step, window) pairs whose input is a
   per-step part and the window's context, and whose target is per step (the alignment
-  losses): the per-step parts of the first layer and of the error are computed once per
-  step instead of once per pair, so no (pairs x target size) array exists.
+  losses): the per-step parts of the first layer (and, for targets wider than the head,
+  of the error) are computed once per step instead of once per pair.
 
 Each is tested equal, in values and gradients, to the plain computation (tests/test_nets.py,
 test_rssm.py, test_agent.py).
@@ -187,10 +187,12 @@ def pair_mse(params, x_step, ctx, src, y_step):
     (B, L, Ds) and y_step (B, L, Do): the per-step part of the input and the target;
     ctx (B, T, Cc): the window's context, the input's last Cc entries; src (B, T, P): the
     step of each pair. Exact rewrite of the plain computation (the same sums, regrouped):
-    the first layer is x_step W_x + b (per step) + ctx W_c (per window), and with the last
-    hidden layer h and the output layer (W, b),
+    the first layer is x_step W_x + b (per step) + ctx W_c (per window). With the last
+    hidden layer h (U wide) and the output layer (W, b), a target wider than U (a pixel
+    embedding) is not gathered per pair:
         |h W + b - y|^2 = h (W W') h' + 2 h W b + |b|^2 - 2 (h (W y') + b y) + |y|^2,
-    whose y terms are per step. Float32 throughout.
+    whose y terms are per step (U^2 per pair); a narrower one (features, actions) is, and
+    the output is computed as is (U Do per pair). Float32 throughout.
     """
     gather = lambda x: jax.vmap(lambda xb, ib: xb[ib])(x, src)
     n = len(params) - 1
@@ -202,10 +204,13 @@ def pair_mse(params, x_step, ctx, src, y_step):
         h = jax.nn.silu(h @ params[f"h{i}"]["kernel"] + params[f"h{i}"]["bias"])
     w, b = params["out"]["kernel"], params["out"]["bias"]
     y = y_step.astype(f32)
+    units, out = w.shape
+    if out <= units:
+        return jnp.square(h @ w + (b - gather(y))).mean(-1)
     per_step = jnp.concatenate([y @ w.T, (y @ b)[..., None], (y * y).sum(-1, keepdims=True)],
                                -1)  # (B, L, U + 2): W y', b y, |y|^2
     g = gather(per_step)
     wy, by, yy = g[..., :-2], g[..., -2], g[..., -1]
     sq = (jnp.einsum("...u,uv,...v->...", h, w @ w.T, h) + 2 * h @ (w @ b) + b @ b
           - 2 * ((h * wy).sum(-1) + by) + yy)
-    return sq / y.shape[-1]
+    return sq / out
