@@ -46,7 +46,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from dali_jax import hostmem  # noqa: E402
+from dali_jax import hostmem, launch  # noqa: E402
 
 OPTIONS = {
     "paper": dict(loss="forward", pairs="window", residual=False, standardize=False),
@@ -72,8 +72,7 @@ def probe_config(task: str, option: str, seed: int = 0, window: int = 32):
     """The experiment's agent configuration (nano DALI-D, float32) for one option
     (`NAME` or `NAME@key=value;key=value`)."""
     from dali_jax import config as config_lib
-    from dali_jax import launch
-    option, _, overrides = option.partition("@")
+    name, _ = launch.split_variant(option)
     c = config_lib.get_config()
     c.task, c.method, c.seed = task, "dali_d", seed
     c.model.size = "nano"
@@ -82,13 +81,11 @@ def probe_config(task: str, option: str, seed: int = 0, window: int = 32):
     c.train.batch_size, c.train.batch_length, c.train.imag_horizon = 16, 40, 5
     c.train.model_lr = 2e-3
     c.context.window, c.context.hidden, c.context.head_units = window, 32, 64
-    for k, v in OPTIONS.get(option, OPTIONS["residual_std"]).items():
+    # The ceilings do not train g_phi with an alignment loss; their agent (whose world
+    # model and heads still train) takes residual_std's fields.
+    for k, v in OPTIONS.get(name, OPTIONS["residual_std"]).items():
         c.context[k] = v
-    try:  # the experiment files' parser: true/false, ints, floats, strings
-        launch.apply_overrides(c, [f"--config.{item.strip()}"
-                                   for item in filter(None, overrides.split(";"))])
-    except launch.UsageError as e:
-        raise SystemExit(f"--options {option}@{overrides}: {e}") from None
+    launch.apply_variant(c, option, "--options")
     config_lib.validate(c)
     return c
 
@@ -119,7 +116,7 @@ def run(task: str, options, updates: int, seed: int = 0, grid: int = 4, episodes
         untrained = jax.tree_util.tree_map(np.array, state.params)
         t1 = time.time()
         hist = [{"loss/dali": float("nan")}]
-        base = opt.partition("@")[0]
+        base = launch.split_variant(opt)[0]
         if base == "supervised":
             params, hist = supervised_fit(agent, state.params, eps, train, updates, seed + 1)
         elif base != "raw_linear":
@@ -244,7 +241,7 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="append one JSON line per option")
     args = p.parse_args(argv)
     opts = args.options.split(",")
-    bad = [o for o in opts if o.partition("@")[0] not in (*OPTIONS, *CEILINGS)]
+    bad = [o for o in opts if launch.split_variant(o)[0] not in (*OPTIONS, *CEILINGS)]
     if bad:
         p.error(f"unknown option(s) {bad}; valid: {', '.join([*OPTIONS, *CEILINGS])}")
     hostmem.tune_malloc()

@@ -114,8 +114,8 @@ def parse_args(argv=None):
     return args
 
 
-def make_config(args, size, obs, method):
-    method, _, overrides = method.partition("@")
+def make_config(args, size, obs, variant):
+    method, _ = launch.split_variant(variant)
     c = config_lib.get_config()
     c.task = PROBLEMS[obs][0]
     c.obs = obs
@@ -129,11 +129,7 @@ def make_config(args, size, obs, method):
         c.compute_dtype = args.dtype
     c.train.batch_size, c.train.batch_length = args.batch, args.length
     c.train.imag_horizon = args.horizon
-    try:  # the experiment files' parser: true/false, ints, floats, strings
-        launch.apply_overrides(c, [f"--config.{item.strip()}"
-                                   for item in filter(None, overrides.split(";"))])
-    except launch.UsageError as e:
-        raise SystemExit(f"--methods {method}@{overrides}: {e}") from None
+    launch.apply_variant(c, variant, "--methods")
     config_lib.validate(c)
     return c
 

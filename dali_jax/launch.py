@@ -72,6 +72,22 @@ def apply_overrides(config: ml_collections.ConfigDict, args: Sequence[str]):
     return config
 
 
+def split_variant(spec: str) -> tuple[str, list[str]]:
+    """`NAME@key=value;key=value` (a benchmark's method or option with config overrides)
+    -> (NAME, ["--config.key=value", ...]) for `apply_overrides`."""
+    name, _, overrides = spec.partition("@")
+    return name, [f"--config.{item.strip()}" for item in overrides.split(";") if item.strip()]
+
+
+def apply_variant(config: ml_collections.ConfigDict, spec: str, flag: str):
+    """Applies the overrides of `spec` (`split_variant`) in place; a bad one exits naming
+    the command-line `flag` that carried it. -> config."""
+    try:
+        return apply_overrides(config, split_variant(spec)[1])
+    except UsageError as e:
+        raise SystemExit(f"{flag} {spec}: {e}") from None
+
+
 def parse(get_config: Callable, argv: Sequence[str], presets: Sequence[str]):
     """argv (without the program name) -> validated ConfigDict."""
     argv = list(argv)

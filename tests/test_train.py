@@ -70,6 +70,17 @@ def test_corrupt_and_incompatible_checkpoints_raise_naming_the_file(tmp_path):
         Trainer(_smoke(tmp_path / "run", steps=200)).run()
 
 
+def test_benchmark_variants_carry_config_overrides_after_at():
+    """`NAME@key=value;...` as the benchmarks' --methods / --options take it."""
+    assert launch.split_variant("dali_d") == ("dali_d", [])
+    assert launch.split_variant("dali_d@context.hidden=32; context.loss=inverse;") == (
+        "dali_d", ["--config.context.hidden=32", "--config.context.loss=inverse"])
+    c = launch.apply_variant(ball_in_cup.get_config(), "x@context.hidden=32", "--methods")
+    assert c.context.hidden == 32 and isinstance(c.context.hidden, int)
+    with pytest.raises(SystemExit, match="--methods x@context.hiden=3: unknown field"):
+        launch.apply_variant(ball_in_cup.get_config(), "x@context.hiden=3", "--methods")
+
+
 def test_launch_rejects_bad_overrides_and_presets_hold_the_protocol():
     with pytest.raises(launch.UsageError, match="Valid fields: .*method"):
         launch.parse(ball_in_cup.get_config, ["--config.methd=dali_d"], ball_in_cup.PRESETS)
