@@ -199,7 +199,9 @@ class ContextEncoder(nn.Module):
         return self._block({k: gather_windows(v, idx) for k, v in per.items()})
 
     def _attend_pairs(self, s, idx, causal):
-        """Attention windows of a sequence without gathering queries, keys and values.
+        """Attention windows of a sequence without gathering queries, keys and values
+        (the flatten readout; the mean readout's positional embeddings differ per window
+        position, so `chunk` gathers its windows).
 
         s: per-step quantities (B, L, .); idx: (B, T, K), the windows of the last T steps.
         A window is a multiset of the sequence's tokens, n[t, l] = how often token l fills
@@ -221,16 +223,9 @@ class ContextEncoder(nn.Module):
         att = jax.nn.softmax(scores[:, jj] + mask[:, tt], -1).astype(s["vo"].dtype)  # (B, P, L)
         x = self._after_attention(s["p"][:, jj],
                                   jnp.einsum("bpl,bld->bpd", att, s["vo"]))  # (B, P, H)
-        if self.readout == "flatten":
-            rows = (offset - lo)[None, :, None] + idx  # (B, T, K) pair of each position
-            x = jnp.take_along_axis(x, rows.reshape(B, T * K, 1), axis=1)
-            x = x.reshape(B, T, -1)  # (B, T, K * H)
-        else:  # mean
-            w = n[:, tt, jj] / K  # (B, P) share of each pair in its window
-            x = jax.ops.segment_sum(jnp.moveaxis(x * w[..., None].astype(x.dtype), 1, 0),
-                                    tt, T, indices_are_sorted=True)
-            x = jnp.moveaxis(x, 0, 1)  # (B, T, H)
-        return self.ctx_out(x).astype(f32)
+        rows = (offset - lo)[None, :, None] + idx  # (B, T, K) pair of each position
+        x = jnp.take_along_axis(x, rows.reshape(B, T * K, 1), axis=1)
+        return self.ctx_out(x.reshape(B, T, -1)).astype(f32)  # (B, T, K * H) -> (B, T, Cc)
 
 
 @functools.lru_cache(maxsize=64)
