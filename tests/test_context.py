@@ -41,29 +41,33 @@ def test_window_indices_are_causal_episode_bounded_and_edge_padded():
     np.testing.assert_array_equal(idx[0, 6], [5, 5, 5, 6])  # new episode at 5
 
 
-@pytest.mark.parametrize("kind,readout,k,grads", [
-    ("transformer", "flatten", K, True), ("transformer", "mean", K, False),
-    ("transformer", "flatten", T, False), ("transformer", "mean", T + 3, True),
-    ("attention", "flatten", K, False), ("attention", "mean", T, True),
-    ("gru", "flatten", K, False), ("mlp", "flatten", K, False)])
-def test_chunk_path_equals_explicit_windows(kind, readout, k, grads):
+@pytest.mark.parametrize("kind,readout,k,grads,hist", [
+    ("transformer", "flatten", K, True, 0), ("transformer", "mean", K, False, 0),
+    ("transformer", "flatten", T, False, 0), ("transformer", "mean", T + 3, True, 0),
+    ("attention", "flatten", K, False, 0), ("attention", "mean", T, True, 0),
+    ("gru", "flatten", K, False, 0), ("mlp", "flatten", K, False, 0),
+    ("transformer", "flatten", K, True, K - 1), ("attention", "flatten", K, False, K)])
+def test_chunk_path_equals_explicit_windows(kind, readout, k, grads, hist):
     """The chunk path (per-pair attention for transformer / attention) gives the values and
     the parameter gradients of g_phi applied to each explicitly gathered window; windows
-    shorter than, equal to and longer than the chunk, with an episode start inside it."""
+    shorter than, equal to and longer than the chunk, with an episode start inside it, and
+    the windows of the last T - hist steps only (the first hist steps are history that fills
+    them: hist >= k - 1 gives every window its k steps, the training batches' case)."""
     obs, act, first, tok = _data()
     enc = C.ContextEncoder(kind, H, CD, k, readout)
     params = enc.init(jax.random.PRNGKey(0), jnp.zeros((1, k, DO + A)))["params"]
-    idx = C.window_indices(jnp.asarray(first), k)
+    idx = C.window_indices(jnp.asarray(first), k)[:, hist:]
     chunk = lambda p: enc.apply({"params": p}, tok, idx, method=C.ContextEncoder.chunk)
     got = chunk(params)
-    assert got.shape == (B, T, CD)
-    nidx = _naive_indices(first, k)
-    windows = jnp.asarray(np.asarray(tok)[np.arange(B)[:, None, None], nidx].reshape(B * T, k, -1))
-    direct = lambda p: enc.apply({"params": p}, windows).reshape(B, T, CD)
+    S = T - hist
+    assert got.shape == (B, S, CD)
+    nidx = _naive_indices(first, k)[:, hist:]
+    windows = jnp.asarray(np.asarray(tok)[np.arange(B)[:, None, None], nidx].reshape(B * S, k, -1))
+    direct = lambda p: enc.apply({"params": p}, windows).reshape(B, S, CD)
     np.testing.assert_allclose(got, direct(params), rtol=2e-5, atol=2e-5)
     if not grads:  # parameter gradients: checked on one case per readout and kind
         return
-    weights = jnp.asarray(np.random.default_rng(1).normal(size=(B, T, CD)), jnp.float32)
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(B, S, CD)), jnp.float32)
     g_chunk = jax.grad(lambda p: (chunk(p) * weights).sum())(params)
     g_direct = jax.grad(lambda p: (direct(p) * weights).sum())(params)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
