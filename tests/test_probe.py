@@ -131,7 +131,8 @@ def test_inferred_context_linearly_encodes_both_factors_world_model_only():
     loss; inverse alone 0.748 / 0.368, residual_std 0.559 / 0.676
     (benchmarks/RESULTS.md). With 16 training episodes per context and 10,000 updates the
     default averages the issue's 0.9 / 0.8 over seeds 0-3 (0.901 / 0.801; seeds 0 and 2
-    alone reach it, seeds 1 and 3 miss one factor each). The thresholds below guard what this short run reaches.
+    alone reach it, seeds 1 and 3 miss one factor each). The thresholds below guard what
+    this short run reaches.
     """
     from benchmarks.context_probe import run
 
