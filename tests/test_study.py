@@ -67,13 +67,13 @@ def train_records(run, kind="train"):
             if r.get("kind") == kind]
 
 
-def wait_for(cond, timeout, what):
+def wait_for(cond, timeout, what, poll=0.2):
     t0 = time.time()
     while time.time() - t0 < timeout:
         value = cond()
         if value:
             return value
-        time.sleep(0.2)
+        time.sleep(poll)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
@@ -224,21 +224,23 @@ def killed_and_resumed(tmp_path_factory):
         runner = subprocess.Popen([sys.executable, "-m", "dali_jax.study", path, "run", "--dir",
                                    root, "--quiet"], cwd=ROOT, stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
+    stopped = {}  # run name -> trainer pid, held with SIGSTOP so neither can finish early
     try:
-        def trainer_pids():  # both trainers in their loops (a checkpoint past step 0)
-            pids = []
+        def stop_trainers():  # each trainer stopped as soon as it is past its first checkpoint
             for r in runs:
+                if r.name in stopped:
+                    continue
                 try:
                     with open(os.path.join(r.state_dir, "running.json")) as f:
                         pid = json.load(f)["pid"]
                 except (OSError, ValueError):
-                    return None
-                if not J.latest_checkpoint_step(r.logdir):
-                    return None
-                pids.append(pid)
-            return pids
-        pid_a, _ = wait_for(trainer_pids, 240, "two trainers past their first checkpoint")
-        os.kill(pid_a, signal.SIGKILL)  # a run dies without saving
+                    continue
+                if J.latest_checkpoint_step(r.logdir):
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped[r.name] = pid
+            return len(stopped) == len(runs)
+        wait_for(stop_trainers, 240, "two trainers past their first checkpoint", poll=0.02)
+        os.kill(stopped[runs[0].name], signal.SIGKILL)  # a run dies without saving
         wait_for(lambda: any(r.get("event") == "end" for r in train_records(runs[0])), 30,
                  "the runner to record the killed run")
         os.kill(runner.pid, signal.SIGKILL)  # the runner dies: its trainer gets SIGTERM
@@ -246,6 +248,11 @@ def killed_and_resumed(tmp_path_factory):
     finally:
         if runner.poll() is None:
             runner.kill()
+        for pid in stopped.values():  # B handles its pending SIGTERM: saves and exits
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
     wait_for(lambda: not any(J.lock_held(os.path.join(r.state_dir, "lock")) for r in runs), 120,
              "the orphaned trainer to save and exit")
     before = {r.name: J.latest_checkpoint_step(r.logdir) for r in runs}
