@@ -1,15 +1,18 @@
 """Context analysis of a trained DALI run: linear probes and a t-SNE plot of g_phi's context.
 
-    python -m dali_jax.probe --logdir RUN [--episodes N] [--grid G] [--length L] [--out DIR]
+    python -m dali_jax.probe --logdir RUN [--episodes N] [--grid G] [--length L]
+        [--policy random|agent] [--out DIR]
 
-Collects uniform-random-policy episodes (features or pixels, as the run) on G x G contexts over
+Collects episodes (features or pixels, as the run) on G x G contexts over
 the train ranges of the factors the run was trained on (`--contexts trained`, the default: a
 single_0 run sees gravity varied with the string length at its default, so it is probed the
 same way, G * G gravity values; a double_box run, or `--contexts both`, a G x G grid over both
-factors; N episodes per context), infers the context at
-every step with the run's g_phi (causal windows of K steps, as in training and acting), and
-fits a ridge probe from the context to each true factor on the training episodes; R^2 is
-measured on held-out episodes (the last `--test-per-context` episodes of every context).
+factors; N episodes per context) with uniform random actions (`--policy random`, the
+default) or with the run's own policy (`--policy agent`: the states the agent visits, e.g. a
+Walker that stays up where random actions make it fall), infers the context at every step
+with the run's g_phi (causal windows of K steps, as in training and acting), and fits a
+ridge probe from the context to each true factor on the training episodes; R^2 is measured
+on held-out episodes (the last `--test-per-context` episodes of every context).
 Samples are the steps whose window is full (t >= K - 1, every `--stride` steps); the JSON also
 gives the R^2 of the per-episode mean context and the shares of the context's variance that
 lie between contexts, between episodes and within an episode (`variance_shares`), and what
@@ -52,6 +55,9 @@ def _parser():
     p.add_argument("--action-repeat", type=int, default=1,
                    help="hold each random action this many steps (default 1; 10 reaches "
                         "more of the task's states, e.g. the ball in the cup)")
+    p.add_argument("--policy", choices=("random", "agent"), default="random",
+                   help="who acts in the probe's episodes: uniform random actions (default) "
+                        "or the run's policy (sampled actions, as in training and evaluation)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     p.add_argument("--seed", type=int, default=0, help="seed of the episodes and the t-SNE")
     p.add_argument("--alpha", type=float, default=1e-3, help="ridge penalty (default 1e-3)")
@@ -73,6 +79,8 @@ def _check_args(args) -> None:
                              ("action-repeat", args.action_repeat, 1)):
         if value < low:
             raise ValueError(f"--{name} must be >= {low}, got {value}")
+    if args.policy == "agent" and args.action_repeat != 1:
+        raise ValueError("--action-repeat holds random actions: it needs --policy random")
 
 
 def run_probe(args) -> dict:
@@ -97,8 +105,13 @@ def run_probe(args) -> dict:
     varied = CTX.varied_factors(cfg.task, cfg.context_setting)
     names = list(varied if args.contexts == "trained" and varied else CTX.FACTORS[cfg.task])
     contexts = P.context_grid(cfg.task, args.grid, names)
-    eps = P.collect_random_episodes(cfg.task, contexts, args.episodes, length, seed=args.seed,
-                                    obs_mode=cfg.obs, action_repeat=args.action_repeat)
+    if args.policy == "agent":
+        eps = P.collect_agent_episodes(agent, run.params, cfg.task, contexts, args.episodes,
+                                       length, seed=args.seed, obs_mode=cfg.obs)
+    else:
+        eps = P.collect_random_episodes(cfg.task, contexts, args.episodes, length,
+                                        seed=args.seed, obs_mode=cfg.obs,
+                                        action_repeat=args.action_repeat)
     t_collect = time.time() - t0
     train, test = P.heldout_split(eps, args.test_per_context)
     factors = eps["factors"][:, [list(eps["factor_names"]).index(n) for n in names]]
@@ -127,9 +140,11 @@ def run_probe(args) -> dict:
         others["observation"] = np.concatenate([eps[k] for k in agent.vector_keys], -1)
     ctx, Xte, yte, r_step, r_ep, shares, other = evaluate(run.params)
     result = dict(
-        logdir=os.path.abspath(args.logdir), task=cfg.task, method=cfg.method, obs=cfg.obs,
+        logdir=args.logdir, task=cfg.task, method=cfg.method, obs=cfg.obs,
         checkpoint_step=int(run.step), window=K, context_dim=int(ctx.shape[-1]),
-        factors=names, probe_contexts=args.contexts,
+        factors=names, probe_contexts=args.contexts, policy=args.policy,
+        action_repeat=args.action_repeat,
+        episode_return=float(eps["reward"].sum(1).mean()),
         contexts=[contexts[i] for i in sorted(contexts)],
         episodes_per_context=args.episodes, test_per_context=args.test_per_context,
         episode_length=length, stride=args.stride, alpha=args.alpha, seed=args.seed,
@@ -169,7 +184,8 @@ def main(argv=None) -> int:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     print(f"{res['task']} {res['method']} (step {res['checkpoint_step']}, K={res['window']}): "
-          f"linear-probe R^2 on held-out episodes")
+          f"linear-probe R^2 on held-out episodes ({res['policy']} policy, mean episode "
+          f"return {res['episode_return']:.1f})")
     for f in res["factors"]:
         line = (f"  {f:18s} per step {res['r2_step'][f]:+.3f}   "
                 f"episode mean {res['r2_episode_mean'][f]:+.3f}")

@@ -115,6 +115,43 @@ def test_step_samples_split_and_inference_match_the_training_windows(agent_cache
     np.testing.assert_array_equal(ep, np.repeat(np.arange(6), n))
 
 
+def test_agent_episodes_replay_open_loop_and_share_the_random_format(agent_cache):
+    """collect_agent_episodes: the recorded actions, replayed open loop in a fresh env seeded
+    as documented, reproduce the recorded observations and rewards (row t's action leads to
+    row t + 1); they are the policy's (not random: the same seed gives the same actions); the
+    dict has the random collector's keys, shapes, dtypes and bookkeeping."""
+    from dali_jax.envs.dmc import make_env
+
+    agent = agent_cache("dali_d")
+    params = agent.init(jax.random.PRNGKey(0)).params
+    ctxs = [{"gravity": 6.0}, {"gravity": 12.0}]
+    eps = P.collect_agent_episodes(agent, params, "ball_in_cup", ctxs, 2, 12, seed=3)
+    ref = P.collect_random_episodes("ball_in_cup", ctxs, 2, 12, seed=3)
+    assert set(eps) == set(ref)
+    for k, v in ref.items():
+        if k != "factor_names":
+            assert eps[k].shape == v.shape and eps[k].dtype == v.dtype, k
+    for k in ("factors", "context_id", "episode", "is_first", "is_last", "is_terminal"):
+        np.testing.assert_array_equal(eps[k], ref[k])
+    assert eps["factor_names"] == ref["factor_names"]
+    assert (eps["action"][:, -1] == 0).all() and np.abs(eps["action"]).max() <= 1.0
+    again = P.collect_agent_episodes(agent, params, "ball_in_cup", ctxs[:1], 2, 12, seed=3)
+    np.testing.assert_array_equal(again["action"], eps["action"][:2])
+    for e in range(4):
+        n, i = divmod(e, 2)
+        ctx = {"gravity": ctxs[n]["gravity"], "string_length": eps["factors"][e, 1]}
+        env = make_env("ball_in_cup", {0: ctx}, obs_mode="features",
+                       seed=P.agent_env_seed(3, n, i), time_limit=12)
+        obs, _ = env.reset()
+        np.testing.assert_array_equal(obs["obs"], eps["obs"][e, 0])
+        for t in range(12):
+            obs, r, *_ = env.step(eps["action"][e, t])
+            np.testing.assert_allclose(obs["obs"], eps["obs"][e, t + 1], rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(r, eps["reward"][e, t + 1], rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(obs["context"], eps["context"][e, t + 1])
+        env.close()
+
+
 # ------------------------------------------------------------- world-model-only experiment
 
 @pytest.mark.slow
@@ -197,6 +234,7 @@ def test_probe_cli_on_a_tiny_run(tiny_run, tmp_path):
     assert "gravity" in res.stdout and "string_length" in res.stdout
     data = json.load(open(out / "probe.json"))
     assert data["factors"] == ["gravity", "string_length"] and len(data["contexts"]) == 4
+    assert data["policy"] == "random" and "random policy" in res.stdout
     for key in ("r2_step", "r2_episode_mean"):
         assert set(data[key]) == {"gravity", "string_length"}
         assert all(np.isfinite(v) for v in data[key].values())
@@ -214,10 +252,11 @@ def test_probe_cli_on_a_tiny_run(tiny_run, tmp_path):
     cfg["context_setting"] = "single_0"
     json.dump(cfg, open(single / "config.json", "w"))
     res = subprocess.run(cmd[:4] + [str(single)] + cmd[5:-1] + [str(tmp_path / "o1"),
-                                                                 "--no-plot"],
+                                                                 "--no-plot", "--policy", "agent"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.load(open(tmp_path / "o1" / "probe.json"))
+    assert data["policy"] == "agent" and "agent policy" in res.stdout
     assert data["factors"] == ["gravity"] and data["probe_contexts"] == "trained"
     assert len(data["contexts"]) == 4 and {c["string_length"] for c in data["contexts"]} == {0.3}
     assert set(data["r2_step"]) == {"gravity"} and np.isfinite(data["r2_step"]["gravity"])
@@ -225,6 +264,10 @@ def test_probe_cli_on_a_tiny_run(tiny_run, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dali_jax.probe", "--logdir",
                           str(tmp_path / "nothing")], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "config.json" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "dali_jax.probe", "--logdir", tiny_run,
+                          "--policy", "agent", "--action-repeat", "5"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--action-repeat" in bad.stderr
 
 
 def test_tsne_plot_writes_a_png(tmp_path):

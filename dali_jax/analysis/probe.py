@@ -1,9 +1,11 @@
-"""Context analysis: random-policy episodes, inferred contexts, linear probes and t-SNE.
+"""Context analysis: random-policy or agent episodes, inferred contexts, linear probes, t-SNE.
 
 Pure functions (numpy in, numpy out) used by ``python -m dali_jax.probe`` and the tests:
 
 * ``collect_random_episodes(task, contexts, episodes_per_context, length, seed)``: uniform-random
   actions on a contextual env; fixed-length episodes in the training batch format.
+* ``collect_agent_episodes(agent, params, task, contexts, ...)``: the same, with a trained
+  agent's policy acting (the states the agent itself visits).
 * ``context_grid(task, n, factors)``: n * n contexts over the train ranges of the task's
   factors (a grid for both, evenly spaced values for one).
 * ``heldout_split(episodes, test_per_context)``: stratified split by episode.
@@ -27,6 +29,7 @@ arriving at t, 0 at t = 0), ``is_first`` / ``is_last`` / ``is_terminal`` bool (E
 """
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from typing import Mapping, Sequence
@@ -39,9 +42,9 @@ from dali_jax.envs import contexts as CTX
 
 log = logging.getLogger(__name__)
 
-__all__ = ["collect_random_episodes", "context_grid", "heldout_split", "sample_batch",
-           "fit_world_model", "episode_contexts", "step_samples", "window_probe", "window_means",
-           "linear_probe_r2", "variance_shares", "tsne_plot"]
+__all__ = ["collect_random_episodes", "collect_agent_episodes", "context_grid", "heldout_split",
+           "sample_batch", "fit_world_model", "episode_contexts", "step_samples", "window_probe",
+           "window_means", "linear_probe_r2", "variance_shares", "tsne_plot"]
 
 _MAX_RETRIES = 10
 
@@ -115,6 +118,83 @@ def collect_random_episodes(task: str, contexts: Mapping | Sequence[Mapping],
     res.update(factors=np.asarray(factors, np.float64), factor_names=names,
                context_id=np.asarray(cids), episode=np.asarray(epi, np.int64))
     return res
+
+
+def collect_agent_episodes(agent, params, task: str, contexts: Mapping | Sequence[Mapping],
+                           episodes_per_context: int, length: int, seed: int = 0,
+                           obs_mode: str = "features", mode: str = "sample") -> dict:
+    """The agent's own episodes: its policy (`agent.policy_step`, `mode` "sample" as in
+    training and evaluation, or "mode") acts in `episodes_per_context` envs per context,
+    one vectorised batch per context, for `length` env steps.
+
+    Same arguments and episode dict as `collect_random_episodes` (the action of row t is the
+    executed one). Env i of context number n (in the order given) is seeded with
+    `agent_env_seed(seed, n, i)`. Raises RuntimeError when an episode ends early (a physics
+    instability): try another seed.
+    """
+    from dali_jax.envs.dmc import make_env
+    from dali_jax.envs.vector import VectorEnv
+
+    if not isinstance(contexts, Mapping):
+        contexts = dict(enumerate(contexts))
+    if not contexts:
+        raise ValueError("contexts must not be empty")
+    if episodes_per_context < 1 or length < 1:
+        raise ValueError("episodes_per_context and length must be >= 1")
+    names = tuple(CTX.FACTORS[task])
+    keys = list(agent.spec.obs)
+    out = {k: [] for k in keys + ["action", "reward", "is_first", "is_last", "is_terminal"]}
+    factors, cids, epi = [], [], []
+    key = jax.random.PRNGKey(seed)
+    E = episodes_per_context
+    for n, cid in enumerate(contexts):
+        ctx = {f: float(CTX.DEFAULTS[task][f]) for f in names}
+        ctx.update(contexts[cid])
+        fns = [functools.partial(make_env, task, {0: dict(ctx)}, obs_mode=obs_mode,
+                                 seed=agent_env_seed(seed, n, i), time_limit=length)
+               for i in range(E)]
+        venv = VectorEnv(fns, parallel=False)
+        try:
+            obs = venv.reset()
+            carry = agent.initial_carry(params, E)
+            rows = {k: [np.asarray(obs[k])] for k in keys + ["reward", "is_terminal"]}
+            actions = []
+            for t in range(length):
+                key, sub = jax.random.split(key)
+                action, carry = agent.policy_step(params, carry, obs, sub, mode=mode)
+                actions.append(np.asarray(action, np.float32))
+                obs, _ = venv.step(actions[-1])
+                if np.asarray(obs["is_first"]).any() or (
+                        np.asarray(obs["is_last"]).any() and t < length - 1):
+                    raise RuntimeError(f"{task}: an episode under context {ctx} ended early "
+                                       f"at step {t + 1} (physics instability?); try another "
+                                       "seed")
+                for k in rows:
+                    rows[k].append(np.asarray(obs[k]))
+        finally:
+            venv.close()
+        actions.append(np.zeros_like(actions[-1]))
+        ep = {k: np.swapaxes(np.stack(v), 0, 1) for k, v in rows.items()}
+        ep["action"] = np.swapaxes(np.stack(actions), 0, 1)
+        ep["reward"] = ep["reward"].astype(np.float32)
+        L = length + 1
+        ep["is_first"] = np.broadcast_to(np.arange(L) == 0, (E, L)).copy()
+        ep["is_last"] = np.broadcast_to(np.arange(L) == L - 1, (E, L)).copy()
+        ep["is_terminal"] = ep["is_terminal"].astype(bool)
+        for k, v in ep.items():
+            out[k].extend(v)
+        factors += [[ctx[f] for f in names]] * E
+        cids += [cid] * E
+        epi += list(range(E))
+    res = {k: np.stack(v) for k, v in out.items()}
+    res.update(factors=np.asarray(factors, np.float64), factor_names=names,
+               context_id=np.asarray(cids), episode=np.asarray(epi, np.int64))
+    return res
+
+
+def agent_env_seed(seed: int, context_index: int, env_index: int) -> int:
+    """Seed of env `env_index` of the `context_index`-th context in `collect_agent_episodes`."""
+    return (seed * 1009 + context_index) * 100003 + 7919 * env_index
 
 
 def _random_episode(env, cid, length, rng, low, high, A, keys, repeat=1):
