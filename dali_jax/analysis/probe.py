@@ -157,7 +157,8 @@ def collect_agent_episodes(agent, params, task: str, contexts: Mapping | Sequenc
         try:
             obs = venv.reset()
             carry = agent.initial_carry(params, E)
-            rows = {k: [np.asarray(obs[k])] for k in keys + ["reward", "is_terminal"]}
+            rows = {k: [np.asarray(obs[k])]
+                    for k in keys + ["reward", "is_first", "is_last", "is_terminal"]}
             actions = []
             for t in range(length):
                 key, sub = jax.random.split(key)
@@ -177,10 +178,8 @@ def collect_agent_episodes(agent, params, task: str, contexts: Mapping | Sequenc
         ep = {k: np.swapaxes(np.stack(v), 0, 1) for k, v in rows.items()}
         ep["action"] = np.swapaxes(np.stack(actions), 0, 1)
         ep["reward"] = ep["reward"].astype(np.float32)
-        L = length + 1
-        ep["is_first"] = np.broadcast_to(np.arange(L) == 0, (E, L)).copy()
-        ep["is_last"] = np.broadcast_to(np.arange(L) == L - 1, (E, L)).copy()
-        ep["is_terminal"] = ep["is_terminal"].astype(bool)
+        for k in ("is_first", "is_last", "is_terminal"):
+            ep[k] = ep[k].astype(bool)
         for k, v in ep.items():
             out[k].extend(v)
         factors += [[ctx[f] for f in names]] * E
