@@ -73,22 +73,18 @@ def get_config() -> ml_collections.ConfigDict:
     # training windows equal acting windows. -1: K for inferred-context methods, else 0;
     # 0: windows cut at the chunk start (the behaviour before this option).
     x.history = -1
-    # Dynamics alignment (benchmarks/RESULTS.md compares the options; the paper's form is
-    # loss=forward, pairs=window, residual=False, standardize=False):
-    # both (the default: forward + inverse_weight * inverse) | inverse (inv([o_j, o_{j+1}, c])
-    # -> a_j: encodes gravity, not string length) | forward (f_psi: [o_j, a_j, c] -> o_{j+1};
-    # the paper's). benchmarks/RESULTS.md (fourteenth to sixteenth sessions) compares them in
-    # RL and in probes.
-    x.loss = "both"
-    # loss=both: forward + inverse_weight * inverse. The inverse error of a trained head is
-    # ~1% of the standardised forward error, so at 1 the forward term alone shapes c (and c
-    # tracks the task's progress); at 30 the inverse term encodes gravity and the forward
-    # term string length (runs written before this option had 1: config.LEGACY).
-    x.inverse_weight = 30.0
+    # Dynamics alignment: the loss that trains g_phi. `alignment` names a recipe of the
+    # fields below (ALIGNMENTS; docs/method.md): paper (the paper's f_psi([o_j, a_j, c]) ->
+    # o_{j+1}, plain MSE, weight 1) | project (this project's: forward + 30 x inverse, the
+    # forward target residual and standardised) | inverse (the inverse head alone) | custom
+    # (the fields as set). With a named recipe the fields must keep the recipe's values.
+    x.alignment = "paper"
+    x.loss = "forward"  # forward (f_psi) | inverse (inv([o_j, o_{j+1}, c]) -> a_j) | both
+    x.inverse_weight = 30.0  # loss=both: forward + inverse_weight * inverse
     x.pairs = "window"  # window (transitions inside the window) | future (the m after it)
     x.future_steps = 8  # m for pairs=future
-    x.residual = True  # forward target o_{j+1} - o_j instead of o_{j+1}
-    x.standardize = True  # forward targets standardised per dim with running moments
+    x.residual = False  # forward target o_{j+1} - o_j instead of o_{j+1}
+    x.standardize = False  # forward targets standardised per dim with running moments
     x.stats_decay = 0.99  # EMA decay of those moments (kept in the train state)
     x.loss_scale = 1.0
     # Compute the alignment loss from per-step parts (models/context.alignment_loss_per_step,
@@ -176,6 +172,45 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Alignment recipes: context.alignment -> the context fields it fixes.
+ALIGNMENTS = {
+    # The paper: f_psi([o_j, a_j, c]) -> o_{j+1}, MSE on the raw next observation (the next
+    # embedding for pixels), weight 1, on the transitions inside the window.
+    "paper": dict(loss="forward", inverse_weight=30.0, pairs="window", residual=False,
+                  standardize=False, loss_scale=1.0),
+    # This project's: forward + 30 x inverse; the forward target o_{j+1} - o_j, standardised
+    # per dimension with running moments (benchmarks/RESULTS.md, alignment recipes).
+    "project": dict(loss="both", inverse_weight=30.0, pairs="window", residual=True,
+                    standardize=True, loss_scale=1.0),
+    # The inverse head alone, inv([o_j, o_{j+1}, c]) -> a_j (the CPU study of
+    # experiments/studies/ball_in_cup_cpu.py).
+    "inverse": dict(loss="inverse", inverse_weight=30.0, pairs="window", residual=False,
+                    standardize=False, loss_scale=1.0),
+}
+ALIGNMENT_NAMES = tuple(ALIGNMENTS) + ("custom",)
+
+
+def set_alignment(config, name: str):
+    """Sets config.context.alignment to `name` and the fields its recipe fixes. -> config."""
+    _choice("context.alignment", name, ALIGNMENT_NAMES)
+    config.context.alignment = name
+    for field, value in ALIGNMENTS.get(name, {}).items():
+        config.context[field] = value
+    return config
+
+
+def alignment_summary(config) -> dict:
+    """The resolved alignment settings of a config: recipe, loss fields, K and the widths of
+    g_phi (H) and f_psi / the inverse head (dict of plain values)."""
+    x = config.context
+    s = resolve_sizes(config)
+    return dict(recipe=x.get("alignment", "custom"), loss=x.loss,
+                inverse_weight=x.inverse_weight if x.loss == "both" else None,
+                residual=x.residual, standardize=x.standardize, loss_scale=x.loss_scale,
+                pairs=x.pairs, window=x.window, gphi_width=s["ctx_hidden"],
+                head_units=s["ctx_head_units"])
+
+
 def resolve_sizes(config) -> dict:
     """Concrete network sizes for config.model.size (+ the release's enc/dec quirk)."""
     s = dict(SIZES[config.model.size])
@@ -216,6 +251,17 @@ def _validate_drop(config):
                          "without any use of the inferred context")
 
 
+def _validate_alignment(config):
+    name = config.context.get("alignment", "custom")
+    _choice("context.alignment", name, ALIGNMENT_NAMES)
+    for field, value in ALIGNMENTS.get(name, {}).items():
+        if config.context[field] != value:
+            raise ValueError(
+                f"config.context.alignment={name!r} fixes context.{field}={value!r}, got "
+                f"{config.context[field]!r}: set config.context.alignment=custom to choose "
+                f"the alignment fields one by one")
+
+
 def _choice(name, value, options):
     if value not in options:
         raise ValueError(f"config.{name} must be one of {', '.join(map(str, options))}; "
@@ -247,6 +293,7 @@ def validate(config) -> None:
     _choice("context.encoder", config.context.encoder, ("transformer", "attention", "gru", "mlp"))
     _choice("context.readout", config.context.readout, ("flatten", "mean"))
     _choice("context.loss", config.context.loss, ("forward", "inverse", "both"))
+    _validate_alignment(config)
     _choice("context.pairs", config.context.pairs, ("window", "future"))
     for name in ("context.hidden", "context.head_units"):
         v = get_path(config, name)
@@ -321,7 +368,8 @@ def validate(config) -> None:
 
 # Fields whose default changed after they were added, with the value a config written
 # before the field existed ran with: fill_missing gives it to saved configs that lack it.
-LEGACY = {"context": {"inverse_weight": 1.0}}
+# (alignment: a config without it set the alignment fields one by one.)
+LEGACY = {"context": {"inverse_weight": 1.0, "alignment": "custom"}}
 
 
 def _overlay(defaults: dict, legacy: dict) -> dict:
@@ -394,7 +442,10 @@ def get_path(config, dotted: str):
 
 
 def set_path(config, dotted: str, value):
-    """Sets the existing field 'a.b.c' of config (FieldError when there is none)."""
+    """Sets the existing field 'a.b.c' of config (FieldError when there is none);
+    'context.alignment' also sets the fields of its recipe (`set_alignment`)."""
     node, leaf = field_parent(config, dotted)
+    if dotted == "context.alignment" and node is config.context:
+        return set_alignment(config, value)
     node[leaf] = value
     return config

@@ -67,7 +67,10 @@ def apply_overrides(config: ml_collections.ConfigDict, args: Sequence[str]):
         if isinstance(default, ml_collections.ConfigDict):
             raise UsageError(f"--config.{name} is a group; set one of its fields: "
                              f"{', '.join(sorted(default.keys()))}")
-        node[leaf] = _parse_value(name, text, default)
+        try:
+            config_lib.set_path(config, name, _parse_value(name, text, default))
+        except ValueError as exc:  # an unknown alignment recipe
+            raise UsageError(f"--config.{name}: {exc}") from None
         i += 1
     return config
 

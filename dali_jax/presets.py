@@ -1,9 +1,10 @@
 """Run presets shared by the experiment files.
 
 - paper: the DALI protocol (small DreamerV3 with the release's 5 x 1024 enc/dec MLPs,
-  batch 16 x 64, train_ratio 512, 4 envs, K = 64); steps are set per task.
+  batch 16 x 64, train_ratio 512, 4 envs, K = 64, the paper's alignment loss); steps are
+  set per task.
 - first: the first-contact run of `scripts/main.sh`: the cpu preset's learning check with
-  DALI-D and gravity varied in training (`single_0`), as DALI-D runs in the CPU study.
+  DALI-D, this project's alignment recipe and gravity varied in training (`single_0`).
 - quick: a CPU run of the featurized default context that finishes in minutes on a 2-core
   machine (a tiny model, shorter batches and window, lower train ratio, short episodes).
 - cpu: the learning check on a 2-core CPU (about 30 minutes on one core): featurized default
@@ -97,7 +98,9 @@ OVERRIDES: dict[str, dict[str, object]] = {
 }
 
 
-OVERRIDES["first"] = {**OVERRIDES["cpu"], "method": "dali_d", "context_setting": "single_0"}
+# The first contact runs DALI-D with this project's alignment recipe (config.ALIGNMENTS).
+OVERRIDES["first"] = {**OVERRIDES["cpu"], "method": "dali_d", "context_setting": "single_0",
+                      "context.alignment": "project"}
 
 
 def apply(c, name: str):

@@ -46,6 +46,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from dali_jax import hostmem
+from dali_jax.config import alignment_summary
+from dali_jax.methods import RECIPES
 
 __all__ = ["EvaluateError", "select_contexts", "evaluate_run", "write_results",
            "regime_summary", "random_reference", "RandomPolicy", "main"]
@@ -173,6 +175,8 @@ def evaluate_run(logdir: str, episodes: int = DEFAULT_EPISODES, mode: str = "sam
     tc = _train_context(cfg)
     if tc is not None:
         out["train_context"] = tc
+    if RECIPES[cfg.method].get("source") == "inferred":  # how g_phi was trained
+        out["alignment"] = alignment_summary(cfg)
     out.update(checkpoint_step=int(run.step), episodes=int(episodes), mode=mode,
                episode_length=length, eval_seed=eval_seed)
     out["contexts"] = [
@@ -276,6 +280,9 @@ def _format_summary(result: Mapping, rows: Sequence[dict], max_listed: int = 20)
             f"seed={result['seed']} step={result.get('checkpoint_step')} "
             f"episodes/context={result.get('episodes')} mode={result.get('mode')}")
     lines = [head]
+    if result.get("alignment"):
+        lines.append("  alignment: " + " ".join(f"{k}={v}" for k, v in
+                                                result["alignment"].items() if v is not None))
     if len(result["contexts"]) <= max_listed:  # a short run of contexts: each on its line
         for c in result["contexts"]:
             vals = "  ".join(f"{k} {v:g}" for k, v in c["values"].items())

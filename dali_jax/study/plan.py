@@ -20,7 +20,7 @@ from typing import Sequence
 from dali_jax import config as config_lib
 from dali_jax import launch
 from dali_jax import presets
-from dali_jax.study.spec import StudyError
+from dali_jax.study.spec import StudyError, base_method
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXPERIMENT_FILES = {"ball_in_cup": "ball_in_cup.py", "walker": "walker_walk.py"}
@@ -74,7 +74,8 @@ def format_value(value) -> str:
 def _own_argv(study, method: str, setting: str, seed: int, logdir: str) -> tuple:
     """The preset and the run's own fields, without any override."""
     return (f"--preset={study.preset}", f"--config.obs={study.obs}",
-            f"--config.method={method}", f"--config.context_setting={setting}",
+            f"--config.method={base_method(study, method)}",
+            f"--config.context_setting={setting}",
             f"--config.seed={seed}", f"--config.logdir={logdir}")
 
 

@@ -9,12 +9,14 @@ seeds per method and setting; the band spans the seeds).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 from collections import defaultdict
 from typing import Sequence
 
 from dali_jax.study import state as S
 from dali_jax.study import stages
+from dali_jax.study.spec import base_method
 
 DALI = ("dali_s", "dali_s_chi", "dali_d")
 BASELINES = ("dreamer_dr", "crssm_s", "crssm_d")
@@ -111,7 +113,9 @@ def build(study, root: str, runs: Sequence, configs: dict, job_state=None) -> st
         notes.append("no evaluated runs: nothing to aggregate")
     else:
         try:
-            results = [load_run_result(r.logdir) for r in kept]
+            # Grouped by the study's label (a variant is its own row).
+            results = [dataclasses.replace(load_run_result(r.logdir), method=r.method)
+                       for r in kept]
             rep = R.build_report(results, norm, reps=study.report.reps,
                                  seed=study.report.seed, confidence=study.report.confidence)
         except (ValueError, KeyError) as e:  # e.g. a reference lacking a context
@@ -121,7 +125,7 @@ def build(study, root: str, runs: Sequence, configs: dict, job_state=None) -> st
     _curves(runs, out)
     index = os.path.join(out, "index.md")
     with open(index, "w") as f:
-        f.write(_index(study, out, runs, statuses, missing, excluded, rep, notes))
+        f.write(_index(study, out, runs, statuses, missing, excluded, rep, notes, configs))
     return index
 
 
@@ -195,7 +199,7 @@ def _poi(rep, regime: str, x: str, y: str):
     return None, 0
 
 
-def _headline(rep, pct: str) -> list[str]:
+def _headline(rep, pct: str, study) -> list[str]:
     regimes = list(rep.aggregates)
     lines = [f"## IQM of the normalised score [{pct} CI]", "",
              "| method | " + " | ".join(regimes) + " |", "|---|" + "---|" * len(regimes)]
@@ -203,8 +207,9 @@ def _headline(rep, pct: str) -> list[str]:
         cells = [_iv(rep.aggregates[g][m]["iqm"]) if m in rep.aggregates[g] else "-"
                  for g in regimes]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    pairs = [(x, y) for x in rep.matrices if x.split(" ")[0] in DALI
-             for y in rep.matrices if y.split(" ")[0] in BASELINES]
+    base = lambda label: base_method(study, label.split(" ")[0])
+    pairs = [(x, y) for x in rep.matrices if base(x) in DALI
+             for y in rep.matrices if base(y) in BASELINES]
     lines += ["", f"## Probability of improvement of the DALI variants [{pct} CI]", ""]
     if not pairs:
         lines.append("No DALI variant and baseline (dreamer_dr, crssm_s, crssm_d) both have "
@@ -219,11 +224,34 @@ def _headline(rep, pct: str) -> list[str]:
     return lines
 
 
-def _index(study, out, runs, statuses, missing, excluded, rep, notes) -> str:
+ALIGNMENT_COLUMNS = ("recipe", "loss", "inverse_weight", "residual", "standardize",
+                     "loss_scale", "pairs", "window", "gphi_width", "head_units")
+
+
+def alignment_table(study, runs, configs) -> list[str]:
+    """Markdown table of each inferred-context method's resolved alignment settings."""
+    from dali_jax.config import alignment_summary
+    rows = {}
+    for r in runs:
+        if base_method(study, r.method) in DALI and r.method not in rows:
+            rows[r.method] = alignment_summary(configs[r.name])
+    if not rows:
+        return []
+    cells = lambda v: "-" if v is None else str(v)
+    return (["## Alignment settings of the DALI methods", "",
+             "| method | " + " | ".join(ALIGNMENT_COLUMNS) + " |",
+             "|---|" + "---|" * len(ALIGNMENT_COLUMNS)]
+            + [f"| {m} | " + " | ".join(cells(a[k]) for k in ALIGNMENT_COLUMNS) + " |"
+               for m, a in rows.items()] + [""])
+
+
+def _index(study, out, runs, statuses, missing, excluded, rep, notes, configs) -> str:
     pct = f"{100 * study.report.confidence:g}%"
     overrides = ", ".join(f"`{k}={v!r}`" for k, v in study.overrides.items()) or "none"
     lines = [f"# Study {study.name}: {study.task} ({study.obs})", "",
-             f"- methods: {', '.join(study.methods)}",
+             f"- methods: " + ", ".join(
+                 m if m not in study.variants else f"{m} ({study.variants[m]})"
+                 for m in study.methods),
              f"- settings: {', '.join(study.settings)}; seeds: "
              f"{', '.join(map(str, study.seeds))}",
              f"- preset `{study.preset}`, overrides {overrides}",
@@ -233,8 +261,9 @@ def _index(study, out, runs, statuses, missing, excluded, rep, notes) -> str:
              f"{study.evaluation.contexts} grid contexts ({study.evaluation.mode} actions)",
              f"- {len(runs)} planned runs: {len(runs) - len(missing) - len(excluded)} aggregated, "
              f"{len(missing)} missing or failed, {len(excluded)} excluded (listed below)", ""]
+    lines += alignment_table(study, runs, configs)
     if rep is not None:
-        lines += _headline(rep, pct)
+        lines += _headline(rep, pct, study)
         lines += ["", "Median, mean and optimality gap per regime: [summary.md](summary.md) and "
                       "[summary.csv](summary.csv).", ""]
     lines += ["## Missing, failed or excluded runs", ""]

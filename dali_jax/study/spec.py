@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import re
 from typing import Mapping
 
 import ml_collections
@@ -40,7 +41,7 @@ EVAL_CONTEXTS = ("all", "scored")
 # Config fields the study sets per run; an override of them is an error.
 RUN_FIELDS = ("task", "obs", "method", "seed", "context_setting", "logdir")
 # Fields holding free-form mappings (their keys are not checked against the defaults).
-_FREE = ("overrides", "backend.slurm.extra")
+_FREE = ("overrides", "variants", "backend.slurm.extra")
 _NESTED_FREE = ("method_overrides",)  # method -> {dotted config path: value}
 
 
@@ -58,7 +59,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.name = ""  # study name; empty: the study file's name
     c.task = "ball_in_cup"  # ball_in_cup | walker
     c.obs = "features"  # features | pixels
-    c.methods = METHODS  # any of dali_jax.methods.METHODS
+    c.methods = METHODS  # any of dali_jax.methods.METHODS, or a label of `variants`
+    # Label -> method: a second entry of one method under its own name (run directory,
+    # report row), set apart by its method_overrides, e.g. c.variants["dali_d_paper"] =
+    # "dali_d" with c.method_overrides["dali_d_paper"] = {"context.alignment": "paper"}.
+    c.variants = ml_collections.ConfigDict()
     c.seeds = RELEASE_SEEDS  # non-empty, distinct, >= 0
     c.settings = ("single_0", "single_1", "double_box")  # training context settings
     c.preset = "paper"  # run preset of the experiment file: paper | cpu | first | quick | smoke
@@ -218,6 +223,11 @@ def _sequence(field: str, value) -> tuple:
     return tuple(value)
 
 
+def base_method(study, label: str) -> str:
+    """The method a study's method entry runs (a `variants` label's method, else itself)."""
+    return study.variants.get(label, label)
+
+
 def setting_choices(task: str) -> dict[str, str]:
     """Context settings of ``task`` -> what they vary (for error messages and docs)."""
     f0, f1 = C.FACTORS[task]
@@ -230,9 +240,17 @@ def validate(s) -> None:
     """Checks every field of a merged study; raises StudyError naming field and valid values."""
     _choice("task", s.task, C.TASKS)
     _choice("obs", s.obs, config_lib.OBS_MODES)
+    for label, method in s.variants.items():
+        if label in METHODS or not re.fullmatch(r"[a-z][a-z0-9_]*", label):
+            _fail(f"variants[{label!r}]", "must be a new name of lower-case letters, digits "
+                                         "and underscores, not one of the methods")
+        if method not in METHODS:
+            _fail(f"variants[{label!r}]", f"must name a method; got {method!r}; valid "
+                                         f"methods: {', '.join(METHODS)}")
     for m in _sequence("methods", s.methods):
-        if m not in METHODS:
-            _fail("methods", f"lists unknown method {m!r}; valid methods: {', '.join(METHODS)}")
+        if m not in METHODS and m not in s.variants:
+            _fail("methods", f"lists unknown method {m!r}; valid methods: {', '.join(METHODS)}"
+                             " (or a label of study.variants)")
     for seed in _sequence("seeds", s.seeds):
         if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
             _fail("seeds", f"must hold integers >= 0; got {seed!r}")
