@@ -154,6 +154,7 @@ def main(argv=None):
     data = P.select(eps, train)
     for opt in [o for o in args.options.split(",") if o]:
         c = copy.deepcopy(cfg)
+        c.context.alignment = "custom"  # the option sets the fields one by one
         for k, v in OPTIONS[opt].items():
             c.context[k] = v
         for s in args.set:

@@ -14,7 +14,7 @@ training episodes and scored (R^2) on the held-out ones. The untrained encoder (
 agent at init) is the reference. One line per option, then a markdown table.
 
 Options (context.loss / pairs / residual / standardize):
-  paper         forward, window, plain o_{j+1} targets (the DALI paper's form)
+  paper         forward, window, plain o_{j+1} targets (the paper's form)
   std           forward, window, standardised o_{j+1}
   residual      forward, window, o_{j+1} - o_j
   residual_std  forward, window, standardised o_{j+1} - o_j
@@ -22,7 +22,7 @@ Options (context.loss / pairs / residual / standardize):
   inverse       inverse model a_j from [o_j, o_{j+1}, c]
   both_std      residual_std + inverse
   both_std_w10  residual_std + 10 x inverse
-  both_std_w30  residual_std + 30 x inverse   (our default)
+  both_std_w30  residual_std + 30 x inverse   (the project's recipe)
   both_std_w100 residual_std + 100 x inverse
 
 An option may carry config overrides after `@` (`;`-separated), as in `train_step.py`:
@@ -83,6 +83,7 @@ def probe_config(task: str, option: str, seed: int = 0, window: int = 32):
     c.context.window, c.context.hidden, c.context.head_units = window, 32, 64
     # The ceilings do not train g_phi with an alignment loss; their agent (whose world
     # model and heads still train) takes residual_std's fields.
+    c.context.alignment = "custom"  # the option sets the fields one by one
     for k, v in OPTIONS.get(name, OPTIONS["residual_std"]).items():
         c.context[k] = v
     launch.apply_variant(c, option, "--options")

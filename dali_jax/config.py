@@ -293,7 +293,6 @@ def validate(config) -> None:
     _choice("context.encoder", config.context.encoder, ("transformer", "attention", "gru", "mlp"))
     _choice("context.readout", config.context.readout, ("flatten", "mean"))
     _choice("context.loss", config.context.loss, ("forward", "inverse", "both"))
-    _validate_alignment(config)
     _choice("context.pairs", config.context.pairs, ("window", "future"))
     for name in ("context.hidden", "context.head_units"):
         v = get_path(config, name)
@@ -360,6 +359,7 @@ def validate(config) -> None:
         raise ValueError("config.context.release_compat reproduces the release, whose alignment "
                          "loss is forward (f_psi): set config.context.loss=forward "
                          f"(got {config.context.loss!r})")
+    _validate_alignment(config)
     if config.context.release_compat and config.context.window != config.train.batch_length:
         raise ValueError("config.context.release_compat uses the full training chunk as the "
                          "window: config.context.window must equal config.train.batch_length "

@@ -116,6 +116,21 @@ def parse(get_config: Callable, argv: Sequence[str], presets: Sequence[str]):
     return config
 
 
+def config_summary(config) -> str:
+    """The run's configuration in a few lines (printed before training starts)."""
+    from dali_jax.methods import RECIPES
+    lines = [f"{config.task} ({config.obs}), method {config.method}, context setting "
+             f"{config.context_setting}, seed {config.seed}",
+             f"model {config.model.size}, {config.run.steps:,} env steps, train ratio "
+             f"{config.run.train_ratio:g}, batch {config.train.batch_size} x "
+             f"{config.train.batch_length}, logdir {config.logdir or '(default)'}"]
+    if RECIPES[config.method].get("source") == "inferred":
+        a = config_lib.alignment_summary(config)
+        lines.append("alignment: " + ", ".join(f"{k} {v}" for k, v in a.items()
+                                               if v is not None))
+    return "\n".join(lines)
+
+
 def enable_compilation_cache():
     """JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR or ~/.cache/dali_jax)."""
     import jax
@@ -139,7 +154,11 @@ def main(get_config: Callable, presets: Sequence[str], argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("MUJOCO_GL", "egl")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Our own messages at INFO; other libraries' (JAX's backend probing, PyOpenGL's notices)
+    # from WARNING up.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("dali_jax").setLevel(logging.INFO)
+    print(config_summary(config), flush=True)
     hostmem.tune_malloc()
     enable_compilation_cache()
     from dali_jax.training.train import train

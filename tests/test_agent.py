@@ -21,6 +21,7 @@ WALKER_PIXELS = Spec(obs={"image": ((64, 64, 3), np.uint8), "context": ((2,), np
 def _walker_params(method, obs="features", **ctx):
     c = config_lib.get_config()
     c.task, c.method, c.obs = "walker", method, obs
+    c.context.alignment = "custom"
     for k, v in ctx.items():
         c.context[k] = v
     agent = Agent(c, WALKER if obs == "features" else WALKER_PIXELS)
@@ -64,12 +65,14 @@ def test_dali_d_parameter_overhead():
     assert 0.03 <= overhead <= 0.04, overhead
     # the intended deep variant also feeds c to the posterior: + 8 * 512
     assert trained_param_count(ours) == 18_736_675 + 8 * 512
-    # the default loss (both) adds the inverse head [o_j, o_j+1, c] (56) -> 128 -> 128 ->
-    # a_j (6), biased, to f_psi [o_j, a_j, c] (38) -> 128 -> 128 -> o_j+1 (24); inverse
+    # the project's recipe (both) adds the inverse head [o_j, o_j+1, c] (56) -> 128 -> 128
+    # -> a_j (6), biased, to f_psi [o_j, a_j, c] (38) -> 128 -> 128 -> o_j+1 (24); inverse
     # alone has the inverse head instead of f_psi
     inverse_head = 56 * 128 + 128 + 128 * 128 + 128 + 128 * 6 + 6
     f_psi = 38 * 128 + 128 + 128 * 128 + 128 + 128 * 24 + 24
-    assert count_params(_walker_params("dali_d")) == count_params(ours) + inverse_head
+    assert count_params(_walker_params("dali_d")) == count_params(ours)  # the paper's
+    assert count_params(_walker_params("dali_d", loss="both")) == (
+        count_params(ours) + inverse_head)
     assert count_params(_walker_params("dali_d", loss="inverse")) == (
         count_params(ours) - f_psi + inverse_head)
 
@@ -80,7 +83,7 @@ def _nonzero(tree):
 
 
 def test_gradient_isolation(agent_cache):
-    agent = agent_cache("dali_d")
+    agent = agent_cache("dali_d", **{"context.alignment": "project"})
     state = agent.init(jax.random.PRNGKey(0))
     p = state.params
     batch = random_batch(agent.spec)
@@ -174,8 +177,8 @@ def _changed(before, after):
 @pytest.mark.parametrize("compat", [False, True])
 def test_context_parameters_are_trained(agent_cache, compat):
     method = "dali_s_chi"
-    over = ({"context.release_compat": True, "context.window": 16, "context.loss": "forward"}
-            if compat else {})
+    over = ({"context.release_compat": True, "context.window": 16} if compat
+            else {"context.alignment": "project"})
     agent = agent_cache(method, **over)
     init = agent.init(jax.random.PRNGKey(0))
     before = jax.device_get(init.params["context"])
@@ -187,7 +190,7 @@ def test_context_parameters_are_trained(agent_cache, compat):
     else:
         assert all(changed), [jax.tree_util.keystr(k) for (k, _), c in zip(
             jax.tree_util.tree_leaves_with_path(before), changed) if not c]
-        assert set(after) >= {"encoder", "forward", "inverse", "cross"}  # loss=both
+        assert set(after) >= {"encoder", "forward", "inverse", "cross"}  # the project's: both
 
 
 def _policy_actions(agent, params, batch):
@@ -201,9 +204,9 @@ def _policy_actions(agent, params, batch):
     return np.stack(acts)
 
 
-@pytest.mark.parametrize("method,blind", [("dali_d", True), ("dali_s_chi", True),
-                                          ("dreamer_dr", True), ("crssm_s", False),
-                                          ("crssm_d", False)])
+@pytest.mark.parametrize("method,blind", [("dali_d", True), ("dali_s", True),
+                                          ("dali_s_chi", True), ("dreamer_dr", True),
+                                          ("crssm_s", False), ("crssm_d", False)])
 def test_context_blindness(agent_cache, method, blind):
     agent = agent_cache(method)
     b1 = random_batch(agent.spec)

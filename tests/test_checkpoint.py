@@ -314,15 +314,17 @@ def test_fill_missing_takes_defaults_for_absent_fields_only():
 
 
 def test_fill_missing_gives_configs_older_than_a_changed_default_its_legacy_value():
-    """context.inverse_weight defaults to 30 now; configs written before the field existed
-    ran with 1 (config.LEGACY); those that store it keep theirs."""
+    """context.inverse_weight defaults to 30; configs written before the field existed ran
+    with 1 (config.LEGACY), and those written before context.alignment set the alignment
+    fields one by one ("custom"); those that store a field keep theirs."""
     from dali_jax.config import LEGACY, get_config
     defaults = get_config().to_dict()
     assert defaults["context"]["inverse_weight"] == 30.0 != LEGACY["context"]["inverse_weight"]
     old = {"context": {"loss": "both"}}
     assert fill_missing(old, defaults)["context"]["inverse_weight"] == 1.0
+    assert fill_missing(old, defaults)["context"]["alignment"] == "custom"
     assert fill_missing({"context": {"inverse_weight": 7.0}}, defaults)["context"] == dict(
-        defaults["context"], inverse_weight=7.0)
+        defaults["context"], inverse_weight=7.0, alignment="custom")
     assert fill_missing({}, {"context": {"k": 1}}) == {"context": {"k": 1}}  # no field added
     assert fill_missing({}, {"context": 3}) == {"context": 3}  # nor a leaf replaced
 

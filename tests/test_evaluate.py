@@ -51,6 +51,7 @@ def test_evaluator_writes_grid_results_readable_by_the_report(run_dir, tmp_path,
         assert c.values == g.values and len(c.returns) == 1 and 0 <= c.returns[0] <= 10
     raw = json.load(open(os.path.join(run_dir, "eval", "returns.json")))
     assert raw["episodes"] == 1 and raw["episode_length"] == 10 and "train_context" not in raw
+    assert raw["alignment"]["recipe"] == "paper" and "alignment: recipe=paper" in out
     rows = list(csv.DictReader(open(os.path.join(run_dir, "eval", "returns.csv"))))
     assert len(rows) == 84
     assert set(rows[0]) >= {"index", "gravity", "string_length", "kind", "regime", "mean",
@@ -87,7 +88,11 @@ def test_scored_subset_and_specific_runs(run_dir, tmp_path):
         assert f"gravity {c['values']['gravity']:g}" in line and "- " in line
         assert f"return {np.mean(c['returns']):7.1f}" in line
     assert text[3].strip().startswith("train context")
-    assert len(ev._format_summary(res, rows, max_listed=1).splitlines()) == 1 + len(rows)
+    short = ev._format_summary(res, rows, max_listed=1).splitlines()
+    assert len(short) == 2 + len(rows)  # header, regimes, how g_phi was trained
+    assert short[-1] == ("  alignment: recipe=paper loss=forward residual=False "
+                         "standardize=False loss_scale=1.0 pairs=window window=8 "
+                         "gphi_width=16 head_units=16")
     # "scored" for single_0 = the 14 non-default gravity singles
     sel = ev.select_contexts("ball_in_cup", "scored", "single_0")
     assert len(sel) == 14 and all(g.kind == "single_0" for g in sel)

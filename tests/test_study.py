@@ -82,7 +82,7 @@ def test_plan_names_runs_and_builds_their_configs(tmp_path):
     path = write_study(tmp_path / "plan.py", 'c.methods = ("dreamer_dr", "dali_d")',
                        "c.seeds = (0, 5)", 'c.settings = ("single_0", "double_box")',
                        'c.overrides["model.size"] = "tiny"',
-                       'c.method_overrides["dali_d"] = {"context.loss": "forward"}')
+                       'c.method_overrides["dali_d"] = {"context.alignment": "project"}')
     study, runs, configs = load(path, tmp_path / "d")
     assert study.name == "plan" and len(runs) == 8
     assert [r.name for r in runs[:4]] == ["dreamer_dr/single_0/s0", "dali_d/single_0/s0",
@@ -102,8 +102,8 @@ def test_plan_names_runs_and_builds_their_configs(tmp_path):
         assert cmd[:3] == (sys.executable, "-u", exp)
         assert f"--config.seed={r.seed}" in cmd and "--config.model.size=tiny" in cmd
         # method_overrides reach that method's runs only
-        assert c.context.loss == ("forward" if r.method == "dali_d" else "both")
-        assert ("--config.context.loss=forward" in cmd) == (r.method == "dali_d")
+        assert c.context.loss == ("both" if r.method == "dali_d" else "forward")
+        assert ("--config.context.alignment=project" in cmd) == (r.method == "dali_d")
     cost = P.estimate(study, runs[0], configs[runs[0].name], {"dreamer_dr": 100.0})
     # (400 - 100 prefill) x ratio 16 / (4 x 16) updates; 14 scored contexts x 1 x 100 steps
     assert (cost.env_steps, cost.updates, cost.eval_steps) == (STEPS, 75, 1400)
@@ -111,7 +111,32 @@ def test_plan_names_runs_and_builds_their_configs(tmp_path):
     assert P.estimate(study, runs[1], configs[runs[1].name], {}).total_s is None
 
 
+def test_variants_run_one_method_under_two_labels(tmp_path):
+    """A variant is its own run directory and report row, runs its base method with its own
+    overrides, and the report lists each DALI variant's resolved alignment settings."""
+    from dali_jax.study import report as SR
+    path = write_study(tmp_path / "v.py", 'c.variants["dali_d_paper"] = "dali_d"',
+                       'c.variants["dali_d_project"] = "dali_d"',
+                       'c.methods = ("dreamer_dr", "dali_d_paper", "dali_d_project")',
+                       'c.method_overrides["dali_d_project"] = {"context.alignment": "project"}')
+    study, runs, configs = load(path, tmp_path / "d")
+    assert [r.name for r in runs[:3]] == ["dreamer_dr/single_0/s0", "dali_d_paper/single_0/s0",
+                                          "dali_d_project/single_0/s0"]
+    by = {r.method: configs[r.name] for r in runs}
+    assert by["dali_d_paper"].method == by["dali_d_project"].method == "dali_d"
+    assert (by["dali_d_paper"].context.loss, by["dali_d_project"].context.loss) == (
+        "forward", "both")
+    assert runs[2].logdir.endswith(os.path.join("runs", "dali_d_project", "single_0", "s0"))
+    assert "--config.method=dali_d" in P.train_command(study, runs[2])
+    table = SR.alignment_table(study, runs, configs)
+    assert table[2].split(" | ")[:3] == ["| method", "recipe", "loss"]
+    assert [row.split(" | ")[:3] for row in table[4:6]] == [
+        ["| dali_d_paper", "paper", "forward"], ["| dali_d_project", "project", "both"]]
+
+
 @pytest.mark.parametrize("line, message", [
+    ('c.variants["dali_d"] = "dali_d"', r"study\.variants\['dali_d'\] must be a new name"),
+    ('c.variants["x"] = "dali_z"', r"study\.variants\['x'\] must name a method; got 'dali_z'"),
     ('c.methods = ("dreamer_dr", "dali_x")', r"study\.methods lists unknown method 'dali_x'; "
                                              r"valid methods: dreamer_dr, crssm_s, crssm_d"),
     ("c.seeds = ()", r"study\.seeds must not be empty"),

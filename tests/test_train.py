@@ -12,6 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from dali_jax import config as config_lib  # noqa: E402
 from dali_jax import launch  # noqa: E402
 from dali_jax.training.checkpoint import CheckpointError  # noqa: E402
 from dali_jax.training.train import Trainer  # noqa: E402
@@ -92,11 +93,14 @@ def test_launch_rejects_bad_overrides_and_presets_hold_the_protocol():
         launch.parse(ball_in_cup.get_config, ["--config.obs=rgb"], ball_in_cup.PRESETS)
     with pytest.raises(launch.UsageError, match="preset must be one of"):
         launch.parse(ball_in_cup.get_config, ["--preset=huge"], ball_in_cup.PRESETS)
-    # the first-contact preset is the cpu preset with DALI-D and gravity varied
+    # the first-contact preset is the cpu preset with DALI-D, gravity varied and the
+    # project's alignment recipe
     cpu = launch.parse(ball_in_cup.get_config, ["--preset=cpu"], ball_in_cup.PRESETS)
     first = launch.parse(ball_in_cup.get_config, ["--preset=first"], ball_in_cup.PRESETS)
     assert (first.method, first.context_setting) == ("dali_d", "single_0")
+    assert (cpu.context.alignment, first.context.alignment) == ("paper", "project")
     cpu.method, cpu.context_setting = first.method, first.context_setting
+    config_lib.set_alignment(cpu, "project")
     assert first.to_dict() == cpu.to_dict()
     for bad, msg in (("--config.context.pairs=next", "config.context.pairs must be one of "
                       "window, future"),
@@ -113,7 +117,8 @@ def test_launch_rejects_bad_overrides_and_presets_hold_the_protocol():
                      ("--config.context.inverse_weight=0", "config.context.inverse_weight must"),
                      ("--config.context.release_compat=true", "whose alignment loss is forward")):
         with pytest.raises(ValueError, match=msg):
-            launch.parse(ball_in_cup.get_config, [bad], ball_in_cup.PRESETS)
+            launch.parse(ball_in_cup.get_config, ["--config.context.alignment=project", bad],
+                         ball_in_cup.PRESETS)
     with pytest.raises(ValueError, match="deep_lag=4 needs deep context inputs.*'dali_s'"):
         launch.parse(ball_in_cup.get_config, ["--config.method=dali_s",
                                               "--config.context.deep_lag=4"], ball_in_cup.PRESETS)

@@ -280,9 +280,6 @@ def _format_summary(result: Mapping, rows: Sequence[dict], max_listed: int = 20)
             f"seed={result['seed']} step={result.get('checkpoint_step')} "
             f"episodes/context={result.get('episodes')} mode={result.get('mode')}")
     lines = [head]
-    if result.get("alignment"):
-        lines.append("  alignment: " + " ".join(f"{k}={v}" for k, v in
-                                                result["alignment"].items() if v is not None))
     if len(result["contexts"]) <= max_listed:  # a short run of contexts: each on its line
         for c in result["contexts"]:
             vals = "  ".join(f"{k} {v:g}" for k, v in c["values"].items())
@@ -294,6 +291,9 @@ def _format_summary(result: Mapping, rows: Sequence[dict], max_listed: int = 20)
         if "mean_score" in r:
             s += f"  mean normalised score={r['mean_score']:.3f}"
         lines.append(s)
+    if result.get("alignment"):  # how g_phi was trained
+        lines.append("  alignment: " + " ".join(f"{k}={v}" for k, v in
+                                                result["alignment"].items() if v is not None))
     return "\n".join(lines)
 
 

@@ -13,4 +13,5 @@ def get_config():
     c = spec.defaults()  # the paper's protocol: 6 methods, 10 seeds, 3 settings, 84 x 50
     c.task = "ball_in_cup"
     c.obs = "features"
+    c.overrides["context.alignment"] = "paper"  # the paper's alignment loss (the default)
     return c

@@ -14,4 +14,5 @@ def get_config():
     c.backend.slurm.time_min = 48 * 60
     c.backend.slurm.eval_time_min = 8 * 60
     c.backend.slurm.mem_gb = 64
+    c.overrides["context.alignment"] = "paper"  # the paper's alignment loss (the default)
     return c

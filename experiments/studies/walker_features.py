@@ -16,4 +16,5 @@ def get_config():
     c.task = "walker"
     c.obs = "features"
     c.backend.slurm.time_min = 48 * 60
+    c.overrides["context.alignment"] = "paper"  # the paper's alignment loss (the default)
     return c
