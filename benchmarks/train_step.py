@@ -25,8 +25,8 @@ Per configuration:
 - GFLOP/s: GFLOP / median; params: trainable parameters (model, actor, critic and, for
   DALI, g_phi and its heads; slow critic excluded);
 - x base: update time relative to the first method of `--methods` (dreamer_dr by default)
-  at the same size and observation kind: the median over `--rounds` interleaved rounds (one
-  update of every method per round) of the per-round ratio, robust to the speed drift of a
+  at the same size and observation kind: the median over `--rounds` interleaved passes (one
+  update of every method per pass) of the per-pass ratio, robust to the speed drift of a
   shared machine;
 - `--release-ref SECONDS`: a stored figure of the public release's update for the same
   problem (e.g. 63.6 s for small pixels on the reference CPU); each row then also prints
@@ -82,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--horizon", type=int, default=15)
     p.add_argument("--rounds", type=int, default=5,
-                   help="interleaved rounds (one update of each method per round) for the "
+                   help="interleaved passes (one update of each method per pass) for the "
                         "x dreamer_dr ratios; 0: ratio of the separate medians")
     p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16"),
                    help="compute dtype (default: the config's)")
@@ -238,7 +238,7 @@ def bench_one(args, size, obs, method) -> dict:
     carry = {"state": state, "i": 100}
 
     def one_update() -> float:
-        """Time one more update (for the interleaved ratio rounds)."""
+        """Time one more update (for the interleaved ratio passes)."""
         carry["i"] += 1
         t = time.perf_counter()
         carry["state"], m = agent.train_step(carry["state"], batch,
@@ -308,8 +308,8 @@ def main(argv=None):
                       f"{row['gflops_per_s']:.1f} GFLOP/s", flush=True)
             base_i = 0
             if len(group) > 1 and args.rounds > 0:
-                # Interleaved rounds (dr, m1, m2, dr, m1, ...): each ratio is a median of
-                # per-round ratios, so a drift in the machine's speed cancels.
+                # Interleaved passes (dr, m1, m2, dr, m1, ...): each ratio is a median of
+                # per-pass ratios, so a drift in the machine's speed cancels.
                 per_round = [[run() for run in runners] for _ in range(args.rounds)]
                 for i, r in enumerate(group):
                     r["interleaved_s"] = [t[i] for t in per_round]

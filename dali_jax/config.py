@@ -71,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
     x.readout = "flatten"  # flatten (release; ties g_phi to K) | mean (+ positional embeddings)
     # Steps sampled before each training chunk, used only to fill context windows, so that
     # training windows equal acting windows. -1: K for inferred-context methods, else 0;
-    # 0: windows cut at the chunk start (the behaviour before this option).
+    # 0: windows cut at the chunk start.
     x.history = -1
     # Dynamics alignment: the loss that trains g_phi. `alignment` names a recipe of the
     # fields below (ALIGNMENTS; docs/method.md): paper (the paper's f_psi([o_j, a_j, c]) ->

@@ -18,8 +18,8 @@ PRESETS = presets.NAMES
 
 
 def get_config(preset=None):
-    """preset: None/"paper" (the DALI protocol: small model, 500k env steps, train_ratio 512,
-    4 envs), "quick" (a CPU run that finishes in minutes), "smoke" (seconds; for tests)."""
+    """preset: None/"paper" (the DALI protocol: small model, train_ratio 512, 4 envs, the
+    paper's alignment loss), "cpu", "first", "quick" or "smoke" (dali_jax/presets.py)."""
     c = config_lib.get_config()
     c.task = "walker"
     c.run.steps = 500_000

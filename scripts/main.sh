@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The first contact: installs what is needed (scripts/bootstrap.sh), trains DALI-D on
-# featurized Ball-in-Cup with gravity varied in training (`--preset first`: the CPU study's
-# setting, 100k env steps, about 21 minutes on a 2-core CPU), then evaluates it zero-shot on the
-# contexts its setting scores (4 interpolation and 10 extrapolation gravities, 10 episodes
-# each) and draws its learning curve.
+# featurized Ball-in-Cup with gravity varied in training (`--preset first`: tiny model, the
+# project's alignment recipe, 100k env steps; README.md gives the time), then evaluates it
+# zero-shot on the contexts its setting scores (4 interpolation and 10 extrapolation
+# gravities, 10 episodes each) and draws its learning curve.
 #   LOGDIR=runs/mine bash scripts/main.sh [--config.FIELD=VALUE ...]
 # Extra arguments go to the training run; running it again resumes an interrupted run.
 set -euo pipefail

@@ -1,7 +1,7 @@
-"""One tiny trained Ball-in-Cup checkpoint shared by the analysis tests of a pytest session.
+"""One tiny trained Ball-in-Cup checkpoint shared by the analysis tests of one pytest run.
 
 `smoke_run(tmp_path_factory)` trains it on first use (smoke preset, DALI-D, 2-dim context,
-160 env steps: ~15 updates) and returns its logdir; later calls in the session reuse it.
+160 env steps: ~15 updates) and returns its logdir; later calls in the same test run reuse it.
 """
 import os
 import sys

@@ -66,7 +66,7 @@ _AGENTS = {}
 
 @pytest.fixture(scope="session")
 def agent_cache():
-    """(method, extra overrides as a tuple) -> Agent, built once per session so jitted
+    """(method, extra overrides as a tuple) -> Agent, built once per test run so jitted
     functions are compiled once."""
     from dali_jax.agent import Agent
 

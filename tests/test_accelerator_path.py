@@ -57,7 +57,7 @@ def test_bfloat16_update_trains_and_starts_where_float32_does(agent_cache):
     first, last = {}, {}
     for dtype in ("float32", "bfloat16"):
         if dtype == "float32" and jax.default_backend() == "cpu":
-            agent = agent_cache("dali_d")  # the session's compiled one (auto = float32 here)
+            agent = agent_cache("dali_d")  # the shared compiled one (auto = float32 here)
         else:
             agent = Agent(tiny_config("dali_d", compute_dtype=dtype), feature_spec())
         batch = random_batch(agent.spec, T=agent.sequence_length)

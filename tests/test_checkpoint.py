@@ -1,4 +1,5 @@
-"""Checkpointer: round trip, atomic commit, keep-last-N, corrupt and incompatible checkpoints."""
+"""Checkpointer: save and restore, atomic commit, keep-last-N, corrupt and incompatible
+checkpoints."""
 import os
 import shutil
 from typing import NamedTuple

@@ -1,4 +1,4 @@
-"""Context factors, sets, round robin, evaluation grid and regimes (spec/protocol.md)."""
+"""Context factors, sets, RoundRobin, evaluation grid and regimes (docs/protocol.md)."""
 import collections
 import math
 

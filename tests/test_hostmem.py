@@ -9,7 +9,7 @@ import pytest
 from dali_jax import hostmem
 
 # In a fresh process: allocate and fill 24 MiB, free it, allocate and fill 24 MiB again, and
-# print the minor page faults of the second round (glibc's default mmaps the first block and
+# print the minor page faults of the second pass (glibc's default mmaps the first block and
 # unmaps it on free, then serves the second from newly grown heap: fresh pages again).
 _PROBE = textwrap.dedent("""
     import ctypes, resource, sys

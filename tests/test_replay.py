@@ -1,5 +1,5 @@
-"""Replay: contiguous single-env windows, uniform starts, FIFO eviction, exact state round trip,
-prefetching."""
+"""Replay: contiguous single-env windows, uniform starts, FIFO eviction, exact state save and
+restore, prefetching."""
 import threading
 import time
 

@@ -15,7 +15,7 @@ from dali_jax.analysis.plots import context_grid
 from dali_jax.envs import contexts
 
 ROOT = Path(__file__).resolve().parents[1]
-PROTOCOL_COUNTS = {  # protocol.md: setting -> regime -> number of scored contexts
+PROTOCOL_COUNTS = {  # docs/protocol.md: setting -> regime -> number of scored contexts
     "single_0": {"interpolation": 4, "extrapolation": 10},
     "single_1": {"interpolation": 4, "extrapolation": 9},
     "double_box": {"interpolation": 13, "extrapolation": 30, "mixed": 41},
@@ -68,7 +68,7 @@ def test_expert_contexts():
         f0, f1 = contexts.FACTORS[task]
         ex = N.expert_contexts(task)
         keys = {(round(c[f0], 6), round(c[f1], 6)) for c in ex}
-        # protocol.md lists 9 + 8 + 4 = 21, with the default context in both lists
+        # docs/protocol.md lists 9 + 8 + 4 = 21, with the default context in both lists
         assert len(ex) == len(keys) == 20
         assert {(2.45, lo), (17.64, lo), (17.64, hi), (2.45, hi)} <= keys
         grid = {(round(g.values[f0], 6), round(g.values[f1], 6))

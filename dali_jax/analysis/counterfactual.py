@@ -7,7 +7,7 @@
         [--actions auto|zero|recorded] [--check-scales=-3,-2,-1,0,1,2,3] [--frames 16]
         [--sigma-stride N] [--all-dims] [--fast] [--task TASK] [--step N]
 
-Procedure (protocol.md, "Counterfactual imagination"):
+Procedure (docs/protocol.md, "Counterfactual imagination"):
 
 1. At the task's default context, ``--episodes`` episodes are collected with the trained policy
    (``--mode``, sampled actions by default), recording observations, actions and the acting

@@ -30,7 +30,7 @@ Random-policy references::
 
 runs a uniform-random policy (actions uniform over the action box) for ``--seeds`` seeds on each
 context and writes the reference cache of ``dali_jax.analysis.normalize`` (kind "random"): per
-context, the max over seeds of the seed's mean return (protocol.md).
+context, the max over seeds of the seed's mean return (docs/protocol.md).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ from dali_jax.methods import RECIPES
 __all__ = ["EvaluateError", "select_contexts", "evaluate_run", "write_results",
            "regime_summary", "random_reference", "RandomPolicy", "main"]
 
-DEFAULT_EPISODES = 50  # protocol.md: the release runs 50 episodes per context
+DEFAULT_EPISODES = 50  # docs/protocol.md: the release runs 50 episodes per context
 DEFAULT_RANDOM_EPISODES = 10
 DEFAULT_RANDOM_SEEDS = 5
 DEFAULT_NUM_ENVS = 16

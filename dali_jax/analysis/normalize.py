@@ -1,4 +1,4 @@
-"""Score normalisation (protocol.md) and (seeds x contexts) score matrices per regime.
+"""Score normalisation (docs/protocol.md) and (seeds x contexts) score matrices per regime.
 
 Normalised score at context ``c``::
 
@@ -57,9 +57,9 @@ RESULTS_RELPATH = os.path.join("eval", "returns.json")
 REFERENCE_FORMAT = "dali_jax/reference-returns"
 _ROUND = 6
 
-# Expert contexts of protocol.md: factor-0 values (at the factor-1 default), factor-1 values (at
-# the factor-0 default), and the (low, high) factor-1 values of the four corners at gravity
-# 2.45 / 17.64.
+# Expert contexts of docs/protocol.md: factor-0 values (at the factor-1 default), factor-1
+# values (at the factor-0 default), and the (low, high) factor-1 values of the four corners
+# at gravity 2.45 / 17.64.
 _EXPERT_GRAVITY = (0.98, 2.45, 3.92, 4.9, 9.81, 14.7, 15.68, 17.64, 19.6)
 _EXPERT_FACTOR1 = {
     "ball_in_cup": (0.03, 0.09, 0.15, 0.225, 0.3, 0.45, 0.54, 0.6),
@@ -103,7 +103,7 @@ def _key(values: Mapping[str, float], names: Sequence[str]) -> tuple[float, ...]
 
 
 def expert_contexts(task: str) -> list[dict[str, float]]:
-    """The 20 distinct expert contexts of ``task`` (protocol.md lists the default twice)."""
+    """The 20 distinct expert contexts of ``task`` (docs/protocol.md lists the default twice)."""
     f0, f1 = factors(task)
     d = defaults(task)
     out = [{f0: g, f1: d[f1]} for g in _EXPERT_GRAVITY]
@@ -281,7 +281,7 @@ def load_reference(path, kind: str | None = None, task: str | None = None) -> Re
 
 # ----------------------------------------------------------------------------- normaliser
 class Normalizer:
-    """Maps a mean return at a context to the normalised score of protocol.md.
+    """Maps a mean return at a context to the normalised score of docs/protocol.md.
 
     Args:
       task: "ball_in_cup" | "walker".

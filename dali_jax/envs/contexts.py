@@ -1,4 +1,4 @@
-"""Context factors, context sets, the evaluation grid and its regimes (see spec/protocol.md).
+"""Context factors, context sets, the evaluation grid and its regimes (see docs/protocol.md).
 
 A *context* is a plain ``dict[str, float]`` of physical parameters. Each task varies two
 factors (``FACTORS[task]``); the agent observes them normalised over the train range,
@@ -100,7 +100,7 @@ FEATURES: dict[str, dict[str, tuple[float, Interval]]] = {
     },
 }
 
-# Evaluation grid values (protocol.md): interpolation, extrapolation, double-grid.
+# Evaluation grid values (docs/protocol.md): interpolation, extrapolation, double-grid.
 _GRID_VALUES: dict[str, dict[str, tuple[float, ...]]] = {
     "gravity": {
         "interp": (4.9, 7.35, 9.81, 12.25, 14.7),
@@ -251,7 +251,7 @@ def make_context_set(task: str, setting: str, seed: int, n: int = 100,
 
 
 class RoundRobin:
-    """Randomised round robin over context ids: shuffle, visit each once, reshuffle.
+    """Randomised cyclic order over context ids: shuffle, visit each once, reshuffle.
 
     ``next()`` returns the next id; ``state_dict()`` / ``load_state_dict()`` checkpoint the
     order, the position and the generator state.
@@ -307,7 +307,7 @@ def _close(a: float, b: float) -> bool:
 
 
 def evaluation_grid(task: str) -> list[GridContext]:
-    """The 84 evaluation contexts of protocol.md, in a fixed order.
+    """The 84 evaluation contexts of docs/protocol.md, in a fixed order.
 
     Order: 15 factor-0 singles (ascending, factor 1 at default; includes the default context),
     13 factor-1 singles (ascending, default skipped), then the 56 double-grid pairs without a

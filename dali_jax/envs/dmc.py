@@ -213,9 +213,9 @@ class ContextualDMCEnv(_ContextMixin, gym.Env):
     Args:
       contexts: {context id: {feature: value}}; None -> {0: defaults}. Validated here.
       obs_mode: "features" | "pixels" | "both".
-      seed: seeds the initial-state randomisation and the round robin over contexts.
-      context_selector: None (randomised round robin), an object with ``.next()`` or a callable
-        returning a context id.
+      seed: seeds the initial-state randomisation and the ``RoundRobin`` over contexts.
+      context_selector: None (a randomised ``RoundRobin``), an object with ``.next()`` or a
+        callable returning a context id.
       image_size, camera: rendering settings (64, camera 0).
       time_limit: control steps per episode (1000).
     """
@@ -397,7 +397,7 @@ class ContextualDMCEnv(_ContextMixin, gym.Env):
 
 
 class BallInCupEnv(ContextualDMCEnv):
-    """Ball-in-Cup catch; context: gravity, string_length (protocol.md's catch_context).
+    """Ball-in-Cup catch; context: gravity, string_length (docs/protocol.md's catch_context).
 
     string_length L sets the tendon "string" range to (0, L) and shifts the ball body's z by
     (0.3 - L). obs (8,): cup x, z, ball x, z positions, then their 4 velocities. Action (2,).

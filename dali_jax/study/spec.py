@@ -34,7 +34,7 @@ from dali_jax import presets
 from dali_jax.envs import contexts as C
 from dali_jax.methods import METHODS
 
-RELEASE_SEEDS = (0, 42, 1337, 13, 71, 1994, 1997, 908, 2102, 3)  # protocol.md
+RELEASE_SEEDS = (0, 42, 1337, 13, 71, 1994, 1997, 908, 2102, 3)  # docs/protocol.md
 BACKENDS = ("local", "slurm")
 SUBMITIT_CLUSTERS = ("slurm", "local", "debug")
 EVAL_CONTEXTS = ("all", "scored")

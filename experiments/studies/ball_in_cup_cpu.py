@@ -3,7 +3,7 @@
 each of the 14 contexts single_0 scores, two runs at a time (one per core).
 
 Its DALI-D runs use the inverse alignment recipe and a 64-wide g_phi, as they were run
-(2026-12-02). Seeds 0-2 chose those settings (the inverse recipe over the paper's loss, then
+(2026-12-05). Seeds 0-2 chose those settings (the inverse recipe over the paper's loss, then
 the project's recipe, then g_phi's width), so this study does not test them: the
 confirmation study on fresh seeds is experiments/studies/ball_in_cup_cpu_confirm.py.
 
