@@ -32,7 +32,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 from context_probe import OPTIONS  # noqa: E402  (benchmarks/ is on sys.path when run)
 
-from dali_jax import hostmem  # noqa: E402
+from dali_jax import hostmem, overrides  # noqa: E402
 
 
 def replay_episodes(logdir: str, length: int) -> dict:
@@ -62,7 +62,7 @@ def fit_alignment(agent, state, episodes, updates, seed=0):
     import jax.numpy as jnp
 
     from dali_jax.agent import make_optimizer
-    from dali_jax.analysis import probe as P
+    from dali_jax.analysis import episodes as EP
 
     tc = agent.config.train
     opt = make_optimizer(tc.model_lr, tc.model_eps, tc.model_clip)
@@ -76,7 +76,7 @@ def fit_alignment(agent, state, episodes, updates, seed=0):
             p = dict(params, context=cp)
             H, chunk = agent.split_history(batch)
             ctx, aux = agent.context_chunk(p, batch, None, chunk["is_first"].shape[1])
-            terms, new_stats, _ = agent.context_losses(cp, aux, ctx, chunk["is_first"], stats)
+            terms, new_stats, _ = agent.context_losses(cp, aux, ctx, stats)
             return sum(weights[k] * jnp.mean(v) for k, v in terms.items()), new_stats
         (loss, new_stats), g = jax.value_and_grad(loss_fn, has_aux=True)(cp)
         upd, opt_state = opt.update(g, opt_state, cp)
@@ -88,21 +88,21 @@ def fit_alignment(agent, state, episodes, updates, seed=0):
     keys = tuple(agent.spec.obs)
     stats = stats0
     for _ in range(updates):
-        b = P.sample_batch(episodes, keys, tc.batch_size, agent.sequence_length, rng)
+        b = EP.sample_batch(episodes, keys, tc.batch_size, agent.sequence_length, rng)
         cp, opt_state, stats, loss = step(cp, opt_state, stats, b)
     return dict(params, context=cp)
 
 
 def probe_rows(agent, params, eps, train, targets, alpha=1e-3) -> dict:
     """Per-step R^2 of ridge probes from c (full windows) to each target (E, L, F)."""
-    from dali_jax.analysis import probe as P
+    from dali_jax.analysis import probe as PB
     K = agent.config.context.window
-    ctx = P.episode_contexts(agent, params, eps)
+    ctx = PB.episode_contexts(agent, params, eps)
     out = {}
     for name, y in targets.items():
-        X, Y, ep = P.step_samples(ctx, y, start=K - 1)
+        X, Y, ep = PB.step_samples(ctx, y, start=K - 1)
         m = train[ep]
-        out[name] = float(np.nanmean(P.linear_probe_r2(X[m], Y[m], X[~m], Y[~m], alpha=alpha)))
+        out[name] = float(np.nanmean(PB.linear_probe_r2(X[m], Y[m], X[~m], Y[~m], alpha=alpha)))
     return out
 
 
@@ -124,9 +124,9 @@ def main(argv=None):
 
     import jax
 
-    from dali_jax import config as config_lib
     from dali_jax.agent import Agent
-    from dali_jax.analysis import probe as P
+    from dali_jax.analysis import episodes as EP
+    from dali_jax.analysis import probe as PB
     from dali_jax.training.load import load_run
 
     run = load_run(args.logdir)
@@ -144,24 +144,20 @@ def main(argv=None):
     varied = [i for i in range(gt.shape[1]) if gt[:, i].std() > 1e-6]
     reward = eps["reward"].astype(np.float64)
     targets = {f"factor{i}": np.repeat(gt[:, None, i:i + 1], L, 1) for i in varied}
-    targets["window_reward"] = P.window_means(reward, K)[..., None]
+    targets["window_reward"] = PB.window_means(reward, K)[..., None]
     targets["reward"] = reward[..., None]
     print(f"{args.logdir}: {E} episodes of {L} steps from the replay ({train.sum()} train, "
           f"{test.sum()} held out), varied factors {varied}, mean reward {reward.mean():.3f} "
           f"({time.time() - t0:.0f} s)")
 
     rows = [dict(option="as trained", **probe_rows(run.agent, run.params, eps, train, targets))]
-    data = P.select(eps, train)
+    data = EP.select(eps, train)
     for opt in [o for o in args.options.split(",") if o]:
         c = copy.deepcopy(cfg)
         c.context.alignment = "custom"  # the option sets the fields one by one
         for k, v in OPTIONS[opt].items():
             c.context[k] = v
-        for s in args.set:
-            k, v = s.split("=", 1)
-            old = config_lib.get_path(c, k)
-            config_lib.set_path(c, k, v.lower() in ("1", "true", "yes") if isinstance(old, bool)
-                                else type(old)(v))
+        overrides.apply_overrides(c, [f"--config.{kv}" for kv in args.set])
         agent = Agent(c, run.agent.spec)
         state = agent.init(jax.random.PRNGKey(args.seed))
         if not rows[1:]:

@@ -13,12 +13,11 @@ a ridge probe from the context of every full window to each true factor is fitte
 training episodes and scored (R^2) on the held-out ones. The untrained encoder (the same
 agent at init) is the reference. One line per option, then a markdown table.
 
-Options (context.loss / pairs / residual / standardize):
-  paper         forward, window, plain o_{j+1} targets (the paper's form)
-  std           forward, window, standardised o_{j+1}
-  residual      forward, window, o_{j+1} - o_j
-  residual_std  forward, window, standardised o_{j+1} - o_j
-  future_std    forward, the 8 transitions after the window, standardised residuals
+Options (context.loss / residual / standardize; the transitions inside each window):
+  paper         forward, plain o_{j+1} targets (the paper's form)
+  std           forward, standardised o_{j+1}
+  residual      forward, o_{j+1} - o_j
+  residual_std  forward, standardised o_{j+1} - o_j
   inverse       inverse model a_j from [o_j, o_{j+1}, c]
   both_std      residual_std + inverse
   both_std_w10  residual_std + 10 x inverse
@@ -46,23 +45,19 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from dali_jax import hostmem, launch  # noqa: E402
+from dali_jax import hostmem, overrides  # noqa: E402
 
 OPTIONS = {
-    "paper": dict(loss="forward", pairs="window", residual=False, standardize=False),
-    "std": dict(loss="forward", pairs="window", residual=False, standardize=True),
-    "residual": dict(loss="forward", pairs="window", residual=True, standardize=False),
-    "residual_std": dict(loss="forward", pairs="window", residual=True, standardize=True),
-    "future_std": dict(loss="forward", pairs="future", residual=True, standardize=True),
-    "inverse": dict(loss="inverse", pairs="window", residual=False, standardize=False),
-    "both_std": dict(loss="both", pairs="window", residual=True, standardize=True),
+    "paper": dict(loss="forward", residual=False, standardize=False),
+    "std": dict(loss="forward", residual=False, standardize=True),
+    "residual": dict(loss="forward", residual=True, standardize=False),
+    "residual_std": dict(loss="forward", residual=True, standardize=True),
+    "inverse": dict(loss="inverse", residual=False, standardize=False),
+    "both_std": dict(loss="both", residual=True, standardize=True),
     # the inverse term weighted up (its error is ~1% of the standardised forward error)
-    "both_std_w10": dict(loss="both", pairs="window", residual=True, standardize=True,
-                         inverse_weight=10.0),
-    "both_std_w30": dict(loss="both", pairs="window", residual=True, standardize=True,
-                         inverse_weight=30.0),
-    "both_std_w100": dict(loss="both", pairs="window", residual=True, standardize=True,
-                          inverse_weight=100.0),
+    "both_std_w10": dict(loss="both", residual=True, standardize=True, inverse_weight=10.0),
+    "both_std_w30": dict(loss="both", residual=True, standardize=True, inverse_weight=30.0),
+    "both_std_w100": dict(loss="both", residual=True, standardize=True, inverse_weight=100.0),
 }
 CEILINGS = ("supervised", "raw_linear")
 OBS_DIM = {"ball_in_cup": (8, 2), "walker": (24, 6)}
@@ -72,7 +67,7 @@ def probe_config(task: str, option: str, seed: int = 0, window: int = 32):
     """The experiment's agent configuration (nano DALI-D, float32) for one option
     (`NAME` or `NAME@key=value;key=value`)."""
     from dali_jax import config as config_lib
-    name, _ = launch.split_variant(option)
+    name, _ = overrides.split_variant(option)
     c = config_lib.get_config()
     c.task, c.method, c.seed = task, "dali_d", seed
     c.model.size = "nano"
@@ -86,7 +81,7 @@ def probe_config(task: str, option: str, seed: int = 0, window: int = 32):
     c.context.alignment = "custom"  # the option sets the fields one by one
     for k, v in OPTIONS.get(name, OPTIONS["residual_std"]).items():
         c.context[k] = v
-    launch.apply_variant(c, option, "--options")
+    overrides.apply_variant(c, option, "--options")
     config_lib.validate(c)
     return c
 
@@ -98,13 +93,14 @@ def run(task: str, options, updates: int, seed: int = 0, grid: int = 4, episodes
     import numpy as np
 
     from dali_jax.agent import Agent, Spec
-    from dali_jax.analysis import probe as P
+    from dali_jax.analysis import episodes as EP
+    from dali_jax.analysis import probe as PB
 
     t0 = time.time()
-    eps = P.collect_random_episodes(task, P.context_grid(task, grid), episodes, length,
+    eps = EP.collect_random_episodes(task, EP.context_grid(task, grid), episodes, length,
                                     seed=seed)
-    train, test = P.heldout_split(eps, episodes // 2)
-    data = P.select(eps, train)
+    train, test = EP.heldout_split(eps, episodes // 2)
+    data = EP.select(eps, train)
     names = list(eps["factor_names"])
     log(f"{task}: {len(eps['factors'])} episodes of {length} steps on {grid}x{grid} contexts "
         f"({time.time() - t0:.0f} s)")
@@ -117,20 +113,20 @@ def run(task: str, options, updates: int, seed: int = 0, grid: int = 4, episodes
         untrained = jax.tree_util.tree_map(np.array, state.params)
         t1 = time.time()
         hist = [{"loss/dali": float("nan")}]
-        base = launch.split_variant(opt)[0]
+        base = overrides.split_variant(opt)[0]
         if base == "supervised":
             params, hist = supervised_fit(agent, state.params, eps, train, updates, seed + 1)
         elif base != "raw_linear":
-            state, hist = P.fit_world_model(agent, state, data, updates, seed=seed + 1,
+            state, hist = EP.fit_world_model(agent, state, data, updates, seed=seed + 1,
                                             log_every=max(1, updates // 4))
             params = state.params
         train_s = time.time() - t1
         if base == "raw_linear":
             r2 = raw_window_probe(agent, eps, train, test, stride=2)
         else:
-            r2 = P.window_probe(agent, params, eps, train, test, stride=2)
-        r2_0 = P.window_probe(agent, untrained, eps, train, test, stride=2)
-        kind = OPTIONS.get(base, dict(loss=base, pairs="window", residual="-", standardize="-"))
+            r2 = PB.window_probe(agent, params, eps, train, test, stride=2)
+        r2_0 = PB.window_probe(agent, untrained, eps, train, test, stride=2)
+        kind = OPTIONS.get(base, dict(loss=base, residual="-", standardize="-"))
         row = dict(task=task, option=opt, **kind, updates=updates, seed=seed, window=window,
                    episodes=episodes,
                    r2={n: float(v) for n, v in zip(names, r2)},
@@ -203,7 +199,7 @@ def raw_window_probe(agent, eps, train, test, stride=2):
     """Ceiling of a linear probe: ridge from the raw flattened window (K x D) of every full
     window to each factor, fitted on `train` episodes and scored on `test`. -> R^2 (F,)."""
     import numpy as np
-    from dali_jax.analysis import probe as P
+    from dali_jax.analysis import probe as PB
     K = agent.config.context.window
     tok = episode_tokens(agent, eps)
     E, L, _ = tok.shape
@@ -212,18 +208,18 @@ def raw_window_probe(agent, eps, train, test, stride=2):
     t = np.tile(steps, E)
     X = full_windows(tok, K, e, t).reshape(len(e), -1)
     y = np.asarray(eps["factors"], np.float64)[e]
-    return P.linear_probe_r2(X[train[e]], y[train[e]], X[test[e]], y[test[e]])
+    return PB.linear_probe_r2(X[train[e]], y[train[e]], X[test[e]], y[test[e]])
 
 
 def table(rows) -> str:
     names = list(rows[0]["r2"])
-    head = ("| task | option | loss | pairs | residual | standardize | "
+    head = ("| task | option | loss | residual | standardize | "
             + " | ".join(f"R^2 {n}" for n in names) + " | "
             + " | ".join(f"untrained {n}" for n in names) + " | context/gain |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        out.append(f"| {r['task']} | {r['option']} | {r['loss']} | {r['pairs']} | "
-                   f"{r['residual']} | {r['standardize']} | "
+        out.append(f"| {r['task']} | {r['option']} | {r['loss']} | {r['residual']} | "
+                   f"{r['standardize']} | "
                    + " | ".join(f"{r['r2'][n]:.3f}" for n in names) + " | "
                    + " | ".join(f"{r['r2_untrained'][n]:.3f}" for n in names)
                    + f" | {r['gain'][-1]:.4f} |")
@@ -242,7 +238,7 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="append one JSON line per option")
     args = p.parse_args(argv)
     opts = args.options.split(",")
-    bad = [o for o in opts if launch.split_variant(o)[0] not in (*OPTIONS, *CEILINGS)]
+    bad = [o for o in opts if overrides.split_variant(o)[0] not in (*OPTIONS, *CEILINGS)]
     if bad:
         p.error(f"unknown option(s) {bad}; valid: {', '.join([*OPTIONS, *CEILINGS])}")
     hostmem.tune_malloc()

@@ -36,11 +36,11 @@ export MUJOCO_GL="${MUJOCO_GL:-egl}" PYOPENGL_PLATFORM="${PYOPENGL_PLATFORM:-egl
 if [ "$cpu" = 1 ]; then
   export JAX_PLATFORMS=cpu
   sizes="nano"; obs="features"; ts_extra="--quick"; loop_s=30; loop_preset="smoke"
-  tests=(tests/test_accelerator_path.py -k "dali_d and features")
+  tests=(tests/agent/test_accelerator_path.py -k "dali_d and features")
 else
   export JAX_PLATFORMS=""  # empty, not unset: tests/conftest.py would pin the CPU
   sizes="small"; obs="features,pixels"; ts_extra="--repeats 5 --rounds 0"; loop_s=120; loop_preset="paper"
-  tests=(tests/test_accelerator_path.py tests/test_rssm.py tests/test_nets.py)
+  tests=(tests/agent/test_accelerator_path.py tests/models/test_rssm.py tests/models/test_nets.py)
 fi
 "$PY" - <<'PY' | tee -a "$log" >> "$json"
 import json, platform, jax

@@ -58,7 +58,8 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    from dali_jax.analysis import probe as P
+    from dali_jax.analysis import episodes as EP
+    from dali_jax.analysis import probe as PB
     from dali_jax.models import distributions as D
     from dali_jax.models import rssm as R
     from dali_jax.training.load import load_run
@@ -72,10 +73,10 @@ def main(argv=None):
     dyn = sw.dynamics
     K, H = int(cfg.context.window), args.horizon
     length = K + args.starts * 8 + H + 1
-    contexts = P.context_grid(cfg.task, args.grid)
-    eps = P.collect_random_episodes(cfg.task, contexts, args.episodes, length, seed=args.seed,
+    contexts = EP.context_grid(cfg.task, args.grid)
+    eps = EP.collect_random_episodes(cfg.task, contexts, args.episodes, length, seed=args.seed,
                                     obs_mode=cfg.obs, action_repeat=args.action_repeat)
-    ctx = jnp.asarray(P.episode_contexts(agent, params, eps))  # (E, L, Cc)
+    ctx = jnp.asarray(PB.episode_contexts(agent, params, eps))  # (E, L, Cc)
     E, L = eps["is_first"].shape
     keys = tuple(agent.spec.obs) + ("action", "is_first")
     batch = {k: jnp.asarray(eps[k]) for k in keys if k in eps}

@@ -38,7 +38,7 @@ def main():
                     help="stop the timed run after this many seconds (compilation included: "
                          "use --warmup to compile first); 0: run to --steps")
     ap.add_argument("--json", default=None, help="append the figures as one JSON line")
-    args, overrides = ap.parse_known_args()
+    args, extra = ap.parse_known_args()
     from dali_jax import hostmem
     hostmem.tune_malloc()
     import jax
@@ -56,8 +56,8 @@ def main():
     if args.prefill is not None:
         cfg.run.prefill = args.prefill
     cfg.run.steps = args.steps
-    from dali_jax import launch
-    launch.apply_overrides(cfg, overrides)  # --config.FIELD=VALUE, as in experiment files
+    from dali_jax import launch, overrides
+    overrides.apply_overrides(cfg, extra)  # --config.FIELD=VALUE, as in experiment files
     cfg.run.eval_every = 0
     cfg.run.eval_episodes = 1  # the final evaluation is outside the timed loop; keep it short
     cfg.run.log_every_s = 1e9
@@ -89,7 +89,7 @@ def main():
     print(f"task={args.task} preset={args.preset} obs={cfg.obs} method={cfg.method} "
           f"size={cfg.model.size} batch={cfg.train.batch_size}x{cfg.train.batch_length} "
           f"train_ratio={cfg.run.train_ratio} envs={cfg.run.num_envs}"
-          + (f" {' '.join(overrides)}" if overrides else ""))
+          + (f" {' '.join(extra)}" if extra else ""))
     steps, updates = out["env_steps"] - start_steps, out["updates"] - start_updates
     print(f"env steps {steps} (from {start_steps}), updates {updates}, wall "
           f"{wall:.1f}s (incl. compile and final eval), loop {loop:.1f}s")
@@ -100,7 +100,7 @@ def main():
     if args.json:
         rec = dict(bench="train_loop", device=f"{dev.platform} {getattr(dev, 'device_kind', '')}",
                    task=args.task, preset=args.preset, obs=cfg.obs, method=cfg.method,
-                   size=cfg.model.size, overrides=overrides, env_steps=steps, updates=updates,
+                   size=cfg.model.size, overrides=extra, env_steps=steps, updates=updates,
                    loop_s=loop,
                    wall_s=wall, env_steps_per_s=steps / loop, updates_per_s=updates / loop,
                    stopped=bool(out.get("stopped")),

@@ -55,7 +55,7 @@ import numpy as np
 
 from dali_jax import config as config_lib
 from dali_jax import hostmem
-from dali_jax import launch
+from dali_jax import overrides
 from dali_jax.agent import Agent, Spec, compute_dtype, count_params
 from dali_jax.flops import count_flops
 
@@ -115,7 +115,7 @@ def parse_args(argv=None):
 
 
 def make_config(args, size, obs, variant):
-    method, _ = launch.split_variant(variant)
+    method, _ = overrides.split_variant(variant)
     c = config_lib.get_config()
     c.task = PROBLEMS[obs][0]
     c.obs = obs
@@ -129,7 +129,7 @@ def make_config(args, size, obs, variant):
         c.compute_dtype = args.dtype
     c.train.batch_size, c.train.batch_length = args.batch, args.length
     c.train.imag_horizon = args.horizon
-    launch.apply_variant(c, variant, "--methods")
+    overrides.apply_variant(c, variant, "--methods")
     config_lib.validate(c)
     return c
 

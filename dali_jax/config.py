@@ -6,6 +6,7 @@ Every option a user can set is a field of the ConfigDict returned by `get_config
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_flags import config_path
 
 from dali_jax.methods import DROPPABLE, METHODS, RECIPES, config_switches, parse_drop
 
@@ -56,10 +57,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Image encoder/decoder convolutions: native XLA convolutions, or their exact rewrite as
     # space-to-depth + one matmul (models/conv.py). auto: matmul on CPU, native on GPU/TPU.
     m.conv_impl = "auto"  # auto | native | matmul
-    # Steps per iteration of the observe and imagination scans (values are unchanged): 1 is
-    # a plain loop; larger values trade compile time (2-5x at 4-32) for less per-step loop
-    # overhead (a tiny CPU update 6-12% faster at 16: benchmarks/RESULTS.md).
-    m.unroll = 1
+    # The update's hand-written gradients (models/fastgrad.py: LayerNorm backward, deferred
+    # kernel gradients of the filter, the critic's routed forward). False: plain autodiff
+    # everywhere, for jax.jvp / jax.linearize / Hessians through the model (same values
+    # and gradients, slower).
+    m.custom_vjp = True
 
     x = c.context = ml_collections.ConfigDict()
     x.encoder = "transformer"  # transformer | attention | gru | mlp
@@ -81,30 +83,14 @@ def get_config() -> ml_collections.ConfigDict:
     x.alignment = "paper"
     x.loss = "forward"  # forward (f_psi) | inverse (inv([o_j, o_{j+1}, c]) -> a_j) | both
     x.inverse_weight = 30.0  # loss=both: forward + inverse_weight * inverse
-    x.pairs = "window"  # window (transitions inside the window) | future (the m after it)
-    x.future_steps = 8  # m for pairs=future
     x.residual = False  # forward target o_{j+1} - o_j instead of o_{j+1}
     x.standardize = False  # forward targets standardised per dim with running moments
     x.stats_decay = 0.99  # EMA decay of those moments (kept in the train state)
     x.loss_scale = 1.0
-    # Compute the alignment loss from per-step parts (models/context.alignment_loss_per_step,
+    # Compute the alignment loss from per-step parts (models/alignment.alignment_loss_per_step,
     # equal in values and gradients; benchmarks/RESULTS.md: the A/B) instead of running the
     # heads on every (window, transition) pair; False: the plain formula.
     x.per_step_alignment = True
-    # > 0: weight of the within-episode consistency term (alignment.consistency_loss: the spread of
-    # c between two windows `consistency_lag` steps apart in one episode over its spread
-    # across the batch), added to the alignment loss; it keeps in c what is fixed for an
-    # episode (the context) and out of it what changes (the task's progress). 0: off.
-    x.consistency = 0.0
-    x.consistency_lag = 16
-    # > 0: g_phi, f_psi and the chi heads stop changing after this many updates, so that the
-    # context the actor, critic and world model read is stationary from then on (0: never).
-    x.freeze_after = 0
-    # > 0: in the world-model loss the deep inputs (img_step and the heads) read the context
-    # of a random earlier step of the same episode, up to deep_lag steps back (uniform), the
-    # staleness they meet in imagination, where c is held fixed for imag_horizon steps;
-    # 0: the current step's context. Needs a method with deep inputs (dali_d, crssm_d).
-    x.deep_lag = 0
     x.head_units = 0  # 0: tied to model.size (see hidden)
     x.head_layers = 2
     x.lambda_cross = 1.0
@@ -176,16 +162,16 @@ def get_config() -> ml_collections.ConfigDict:
 ALIGNMENTS = {
     # The paper: f_psi([o_j, a_j, c]) -> o_{j+1}, MSE on the raw next observation (the next
     # embedding for pixels), weight 1, on the transitions inside the window.
-    "paper": dict(loss="forward", inverse_weight=30.0, pairs="window", residual=False,
-                  standardize=False, loss_scale=1.0),
+    "paper": dict(loss="forward", inverse_weight=30.0, residual=False, standardize=False,
+                  loss_scale=1.0),
     # This project's: forward + 30 x inverse; the forward target o_{j+1} - o_j, standardised
     # per dimension with running moments (benchmarks/RESULTS.md, alignment recipes).
-    "project": dict(loss="both", inverse_weight=30.0, pairs="window", residual=True,
-                    standardize=True, loss_scale=1.0),
+    "project": dict(loss="both", inverse_weight=30.0, residual=True, standardize=True,
+                    loss_scale=1.0),
     # The inverse head alone, inv([o_j, o_{j+1}, c]) -> a_j (the CPU study of
     # experiments/studies/ball_in_cup_cpu.py).
-    "inverse": dict(loss="inverse", inverse_weight=30.0, pairs="window", residual=False,
-                    standardize=False, loss_scale=1.0),
+    "inverse": dict(loss="inverse", inverse_weight=30.0, residual=False, standardize=False,
+                    loss_scale=1.0),
 }
 ALIGNMENT_NAMES = tuple(ALIGNMENTS) + ("custom",)
 
@@ -207,8 +193,7 @@ def alignment_summary(config) -> dict:
     return dict(recipe=x.get("alignment", "custom"), loss=x.loss,
                 inverse_weight=x.inverse_weight if x.loss == "both" else None,
                 residual=x.residual, standardize=x.standardize, loss_scale=x.loss_scale,
-                pairs=x.pairs, window=x.window, gphi_width=s["ctx_hidden"],
-                head_units=s["ctx_head_units"])
+                window=x.window, gphi_width=s["ctx_hidden"], head_units=s["ctx_head_units"])
 
 
 def resolve_sizes(config) -> dict:
@@ -287,15 +272,11 @@ def validate(config) -> None:
     _choice("xla_opt_level", config.xla_opt_level, (-1, 0, 1, 2, 3))
     _choice("model.size", config.model.size, tuple(SIZES))
     _choice("model.conv_impl", config.model.conv_impl, ("auto", "native", "matmul"))
-    if not (isinstance(config.model.unroll, int) and config.model.unroll >= 1):
-        raise ValueError("config.model.unroll must be an integer >= 1; "
-                         f"got {config.model.unroll!r}")
     _choice("context.encoder", config.context.encoder, ("transformer", "attention", "gru", "mlp"))
     _choice("context.readout", config.context.readout, ("flatten", "mean"))
     _choice("context.loss", config.context.loss, ("forward", "inverse", "both"))
-    _choice("context.pairs", config.context.pairs, ("window", "future"))
     for name in ("context.hidden", "context.head_units"):
-        v = get_path(config, name)
+        v = config_path.get_value(name, config)
         if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
             raise ValueError(f"config.{name} must be 0 (tied to model.size) or a positive "
                              f"integer; got {v!r}")
@@ -306,37 +287,18 @@ def validate(config) -> None:
             and config.context.inverse_weight > 0):
         raise ValueError("config.context.inverse_weight must be a number > 0; "
                          f"got {config.context.inverse_weight!r}")
-    if config.context.consistency < 0:
-        raise ValueError("config.context.consistency must be >= 0; "
-                         f"got {config.context.consistency!r}")
-    lag, T = config.context.consistency_lag, config.train.batch_length
-    if config.context.consistency and not 0 < lag < T:
-        raise ValueError("config.context.consistency_lag must be in [1, train.batch_length - 1] "
-                         f"= [1, {T - 1}]; got {lag!r}")
     if not 0.0 <= config.context.stats_decay < 1.0:
         raise ValueError("config.context.stats_decay must be in [0, 1); "
                          f"got {config.context.stats_decay!r}")
     _validate_drop(config)
-    if not (isinstance(config.context.freeze_after, int) and config.context.freeze_after >= 0):
-        raise ValueError("config.context.freeze_after must be an integer >= 0 (0: never); "
-                         f"got {config.context.freeze_after!r}")
-    lag = config.context.deep_lag
-    if not (isinstance(lag, int) and not isinstance(lag, bool) and lag >= 0):
-        raise ValueError(f"config.context.deep_lag must be an integer >= 0 (0: off); got {lag!r}")
-    if lag:
-        sw = config_switches(config)
-        if not (sw.dynamics or sw.heads):
-            raise ValueError(f"config.context.deep_lag={lag} needs deep context inputs "
-                             f"(img_step or heads); method {config.method!r} with "
-                             f"context.drop={config.context.drop!r} has none")
-    for name in ("context.window", "context.dim", "context.future_steps", "context.head_layers",
+    for name in ("context.window", "context.dim", "context.head_layers",
                  "train.batch_size", "train.batch_length", "train.imag_horizon",
                  "run.num_envs", "num_contexts", "model.encdec_layers", "model.encdec_units",
                  "run.episode_length", "run.prefill_hold"):
-        _positive(name, get_path(config, name), integer=True)
+        _positive(name, config_path.get_value(name, config), integer=True)
     for name in ("train.horizon", "train.model_lr", "train.actor_lr", "train.critic_lr",
                  "train.model_clip", "train.actor_clip", "train.critic_clip", "run.train_ratio"):
-        _positive(name, get_path(config, name))
+        _positive(name, config_path.get_value(name, config))
     if not 0.0 <= config.train.return_lambda <= 1.0:
         raise ValueError(f"config.train.return_lambda must be in [0, 1]; "
                          f"got {config.train.return_lambda!r}")
@@ -382,13 +344,35 @@ def _overlay(defaults: dict, legacy: dict) -> dict:
     return out
 
 
+# Options measured and not adopted (benchmarks/RESULTS.md#research-options), each with the
+# value that runs what dali_jax runs now (_ANY: every value does). A saved config may hold
+# them: fill_missing drops each one at that value and keeps one set otherwise, so that a
+# checkpoint trained with it does not match a config without it.
+_ANY = object()
+NOT_ADOPTED = {"model": {"unroll": _ANY},
+               "context": {"pairs": "window", "future_steps": _ANY, "consistency": 0.0,
+                           "consistency_lag": _ANY, "freeze_after": 0, "deep_lag": 0}}
+
+
+def _drop_not_adopted(saved: dict, fields: dict) -> dict:
+    out = dict(saved)
+    for k, v in fields.items():
+        if isinstance(v, dict):
+            if isinstance(out.get(k), dict):
+                out[k] = _drop_not_adopted(out[k], v)
+        elif k in out and (v is _ANY or out[k] == v):
+            del out[k]
+    return out
+
+
 def fill_missing(saved: dict, defaults: dict, only: dict | None = None) -> dict:
     """A config saved by an older dali_jax (nested dicts: config.json, a checkpoint's
     fingerprint) with the fields it lacks taken from ``defaults``, recursively: an option
     added since then takes its default, which keeps the old behaviour, or its LEGACY value
-    where the default has changed since. ``only``: fill just the fields this nested dict has
+    where the default has changed since. The NOT_ADOPTED options it holds at the value that
+    runs today's behaviour are dropped. ``only``: fill just the fields this nested dict has
     (the part of the config being compared)."""
-    return _fill(saved, _overlay(defaults, LEGACY), only)
+    return _fill(_drop_not_adopted(saved, NOT_ADOPTED), _overlay(defaults, LEGACY), only)
 
 
 def _fill(saved: dict, defaults: dict, only: dict | None = None) -> dict:
@@ -409,43 +393,12 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class FieldError(KeyError):
-    """A dotted config path names no field: `where` (the group searched), `part` (the
-    missing name) and `valid` (that group's fields)."""
-
-    def __init__(self, dotted, where, part, valid):
-        self.dotted, self.where, self.part, self.valid = dotted, where, part, valid
-        super().__init__(f"{where} has no field {part!r}. Valid fields: {', '.join(valid)}")
-
-    def __str__(self):
-        return self.args[0]
-
-
-def field_parent(config, dotted: str):
-    """The group holding a dotted path's field and the field's name: 'a.b.c' ->
-    (config.a.b, 'c'). Raises FieldError naming the first missing part."""
-    parts = dotted.split(".")
-    node = config
-    for depth, part in enumerate(parts):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-            raise FieldError(dotted, ".".join(parts[:depth]) or "config", part, valid)
-        if depth < len(parts) - 1:
-            node = node[part]
-    return node, parts[-1]
-
-
-def get_path(config, dotted: str):
-    """config['a']['b']['c'] for 'a.b.c'."""
-    node, leaf = field_parent(config, dotted)
-    return node[leaf]
-
-
-def set_path(config, dotted: str, value):
-    """Sets the existing field 'a.b.c' of config (FieldError when there is none);
-    'context.alignment' also sets the fields of its recipe (`set_alignment`)."""
-    node, leaf = field_parent(config, dotted)
-    if dotted == "context.alignment" and node is config.context:
+def set_field(config, dotted: str, value):
+    """Sets the existing field 'a.b.c' of config (ml_collections' config_path: an error for
+    a missing one); 'context.alignment' also sets the fields of its recipe
+    (`set_alignment`). -> config."""
+    if dotted == "context.alignment":
         return set_alignment(config, value)
-    node[leaf] = value
+    config_path.get_value(dotted, config)  # the field exists
+    config_path.set_value(dotted, config, value)
     return config

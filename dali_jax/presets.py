@@ -107,5 +107,5 @@ def apply(c, name: str):
     if name not in NAMES:
         raise ValueError(f"preset must be one of {', '.join(NAMES)}; got {name!r}")
     for path, value in OVERRIDES[name].items():
-        config_lib.set_path(c, path, value)
+        config_lib.set_field(c, path, value)
     return c

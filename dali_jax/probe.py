@@ -87,7 +87,8 @@ def run_probe(args) -> dict:
     import jax
     import numpy as np
 
-    from dali_jax.analysis import probe as P
+    from dali_jax.analysis import episodes as EP
+    from dali_jax.analysis import probe as PB
     from dali_jax.training.load import load_run
 
     _check_args(args)
@@ -101,41 +102,41 @@ def run_probe(args) -> dict:
     if length < K:
         raise ValueError(f"--length {length} is shorter than the context window K = {K}")
     t0 = time.time()
-    from dali_jax.envs import contexts as CTX
-    varied = CTX.varied_factors(cfg.task, cfg.context_setting)
-    names = list(varied if args.contexts == "trained" and varied else CTX.FACTORS[cfg.task])
-    contexts = P.context_grid(cfg.task, args.grid, names)
+    from dali_jax.envs import contexts as C
+    varied = C.varied_factors(cfg.task, cfg.context_setting)
+    names = list(varied if args.contexts == "trained" and varied else C.FACTORS[cfg.task])
+    contexts = EP.context_grid(cfg.task, args.grid, names)
     if args.policy == "agent":
-        eps = P.collect_agent_episodes(agent, run.params, cfg.task, contexts, args.episodes,
+        eps = EP.collect_agent_episodes(agent, run.params, cfg.task, contexts, args.episodes,
                                        length, seed=args.seed, obs_mode=cfg.obs)
     else:
-        eps = P.collect_random_episodes(cfg.task, contexts, args.episodes, length,
+        eps = EP.collect_random_episodes(cfg.task, contexts, args.episodes, length,
                                         seed=args.seed, obs_mode=cfg.obs,
                                         action_repeat=args.action_repeat)
     t_collect = time.time() - t0
-    train, test = P.heldout_split(eps, args.test_per_context)
+    train, test = EP.heldout_split(eps, args.test_per_context)
     factors = eps["factors"][:, [list(eps["factor_names"]).index(n) for n in names]]
 
     def evaluate(params):
-        ctx = P.episode_contexts(agent, params, eps)
-        X, y, ep = P.step_samples(ctx, factors, start=K - 1, stride=args.stride)
+        ctx = PB.episode_contexts(agent, params, eps)
+        X, y, ep = PB.step_samples(ctx, factors, start=K - 1, stride=args.stride)
         m = train[ep]
-        r_step = P.linear_probe_r2(X[m], y[m], X[~m], y[~m], alpha=args.alpha)
+        r_step = PB.linear_probe_r2(X[m], y[m], X[~m], y[~m], alpha=args.alpha)
         mean = ctx[:, K - 1:].mean(1)
-        r_ep = P.linear_probe_r2(mean[train], factors[train], mean[test], factors[test],
+        r_ep = PB.linear_probe_r2(mean[train], factors[train], mean[test], factors[test],
                                  alpha=args.alpha)
-        shares = P.variance_shares(ctx[:, K - 1:], eps["context_id"])
+        shares = PB.variance_shares(ctx[:, K - 1:], eps["context_id"])
         other = {}
         for name, target in others.items():
-            Xo, yo, _ = P.step_samples(ctx, target, start=K - 1, stride=args.stride)
-            other[name] = float(np.nanmean(P.linear_probe_r2(Xo[m], yo[m], Xo[~m], yo[~m],
+            Xo, yo, _ = PB.step_samples(ctx, target, start=K - 1, stride=args.stride)
+            other[name] = float(np.nanmean(PB.linear_probe_r2(Xo[m], yo[m], Xo[~m], yo[~m],
                                                              alpha=args.alpha)))
         return ctx, X[~m], y[~m], r_step, r_ep, shares, other
 
     # What else c may hold (per step, (E, L, F) targets): the task's progress over the window,
     # the reward at t, the (vector) observation at t (mean R^2 over its dimensions).
     reward = eps["reward"].astype(np.float64)
-    others = dict(window_reward=P.window_means(reward, K)[..., None], reward=reward[..., None])
+    others = dict(window_reward=PB.window_means(reward, K)[..., None], reward=reward[..., None])
     if agent.vector_keys:
         others["observation"] = np.concatenate([eps[k] for k in agent.vector_keys], -1)
     ctx, Xte, yte, r_step, r_ep, shares, other = evaluate(run.params)
@@ -164,7 +165,7 @@ def run_probe(args) -> dict:
     os.makedirs(out, exist_ok=True)
     if not args.no_plot:
         path = os.path.join(out, "tsne.png")
-        P.tsne_plot(Xte, yte, path, names=names, seed=args.seed,
+        PB.tsne_plot(Xte, yte, path, names=names, seed=args.seed,
                     title=f"{cfg.task} {cfg.method}: inferred context (held-out episodes)")
         result["tsne"] = path
     result["wall_s"] = dict(collect=t_collect, total=time.time() - t0)

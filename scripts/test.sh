@@ -5,7 +5,7 @@
 #   2. a fast subset in .venv-oldest: Python 3.11 with the oldest supported versions
 #      (scripts/oldest.txt), the API surface of jax, flax, optax, orbax and chex we rely on.
 # With arguments, only step 1 runs, with the arguments passed to pytest
-# (e.g. `bash scripts/test.sh tests/test_rssm.py -x`). DALI_SKIP_OLDEST=1 skips step 2.
+# (e.g. `bash scripts/test.sh tests/models/test_rssm.py -x`). DALI_SKIP_OLDEST=1 skips step 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -19,8 +19,9 @@ fi
 echo "[test] the whole suite on $(.venv/bin/python --version)"
 JAX_COMPILATION_CACHE_DIR="$cache" .venv/bin/python -m pytest
 [ "${DALI_SKIP_OLDEST:-0}" = 1 ] && exit 0
-OLDEST_TESTS=(tests/test_imports.py tests/test_nets.py tests/test_rssm.py tests/test_distributions.py
-              tests/test_checkpoint.py tests/test_context.py tests/test_windows.py)
+OLDEST_TESTS=(tests/test_imports.py tests/models/test_nets.py tests/models/test_rssm.py
+              tests/models/test_distributions.py tests/models/test_context_encoder.py
+              tests/training/test_checkpoint.py tests/training/test_windows.py)
 source scripts/find_python.sh
 py311="$(find_python 3.11 || true)"
 if [ -z "$py311" ]; then

@@ -210,7 +210,7 @@ def test_static_arguments_and_kwargs():
 def test_agent_train_step_counts_scans():
     """The agent's update traced with abstract inputs; the RSSM scans make the count grow
     with the batch length and the imagination horizon."""
-    from conftest import feature_spec, random_batch, tiny_config
+    from tests.helpers import feature_spec, random_batch, tiny_config
 
     from dali_jax.agent import Agent
 

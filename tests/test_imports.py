@@ -24,7 +24,7 @@ sys.meta_path.insert(0, Refuse())
 import jax, numpy as np
 from dali_jax import config as config_lib
 from dali_jax.agent import Agent, Spec, count_params
-import dali_jax.models.rssm, dali_jax.models.context, dali_jax.models.behavior
+import dali_jax.models.rssm, dali_jax.models.context_encoder, dali_jax.models.behavior
 import dali_jax.models.conv, dali_jax.methods, dali_jax.presets
 c = config_lib.get_config()
 c.method = "dali_d"

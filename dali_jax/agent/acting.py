@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dali_jax.models import context as C
+from dali_jax.models import context_encoder as CE
 from dali_jax.models import rssm as R
 
 f32 = jnp.float32
@@ -54,10 +54,10 @@ def policy_step(agent, params, carry, obs, rng, mode="sample"):
         tok_obs = agent.token_obs(enc_obs, embed)
         if agent.release_compat:
             # Release: zero-initialised buffer, never reset, (o_k, a_{k-1}) pairs.
-            tok = C.tokens(tok_obs, carry["prev_action"])
+            tok = CE.tokens(tok_obs, carry["prev_action"])
             window = jnp.concatenate([carry["window"][:, 1:], tok[:, None]], 1)
         else:
-            tok = C.tokens(tok_obs, prev_action)
+            tok = CE.tokens(tok_obs, prev_action)
             rolled = jnp.concatenate([carry["window"][:, 1:], tok[:, None]], 1)
             fresh = jnp.broadcast_to(tok[:, None], rolled.shape)
             window = jnp.where(is_first[:, None, None], fresh, rolled)

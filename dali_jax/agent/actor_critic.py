@@ -56,8 +56,7 @@ class ActorCritic:
 
         ctx_dyn = ctx if sw.dynamics else None
         traj = R.imagine(self.rssm, params["rssm"], policy, start,
-                         self.config.train.imag_horizon, rng, ctx_dyn, outputs,
-                         unroll=self.unroll)
+                         self.config.train.imag_horizon, rng, ctx_dyn, outputs)
         cont = jnp.concatenate([(1.0 - is_terminal.astype(f32))[None], traj["cont"][1:]], 0)
         traj.update(cont=cont, weight=B.trajectory_weight(cont, self.gamma))
         return traj

@@ -30,7 +30,8 @@ from dali_jax.agent.actor_critic import ActorCritic
 from dali_jax.agent.world_model import WorldModel
 from dali_jax.methods import config_switches
 from dali_jax.models import alignment as A
-from dali_jax.models import context as C
+from dali_jax.models import context_encoder as CE
+from dali_jax.models import fastgrad as FG
 from dali_jax.models import nets as N
 from dali_jax.models import rssm as R
 
@@ -114,6 +115,10 @@ class Agent(WorldModel, ActorCritic):
         level = config.get("xla_opt_level", -1)  # run configs saved before the field
         opts = self.compiler_options = (
             None if level < 0 else {"xla_backend_optimization_level": level})
+        if not config.model.get("custom_vjp", True):  # plain autodiff in every entry point
+            for name in ("update", "model_update", "world_model_loss", "actor_objective",
+                         "critic_objective", "behavior_objective", "imagine"):
+                setattr(self, name, FG.with_plain_autodiff(getattr(self, name)))
         self.train_step = jax.jit(self.update, donate_argnums=(0,), compiler_options=opts)
         self.model_step = jax.jit(self.model_update, donate_argnums=(0,), compiler_options=opts)
         self.policy_step = jax.jit(functools.partial(acting.policy_step, self),
@@ -147,7 +152,6 @@ class Agent(WorldModel, ActorCritic):
         self.actor = N.Actor(spec.action_dim, spec.discrete, s["layers"], s["units"], dtype=dt)
         self.critic = N.Head(255, s["layers"], s["units"], outscale=0.0, dtype=dt)
         self.state_dim = s["deter"] + s["stoch"] * s["classes"]
-        self.unroll = int(config.model.unroll)  # steps per observe / imagine scan iteration
 
     def _context_networks(self, s):
         """g_phi, f_psi, the inverse head and the chi maps (inferred-context methods)."""
@@ -159,7 +163,7 @@ class Agent(WorldModel, ActorCritic):
                                   else sum(spec.obs[k][0][0] for k in self.vector_keys))
             # g_phi, f_psi and the inverse head compute in float32 whatever the world
             # model's dtype: the context's signal is a few percent of the forward error.
-            self.ctx_encoder = C.ContextEncoder(ctx.encoder, s["ctx_hidden"], ctx.dim,
+            self.ctx_encoder = CE.ContextEncoder(ctx.encoder, s["ctx_hidden"], ctx.dim,
                                                 ctx.window, ctx.readout, dtype=f32)
             self.forward_head = A.DynamicsHead(self.token_obs_dim, ctx.head_layers,
                                                s["ctx_head_units"], dtype=f32)
@@ -241,10 +245,6 @@ class Agent(WorldModel, ActorCritic):
             grads["context"] = tmap(jnp.zeros_like, grads["context"])  # release defect 1
         metrics["grad_norm/model"] = optax.tree_utils.tree_norm(grads)
         upd, opt_model = self.opt["model"].update(grads, state.opt["model"], mp)
-        freeze = self.config.context.freeze_after
-        if freeze > 0 and "context" in upd:  # g_phi and its heads stop after `freeze` updates
-            live = (state.step < freeze).astype(f32)
-            upd = dict(upd, context=tmap(lambda u: u * live.astype(u.dtype), upd["context"]))
         new = state.replace(params=dict(p, **optax.apply_updates(mp, upd)),
                             opt=dict(state.opt, model=opt_model))
         if stats is not None:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from dali_jax.models import alignment as A
-from dali_jax.models import context as C
+from dali_jax.models import context_encoder as CE
 from dali_jax.models import distributions as D
 from dali_jax.models import rssm as R
 
@@ -32,7 +32,7 @@ class WorldModel:
         """Context of the last `steps` steps of a (B, L) sequence (default: all L).
 
         The earlier steps are history: they fill the windows of the later ones. Windows are
-        causal and episode-bounded (`C.window_indices` on the batch's is_first, the
+        causal and episode-bounded (`CE.window_indices` on the batch's is_first, the
         sequence's first step counting as a start). embed: (B, L, E) world-model
         embeddings (used as token observations for pixels; None for features).
         Returns (ctx (B, steps, Cc) or None, aux dict(obs_vec (B, L, Do), idx
@@ -51,17 +51,17 @@ class WorldModel:
         K = self.config.context.window
         if self.release_compat:
             # Release: tokens pair o_k with a_k, and one window = the whole chunk.
-            tok = C.tokens(obs_vec, act)
-            idx = C.full_chunk_indices(is_first.shape[0], L)[:, L - steps:]
+            tok = CE.tokens(obs_vec, act)
+            idx = CE.full_chunk_indices(is_first.shape[0], L)[:, L - steps:]
         else:
-            tok = C.tokens(obs_vec, self.prev_actions(act, is_first))
-            idx = C.window_indices(is_first, K)[:, L - steps:]
+            tok = CE.tokens(obs_vec, self.prev_actions(act, is_first))
+            idx = CE.window_indices(is_first, K)[:, L - steps:]
         ctx = self.ctx_encoder.apply({"params": params["context"]["encoder"]}, tok, idx,
-                                     not self.release_compat, method=C.ContextEncoder.chunk)
+                                     not self.release_compat, method=CE.ContextEncoder.chunk)
         if self.release_compat:
             ctx = sg(ctx)  # release: the encoder is never updated
             # Its alignment loss runs over causal prefixes; we keep that for the metric.
-            idx = C.window_indices(is_first, K)[:, L - steps:]
+            idx = CE.window_indices(is_first, K)[:, L - steps:]
         return ctx, dict(obs_vec=obs_vec, action=act, idx=idx, is_first=is_first)
 
     def split_history(self, batch):
@@ -93,7 +93,7 @@ class WorldModel:
         """Embed the chunk of a (B, H + T) batch, infer its contexts (the H history steps
         only fill their windows) and filter it. mp: model params.
         -> (chunk (B, T, ...), post, prior, ctx (B, T, Cc) or None, ctx_deep: sg(ctx) as
-        img_step and the heads read it (lagged with context.deep_lag), aux (`context_chunk`))."""
+        img_step and the heads read it, aux (`context_chunk`))."""
         sw = self.switches
         H, chunk = self.split_history(batch)
         is_first = jnp.asarray(chunk["is_first"]).at[:, 0].set(True)  # chunks start from h0
@@ -105,15 +105,10 @@ class WorldModel:
                 [sg(self.encoder.apply({"params": mp["encoder"]}, hist)), embed], 1)
         ctx, aux = self.context_chunk(mp, batch, full_embed, chunk["is_first"].shape[1])
         ctx_deep = None if ctx is None else sg(ctx)
-        if ctx is not None and self.config.context.deep_lag:
-            key = jax.random.fold_in(rng, 1)  # observe's stream stays as without the lag
-            idx = C.lagged_indices(is_first, self.config.context.deep_lag, key)
-            ctx_deep = jnp.take_along_axis(ctx_deep, idx[..., None], 1)
         post, prior = R.observe(
             self.rssm, mp["rssm"], embed, self.prev_actions(chunk["action"].astype(f32), is_first),
             is_first, rng, ctx_post=None if ctx is None or not sw.posterior else sg(ctx),
-            ctx_dyn=self.dyn_context(ctx_deep, is_first) if sw.dynamics else None,
-            unroll=self.unroll)
+            ctx_dyn=self.dyn_context(ctx_deep, is_first) if sw.dynamics else None)
         return chunk, post, prior, ctx, ctx_deep, aux
 
     def prediction_losses(self, mp, hin, chunk):
@@ -150,8 +145,7 @@ class WorldModel:
         new_stats, align_metrics = None, {}
         if self.inferred:
             cfg = self.config.context
-            align, new_stats, align_metrics = self.context_losses(
-                mp["context"], aux, ctx, chunk["is_first"], stats)
+            align, new_stats, align_metrics = self.context_losses(mp["context"], aux, ctx, stats)
             losses.update(align)
             total = total + sum(self.context_loss_weights()[k] * v for k, v in align.items())
             if sw.crossmodal:
@@ -172,20 +166,14 @@ class WorldModel:
     def context_loss_weights(self):
         """Weights of the `context_losses` terms in the world-model loss."""
         cfg = self.config.context
-        return {"dali": cfg.loss_scale, "consistency": cfg.consistency}
+        return {"dali": cfg.loss_scale}
 
-    def context_losses(self, cp, aux, ctx, chunk_is_first, stats):
-        """g_phi's own terms: the alignment loss "dali" (B, T) and, with
-        context.consistency, the scalar "consistency" term. cp: params["context"]; aux:
-        `context_chunk`'s; ctx (B, T, Cc); chunk_is_first (B, T). -> (dict, updated target
-        moments or None, metrics)."""
-        cfg = self.config.context
+    def context_losses(self, cp, aux, ctx, stats):
+        """g_phi's own terms: the alignment loss "dali" (B, T). cp: params["context"]; aux:
+        `context_chunk`'s; ctx (B, T, Cc). -> (dict, updated target moments or None,
+        metrics)."""
         align, new_stats, metrics = self._alignment(cp, aux, ctx, stats)
-        out = {"dali": align}
-        if cfg.consistency:
-            out["consistency"] = A.consistency_loss(ctx, jnp.asarray(chunk_is_first),
-                                                    cfg.consistency_lag)
-        return out, new_stats, metrics
+        return {"dali": align}, new_stats, metrics
 
     def _alignment(self, cp, aux, ctx, stats):
         """Dynamics-alignment loss (B, T) of the windows' contexts, the updated target
@@ -195,7 +183,7 @@ class WorldModel:
         cfg = self.config.context
         obs, is_first = aux["obs_vec"], aux["is_first"]
         act = aux["action"]
-        trans = A.transition_indices(is_first, aux["idx"], cfg.pairs, cfg.future_steps)
+        trans = A.transition_indices(aux["idx"])
         norm, new_stats = None, None
         if self.standardize:
             mean, var = A.target_moments(sg(obs), is_first, cfg.residual)

@@ -1,4 +1,4 @@
-"""Score normalisation (docs/protocol.md) and (seeds x contexts) score matrices per regime.
+"""Score normalisation (docs/protocol.md): reference returns, the normaliser, run results.
 
 Normalised score at context ``c``::
 
@@ -8,9 +8,8 @@ where ``e`` is the expert context nearest to ``c`` (Euclidean distance after min
 factor over the evaluated contexts, by default the task's 84-context evaluation grid). Ball-in-Cup's
 expert return is fixed at 1000 unless an expert file is given.
 
-Expert contexts: the protocol lists 21 per task (9 gravity values at the factor-1 default, 8
-factor-1 values at the default gravity, 4 corners); the default context appears in both lists, so
-``expert_contexts`` returns 20 distinct contexts.
+The expert contexts and the nearest-expert rule: ``dali_jax.analysis.expert_contexts``; the
+(seeds x contexts) score matrices per regime: ``dali_jax.analysis.score_matrix``.
 
 Reference-return cache (JSON, one file per task and kind)::
 
@@ -34,39 +33,24 @@ import dataclasses
 import json
 import math
 import os
-from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from dali_jax.analysis.expert_contexts import (context_key, expert_contexts, factors,
+                                               minmax_ranges, nearest_expert)
+
 __all__ = [
-    "BALL_IN_CUP_EXPERT_RETURN", "POOLED_SETTINGS", "REGIMES", "OBS_KINDS",
-    "RunResultError", "ReferenceFileError",
-    "factors", "defaults", "expert_contexts", "minmax_ranges", "nearest_expert",
+    "BALL_IN_CUP_EXPERT_RETURN", "OBS_KINDS", "RunResultError", "ReferenceFileError",
     "normalized_score", "ReferenceReturns", "load_reference", "save_reference",
     "Normalizer", "ContextResult", "RunResult", "load_run_result", "run_result_path",
-    "ScoreMatrix", "regime_matrices", "expert_reference_from_runs",
 ]
 
 BALL_IN_CUP_EXPERT_RETURN = 1000.0
-POOLED_SETTINGS = ("single_0", "single_1", "double_box")
-REGIMES = ("interpolation", "extrapolation", "mixed")
 OBS_KINDS = ("features", "pixels")
 RESULTS_RELPATH = os.path.join("eval", "returns.json")
 REFERENCE_FORMAT = "dali_jax/reference-returns"
-_ROUND = 6
-
-# Expert contexts of docs/protocol.md: factor-0 values (at the factor-1 default), factor-1
-# values (at the factor-0 default), and the (low, high) factor-1 values of the four corners
-# at gravity 2.45 / 17.64.
-_EXPERT_GRAVITY = (0.98, 2.45, 3.92, 4.9, 9.81, 14.7, 15.68, 17.64, 19.6)
-_EXPERT_FACTOR1 = {
-    "ball_in_cup": (0.03, 0.09, 0.15, 0.225, 0.3, 0.45, 0.54, 0.6),
-    "walker": (0.1, 0.3, 0.5, 1.0, 1.5, 1.6, 1.8, 2.0),
-}
-_CORNER_GRAVITY = (2.45, 17.64)
-_CORNER_FACTOR1 = {"ball_in_cup": (0.09, 0.54), "walker": (0.3, 1.8)}
 
 
 class RunResultError(ValueError):
@@ -75,77 +59,6 @@ class RunResultError(ValueError):
 
 class ReferenceFileError(ValueError):
     """A random/expert reference-return file is missing or malformed."""
-
-
-# ----------------------------------------------------------------------------- task facts
-def _contexts_module():
-    from dali_jax.envs import contexts  # lazy: the env package pulls in heavier deps
-
-    return contexts
-
-
-def factors(task: str) -> tuple[str, str]:
-    """The two varied factor names of ``task``."""
-    table = _contexts_module().FACTORS
-    if task not in table:
-        raise ValueError(f"unknown task {task!r}; known: {sorted(table)}")
-    return tuple(table[task])
-
-
-def defaults(task: str) -> dict[str, float]:
-    """Default values of the two varied factors of ``task``."""
-    d = _contexts_module().DEFAULTS[task]
-    return {f: float(d[f]) for f in factors(task)}
-
-
-def _key(values: Mapping[str, float], names: Sequence[str]) -> tuple[float, ...]:
-    return tuple(round(float(values[f]), _ROUND) for f in names)
-
-
-def expert_contexts(task: str) -> list[dict[str, float]]:
-    """The 20 distinct expert contexts of ``task`` (docs/protocol.md lists the default twice)."""
-    f0, f1 = factors(task)
-    d = defaults(task)
-    out = [{f0: g, f1: d[f1]} for g in _EXPERT_GRAVITY]
-    out += [{f0: d[f0], f1: v} for v in _EXPERT_FACTOR1[task]]
-    lo, hi = _CORNER_FACTOR1[task]
-    g_lo, g_hi = _CORNER_GRAVITY
-    out += [{f0: g_lo, f1: lo}, {f0: g_hi, f1: lo}, {f0: g_hi, f1: hi}, {f0: g_lo, f1: hi}]
-    seen, unique = set(), []
-    for c in out:
-        k = _key(c, (f0, f1))
-        if k not in seen:
-            seen.add(k)
-            unique.append(c)
-    return unique
-
-
-def minmax_ranges(contexts: Iterable[Mapping[str, float]],
-                  names: Sequence[str]) -> dict[str, tuple[float, float]]:
-    """``{factor: (min, max)}`` over ``contexts``."""
-    vals = [[float(c[f]) for f in names] for c in contexts]
-    if not vals:
-        raise ValueError("minmax_ranges needs at least one context")
-    a = np.asarray(vals)
-    return {f: (float(a[:, i].min()), float(a[:, i].max())) for i, f in enumerate(names)}
-
-
-def nearest_expert(values: Mapping[str, float], experts: Sequence[Mapping[str, float]],
-                   ranges: Mapping[str, tuple[float, float]]) -> int:
-    """Index into ``experts`` of the expert context nearest to ``values``.
-
-    Distance: Euclidean after scaling each factor ``f`` of ``ranges`` to ``(v - min) / (max - min)``
-    (a factor with ``max == min`` is ignored). Ties go to the first expert.
-    """
-    if not experts:
-        raise ValueError("nearest_expert needs at least one expert context")
-    names = list(ranges)
-    lo = np.array([ranges[f][0] for f in names], dtype=np.float64)
-    span = np.array([ranges[f][1] - ranges[f][0] for f in names], dtype=np.float64)
-    span = np.where(span > 0, span, np.inf)
-    e = (np.array([[float(x[f]) for f in names] for x in experts]) - lo) / span
-    v = (np.array([float(values[f]) for f in names]) - lo) / span
-    return int(np.argmin(np.sqrt(((e - v) ** 2).sum(axis=1))))
 
 
 def normalized_score(R, R_random, R_expert):
@@ -181,7 +94,7 @@ class ReferenceReturns:
         self.factors = tuple(self.factors)
         self._table = {}
         for e in self.entries:
-            k = _key(e["values"], self.factors)
+            k = context_key(e["values"], self.factors)
             if k in self._table:
                 raise ReferenceFileError(
                     f"{self._where()}: duplicate {self.kind} entry for context "
@@ -206,7 +119,7 @@ class ReferenceReturns:
 
     def lookup(self, values: Mapping[str, float]) -> float:
         """Reference return at context ``values``; KeyError naming the file if absent."""
-        k = _key(values, self.factors)
+        k = context_key(values, self.factors)
         if k not in self._table:
             raise KeyError(
                 f"{self._where()}: no {self.kind} return for context "
@@ -214,7 +127,7 @@ class ReferenceReturns:
         return self._table[k]
 
     def __contains__(self, values) -> bool:
-        return _key(values, self.factors) in self._table
+        return context_key(values, self.factors) in self._table
 
     def to_json(self) -> dict:
         return {"format": REFERENCE_FORMAT, "version": 1, "kind": self.kind, "task": self.task,
@@ -317,7 +230,9 @@ class Normalizer:
                 f"(--expert FILE); only ball_in_cup has a fixed expert return")
         self.random, self.expert = random, expert
         if eval_contexts is None:
-            eval_contexts = [g.values for g in _contexts_module().evaluation_grid(task)]
+            from dali_jax.envs import contexts as C
+
+            eval_contexts = [g.values for g in C.evaluation_grid(task)]
         self.ranges = minmax_ranges(eval_contexts, self.names)
         self.experts = expert_contexts(task)
 
@@ -384,9 +299,9 @@ class RunResult:
 
     def context_by_values(self, values: Mapping[str, float]) -> ContextResult | None:
         names = tuple(values)
-        k = _key(values, names)
+        k = context_key(values, names)
         for c in self.contexts:
-            if _key(c.values, names) == k:
+            if context_key(c.values, names) == k:
                 return c
         return None
 
@@ -454,127 +369,3 @@ def load_run_result(run: str | os.PathLike) -> RunResult:
 
 
 # ----------------------------------------------------------------------------- matrices
-@dataclasses.dataclass(frozen=True)
-class ScoreMatrix:
-    """Normalised scores of one method in one regime, pooled over settings.
-
-    Attributes:
-      regime: "interpolation" | "extrapolation" | "mixed".
-      scores: (S, C) array; row i holds the i-th seed (sorted) of every setting.
-      columns: C pairs ``(setting, context index)``.
-      values: C context-value dicts, aligned with ``columns``.
-      seeds: ``{setting: sorted seeds}`` (each of length S).
-    """
-
-    regime: str
-    scores: np.ndarray
-    columns: tuple
-    values: tuple
-    seeds: dict
-
-    def select(self, columns: Sequence[tuple]) -> np.ndarray:
-        """Scores restricted to ``columns`` (in that order): (S, len(columns))."""
-        pos = {c: i for i, c in enumerate(self.columns)}
-        return self.scores[:, [pos[c] for c in columns]]
-
-
-def _check_same_task(runs: Sequence[RunResult]) -> str:
-    if not runs:
-        raise ValueError("no runs given")
-    task = runs[0].task
-    for r in runs[1:]:
-        if r.task != task:
-            raise RunResultError(
-                f"{r.path}: task {r.task!r} differs from task {task!r} of {runs[0].path}; "
-                f"report one task at a time")
-    return task
-
-
-def regime_matrices(runs: Sequence[RunResult], normalizer: Normalizer,
-                    settings: Sequence[str] = POOLED_SETTINGS) -> dict[str, ScoreMatrix]:
-    """(seeds x contexts) normalised-score matrices per regime for ONE method's runs.
-
-    Runs of settings outside ``settings`` are ignored. Every setting present must have the same
-    number of runs (distinct seeds); each run must hold every context its setting scores. Columns
-    are ``(setting, index)`` pairs in settings order then grid order; regimes without columns are
-    omitted.
-    """
-    contexts = _contexts_module()
-    task = _check_same_task(runs)
-    if normalizer.task != task:
-        raise ValueError(f"normaliser is for task {normalizer.task!r}, runs are for {task!r}")
-    by_setting: dict[str, list[RunResult]] = defaultdict(list)
-    for r in runs:
-        if r.setting in settings:
-            by_setting[r.setting].append(r)
-    if not by_setting:
-        raise ValueError(f"no runs of settings {list(settings)} among {len(runs)} run(s)")
-    for s, rs in by_setting.items():
-        rs.sort(key=lambda r: r.seed)
-        for a, b in zip(rs, rs[1:]):
-            if a.seed == b.seed:
-                raise RunResultError(f"{b.path}: seed {b.seed} of setting {s!r} also in {a.path}")
-    counts = {s: len(rs) for s, rs in by_setting.items()}
-    if len(set(counts.values())) > 1:
-        raise ValueError(f"settings have different numbers of seeds {counts} (method "
-                         f"{runs[0].method!r}); pooling needs equal counts")
-    grid = contexts.evaluation_grid(task)
-    cols: dict[str, list] = {g: [] for g in REGIMES}
-    vals: dict[str, list] = {g: [] for g in REGIMES}
-    data: dict[str, list] = {g: [] for g in REGIMES}
-    for s in settings:
-        if s not in by_setting:
-            continue
-        scored = [(g, contexts.regime(task, s, g.values)) for g in grid]
-        scored = [(g, reg) for g, reg in scored if reg is not None]
-        per_run = []
-        for r in by_setting[s]:
-            have = {c.index: c for c in r.contexts}
-            missing = [g.index for g, _ in scored if g.index not in have]
-            if missing:
-                raise RunResultError(f"{r.path}: missing {len(missing)} context(s) scored for "
-                                     f"setting {s!r}: indices {missing[:10]}")
-            per_run.append(have)
-        for g, reg in scored:
-            cols[reg].append((s, g.index))
-            vals[reg].append(dict(g.values))
-            col = []
-            for r, have in zip(by_setting[s], per_run):
-                c = have[g.index]
-                if _key(c.values, normalizer.names) != _key(g.values, normalizer.names):
-                    raise RunResultError(
-                        f"{r.path}: context {g.index} has values {c.values}, the evaluation "
-                        f"grid has {g.values}")
-                col.append(normalizer.score(c.mean_return, c.values))
-            data[reg].append(col)
-    seeds = {s: tuple(r.seed for r in rs) for s, rs in by_setting.items()}
-    out = {}
-    for reg in REGIMES:
-        if cols[reg]:
-            out[reg] = ScoreMatrix(regime=reg, scores=np.asarray(data[reg], dtype=np.float64).T,
-                                   columns=tuple(cols[reg]), values=tuple(vals[reg]),
-                                   seeds=dict(seeds))
-    return out
-
-
-def expert_reference_from_runs(runs: Sequence[RunResult]) -> ReferenceReturns:
-    """Expert reference from runs trained on one context (``train_context`` set).
-
-    The expert return at a context is the max over runs (seeds) of the run's mean episode return
-    at its own training context.
-    """
-    task = _check_same_task(runs)
-    names = factors(task)
-    per: dict[tuple, list] = defaultdict(list)
-    ctx: dict[tuple, dict] = {}
-    for r in runs:
-        if r.train_context is None:
-            raise RunResultError(f"{r.path}: no 'train_context'; not an expert run")
-        c = r.context_by_values(r.train_context)
-        if c is None:
-            raise RunResultError(f"{r.path}: no evaluation at its train context {r.train_context}")
-        k = _key(r.train_context, names)
-        per[k].append(c.mean_return)
-        ctx[k] = r.train_context
-    return ReferenceReturns.from_seed_returns(task, "expert", names,
-                                              ((ctx[k], per[k]) for k in per))

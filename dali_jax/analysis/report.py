@@ -49,9 +49,10 @@ from typing import Sequence
 import numpy as np
 
 from dali_jax.analysis import stats
-from dali_jax.analysis.normalize import (
-    POOLED_SETTINGS, REGIMES, Normalizer, ReferenceFileError, RunResult, RunResultError,
-    defaults, factors, load_reference, load_run_result, regime_matrices)
+from dali_jax.analysis.expert_contexts import defaults, factors
+from dali_jax.analysis.normalize import (Normalizer, ReferenceFileError, RunResult,
+                                         RunResultError, load_reference, load_run_result)
+from dali_jax.analysis.score_matrix import POOLED_SETTINGS, REGIMES, regime_matrices
 
 __all__ = ["ReportError", "Report", "load_runs", "load_readable_runs", "group_by_method",
            "build_report", "write_report", "main"]

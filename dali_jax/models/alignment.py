@@ -1,14 +1,14 @@
 """The losses that train the context encoder g_phi, and their heads.
 
 Alignment: `transition_indices` picks, per window, the
-transitions its context must explain (inside the window, the paper; or the next m steps
-after it), `alignment_loss` scores f_psi / the inverse head on them; targets may be residual
+transitions its context must explain (those inside the window, the paper's),
+`alignment_loss` scores f_psi / the inverse head on them; targets may be residual
 (o_{j+1} - o_j) and standardised with running moments (`target_moments`).
 `alignment_loss_per_step` is the same loss computed from per-step parts (every pair is a
 transition j -> j + 1 of the sequence, so its input's observation part and its target are
 per step; `fastgrad.pair_mse`): the training path, equal to `alignment_loss` in tests.
 
-Also here: the within-episode consistency loss and the chi (cross-modal) term.
+Also here: the chi (cross-modal) term.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from dali_jax.models import fastgrad as FG
-from dali_jax.models.context import gather_windows
+from dali_jax.models.context_encoder import gather_windows
 from dali_jax.models.nets import Dense
 
 f32 = jnp.float32
@@ -53,28 +53,15 @@ class CrossModal(nn.Module):
         return self.to_state(c).astype(f32), self.to_ctx(s).astype(f32)
 
 
-def transition_indices(is_first, idx, pairs: str = "window", future: int = 8):
+def transition_indices(idx):
     """Transitions (j -> j + 1) whose dynamics the context of each window must explain.
 
-    is_first: (B, L) episode starts of the sequence; idx: (B, T, K) windows of its last T
-    steps. pairs="window" (the paper): the consecutive steps inside the window of step t
-    (padded duplicates are not pairs); "future": the `future` transitions after it,
-    t -> t+1, ..., t+m-1 -> t+m, that stay inside the episode and the sequence.
+    idx: (B, T, K) windows of the last T steps of a sequence. The pairs are the consecutive
+    steps inside the window of step t (the paper's; padded duplicates are not pairs).
     Returns (src (B, T, P), dst (B, T, P), valid (B, T, P) float32).
     """
-    if pairs == "window":
-        src, dst = idx[..., :-1], idx[..., 1:]
-        return src, dst, (dst == src + 1).astype(f32)
-    L, T = is_first.shape[1], idx.shape[1]
-    t = jnp.arange(L - T, L)[:, None] + jnp.arange(future)[None]  # (T, m) sources
-    dst = t + 1
-    episode = jnp.cumsum(is_first.astype(jnp.int32), 1)  # (B, L) episode counter
-    inside = dst < L
-    dst_c = jnp.minimum(dst, L - 1)
-    same = episode[:, dst_c] == episode[:, (L - T + jnp.arange(T))[:, None]]
-    valid = (inside[None] & same).astype(f32)
-    src = jnp.broadcast_to(jnp.minimum(t, L - 1)[None], valid.shape)
-    return src, jnp.broadcast_to(dst_c[None], valid.shape), valid
+    src, dst = idx[..., :-1], idx[..., 1:]
+    return src, dst, (dst == src + 1).astype(f32)
 
 
 def forward_targets(obs, src, dst, residual: bool = False):
@@ -153,29 +140,6 @@ def alignment_loss_per_step(forward_params, inverse_params, obs, action, trans, 
         w = inverse_weight if mode == "both" else 1.0
         err = err + w * FG.pair_mse(inverse_params, s["inverse_in"], ctx, src, s["inverse_y"])
     return jnp.sum(err * valid, -1) / jnp.maximum(1.0, jnp.sum(valid, -1))
-
-
-def consistency_loss(ctx, is_first, lag: int):
-    """Within-episode consistency of the context, scale-free. -> scalar.
-
-    The true context is fixed for an episode; what else a window may tell (the task's
-    progress, e.g. the ball in the cup) changes within it. With pairs (c_t, c_{t-lag}) of the
-    same episode (no episode start in (t - lag, t]):
-        mean_pairs ||c_t - c_{t-lag}||^2 / (2 mean_{b,t} ||c_{b,t} - cbar||^2),
-    the within-episode spread over the spread of all contexts of the batch (0: constant in
-    every episode; about 1: no more alike within an episode than across the batch).
-    Gradients flow through both, so shrinking c does not lower it.
-    ctx: (B, T, Cc); is_first: (B, T) bool, True where an episode starts.
-    """
-    T = ctx.shape[1]
-    if not 0 < lag < T:
-        raise ValueError(f"consistency lag must be in [1, {T - 1}], got {lag}")
-    starts = jnp.cumsum(is_first.astype(jnp.int32), 1)
-    valid = (starts[:, lag:] == starts[:, :-lag]).astype(f32)
-    d = jnp.sum((ctx[:, lag:] - ctx[:, :-lag]) ** 2, -1)
-    within = jnp.sum(d * valid) / jnp.maximum(1.0, jnp.sum(valid))
-    total = jnp.mean(jnp.sum((ctx - ctx.mean((0, 1))) ** 2, -1))
-    return within / (2.0 * total + 1e-8)
 
 
 def crossmodal_loss(cross_fn, ctx, state_feat, fit_map: bool = True):

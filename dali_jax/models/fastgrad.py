@@ -14,11 +14,15 @@
   losses): the per-step parts of the first layer (and, for targets wider than the head,
   of the error) are computed once per step instead of once per pair.
 
-Each is tested equal, in values and gradients, to the plain computation (tests/test_nets.py,
-test_rssm.py, test_agent.py).
+Each is tested equal, in values and gradients, to the plain computation (tests/models/
+test_nets.py, test_rssm.py, tests/agent/test_agent.py). Inside `plain_autodiff()` (the
+agent enters it with `model.custom_vjp=False`) all four compute plainly, with no custom
+VJP, so that `jax.jvp`, `jax.linearize` and Hessians go through the model.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -27,6 +31,28 @@ from flax import traverse_util
 
 f32 = jnp.float32
 tmap = jax.tree_util.tree_map
+
+
+_PLAIN = contextvars.ContextVar("dali_jax_plain_autodiff", default=False)
+
+
+@contextlib.contextmanager
+def plain_autodiff(on: bool = True):
+    """While tracing inside it, the functions here use no custom VJP."""
+    token = _PLAIN.set(bool(on))
+    try:
+        yield
+    finally:
+        _PLAIN.reset(token)
+
+
+def with_plain_autodiff(fn):
+    """fn, traced and run inside `plain_autodiff()`."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with plain_autodiff():
+            return fn(*args, **kwargs)
+    return wrapped
 
 
 # ------------------------------------------------------------------ LayerNorm + act
@@ -43,9 +69,10 @@ def layer_norm(x, scale, bias, eps: float = 1e-3, act: str = "none"):
     "silu" and recomputes the normalised x from x and its two row statistics."""
     dtype = x.dtype
     x = x.astype(f32)
-    if act in _NORM_ACTS:
+    if act in _NORM_ACTS and not _PLAIN.get():
         return _norm_act(x, scale, bias, eps, act).astype(dtype)
-    return getattr(jax.nn, act)(_norm_affine(x, scale, bias, eps)[0]).astype(dtype)
+    f = _NORM_ACTS[act][0] if act in _NORM_ACTS else getattr(jax.nn, act)
+    return f(_norm_affine(x, scale, bias, eps)[0]).astype(dtype)
 
 
 def _norm_affine(x, scale, bias, eps):
@@ -130,6 +157,9 @@ def defer_kernels(scan, params, args, taps):
     ({path: {"x": (T, B, in)}}). The kernel of layer `path` then gets
     sum_{t,b} x^T dy: one float32 matmul per layer. Returns out.
     """
+    if _PLAIN.get():
+        return scan(params, args, None)[0]
+
     def zeros():
         return tmap(lambda s: jnp.zeros(s.shape, s.dtype), taps)
 
@@ -161,6 +191,9 @@ def routed(fn, params, x):
     """(y, y) with y = fn(params, x) computed once: the first copy's cotangent flows only
     into x, the second's only into params (two losses sharing one forward pass, each
     differentiated with respect to a different input)."""
+    if _PLAIN.get():  # two forward passes
+        sg = jax.lax.stop_gradient
+        return fn(sg(params), x), fn(params, sg(x))
 
     @jax.custom_vjp
     def route(params, x):

@@ -165,13 +165,12 @@ def initial_state(rssm: RSSM, params, batch: int):
 
 
 def observe(rssm: RSSM, params, embed, prev_action, is_first, rng, state=None,
-            ctx_post=None, ctx_dyn=None, unroll: int = 1):
+            ctx_post=None, ctx_dyn=None):
     """Filter a sequence with `lax.scan`.
 
     embed (B, T, E); prev_action (B, T, A) = action *before* step t; is_first (B, T);
     ctx_post / ctx_dyn: optional (B, T, Cc). state: optional start state (B, ...), the
-    learned initial state when None. unroll: steps per scan iteration (`lax.scan`'s; the
-    values are the same). Returns (post, prior), dicts of (B, T, ...).
+    learned initial state when None. Returns (post, prior), dicts of (B, T, ...).
 
     Under differentiation the kernels of `DEFERRED` get their gradients after the scan, as
     one (in x B*T) @ (B*T x out) matmul each (`_filter`), instead of a B-row matmul and
@@ -187,7 +186,7 @@ def observe(rssm: RSSM, params, embed, prev_action, is_first, rng, state=None,
     apply = functools.partial(rssm.apply, {"params": params})
     proj = apply(embed, ctx_post, method=RSSM.post_projection)  # (B, T, units), one matmul
     post = _filter(rssm, params, state, swap(prev_action), swap(proj), swap(is_first), rngs,
-                   swap(ctx_dyn), init, unroll)
+                   swap(ctx_dyn), init)
     post = jax.tree_util.tree_map(swap, post)
     # The prior needs only h_t: its head runs on all (B, T) states at once. Its sample uses
     # obs_step's key for it (unused by the losses, so removed when jitted).
@@ -202,7 +201,7 @@ def observe(rssm: RSSM, params, embed, prev_action, is_first, rng, state=None,
 DEFERRED = ("img_in", "gru", "obs_h", "obs_stats")
 
 
-def _filter(rssm, params, state, actions, proj, is_first, rngs, ctx_dyn, init, unroll=1):
+def _filter(rssm, params, state, actions, proj, is_first, rngs, ctx_dyn, init):
     """The filter scan over time-major inputs (T, B, ...) -> posterior states (T, B, ...),
     with a custom VJP that defers the `DEFERRED` kernels' gradients (see `observe`)."""
 
@@ -216,8 +215,7 @@ def _filter(rssm, params, state, actions, proj, is_first, rngs, ctx_dyn, init, u
             return post, (post, inputs)
 
         _, (post, inputs) = jax.lax.scan(step, state,
-                                         (actions, proj, is_first, rngs, ctx_dyn, taps),
-                                         unroll=unroll)
+                                         (actions, proj, is_first, rngs, ctx_dyn, taps))
         return post, inputs
 
     T, B = proj.shape[:2]
@@ -227,14 +225,13 @@ def _filter(rssm, params, state, actions, proj, is_first, rngs, ctx_dyn, init, u
 
 
 def imagine(rssm: RSSM, params, policy: Callable, start, horizon: int, rng, ctx_dyn=None,
-            outputs: Callable | None = None, unroll: int = 1):
+            outputs: Callable | None = None):
     """Imagination with a policy: `policy(state, rng)` -> action (N, A), or a dict with an
     "action" entry plus per-step extras (e.g. the policy entropy) that are kept too.
 
     start: state dict (N, ...). ctx_dyn: optional (N, Cc), held fixed over the horizon.
     outputs: optional `outputs(state) -> dict` of per-state outputs (e.g. predicted reward)
     computed for the imagined states only; their entry 0 (the start state) is zeros.
-    unroll: steps per scan iteration (as in `observe`).
     Returns a trajectory dict of (H + 1, N, ...) including the start state and an
     `action` entry (the action taken in each state).
     """
@@ -254,7 +251,7 @@ def imagine(rssm: RSSM, params, policy: Callable, start, horizon: int, rng, ctx_
         return carry, (nxt if outputs is None else dict(nxt, **outputs(nxt)))
 
     carry = {k: start[k] for k in ("deter", "logit", "stoch", "action")}
-    _, traj = jax.lax.scan(step, carry, jax.random.split(rng, horizon), unroll=unroll)
+    _, traj = jax.lax.scan(step, carry, jax.random.split(rng, horizon))
     zeros = lambda tree: jax.tree_util.tree_map(lambda v: jnp.zeros(v.shape[1:], v.dtype), tree)
     start = dict(start, **{k: zeros(v) for k, v in traj.items() if k not in start})
     return jax.tree_util.tree_map(lambda s, t: jnp.concatenate([s[None], t], 0), start, traj)

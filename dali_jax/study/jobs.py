@@ -29,7 +29,8 @@ import threading
 import time
 from typing import Callable, Optional
 
-from dali_jax.study.plan import REPO_ROOT
+from dali_jax.study.rundir import evaluated, latest_checkpoint_step, training_finished
+from dali_jax.study.spec import REPO_ROOT
 
 KINDS = ("train", "eval", "reference")
 STOP_GRACE_S = 120.0  # seconds a child gets to save its checkpoint after SIGTERM
@@ -67,50 +68,6 @@ class Job:
 
 
 # ----------------------------------------------------------------------------- completion
-def latest_checkpoint_step(logdir: str) -> int | None:
-    """Step of the newest complete checkpoint (``checkpoints/ckpt_<step>``), or None."""
-    d = os.path.join(logdir, "checkpoints")
-    try:
-        names = os.listdir(d)
-    except OSError:
-        return None
-    steps = [int(n[5:]) for n in names if n.startswith("ckpt_") and n[5:].isdigit()]
-    return max(steps) if steps else None
-
-
-def training_finished(logdir: str, steps: int) -> bool:
-    """The trainer reached ``steps`` and wrote its final summary (eval_summary.json is written
-    only when the loop ends without a stop request)."""
-    step = latest_checkpoint_step(logdir)
-    return (step is not None and step >= steps
-            and os.path.isfile(os.path.join(logdir, "eval_summary.json")))
-
-
-def read_eval_results(logdir: str) -> dict | None:
-    """``eval/returns.json`` of a run, or None when missing or unreadable."""
-    try:
-        with open(os.path.join(logdir, "eval", "returns.json")) as f:
-            d = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return d if isinstance(d, dict) else None
-
-
-def evaluated(logdir: str, episodes: int, indices, after: float = 0.0) -> bool:
-    """The run's grid results are of its latest checkpoint, with ``episodes`` episodes on at
-    least the grid contexts ``indices`` (and written after time ``after``)."""
-    path = os.path.join(logdir, "eval", "returns.json")
-    if after and (not os.path.exists(path) or os.path.getmtime(path) < after):
-        return False
-    d = read_eval_results(logdir)
-    if d is None or d.get("checkpoint_step") != latest_checkpoint_step(logdir):
-        return False
-    if d.get("episodes") != episodes:
-        return False
-    have = {c.get("index") for c in d.get("contexts", []) if isinstance(c, dict)}
-    return set(indices) <= have
-
-
 def reference_complete(path: str, task: str, indices) -> bool:
     """The random-policy reference file holds every grid context of ``indices``."""
     from dali_jax.analysis.normalize import ReferenceFileError, load_reference

@@ -18,11 +18,11 @@ import sys
 from typing import Sequence
 
 from dali_jax import config as config_lib
-from dali_jax import launch
+from dali_jax import overrides
 from dali_jax import presets
-from dali_jax.study.spec import StudyError, base_method
+from dali_jax.study.rundir import first_and_last_record
+from dali_jax.study.spec import REPO_ROOT, StudyError, base_method
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXPERIMENT_FILES = {"ball_in_cup": "ball_in_cup.py", "walker": "walker_walk.py"}
 
 
@@ -65,7 +65,7 @@ def _load_experiment(task: str):
 
 
 def format_value(value) -> str:
-    """An override value as `launch.apply_overrides` parses it."""
+    """An override value as `overrides.apply_overrides` parses it."""
     if isinstance(value, bool):
         return "true" if value else "false"
     return repr(value) if isinstance(value, float) else str(value)
@@ -112,7 +112,7 @@ def run_configs(study, runs: Sequence[Run]) -> dict:
     out = {}
     for run in runs:
         try:
-            out[run.name] = launch.parse(module.get_config, list(run.argv), presets.NAMES)
+            out[run.name] = overrides.parse(module.get_config, list(run.argv), presets.NAMES)
         except ValueError as e:
             where = ("study.overrides" if run.method not in study.method_overrides else
                      f"study.overrides or study.method_overrides[{run.method!r}]")
@@ -160,7 +160,7 @@ def base_config(study, run: Run):
     """``run``'s config built from the preset and the run's own fields only (no overrides)."""
     module = _load_experiment(study.task)
     argv = _own_argv(study, run.method, run.setting, run.seed, run.logdir)
-    return launch.parse(module.get_config, list(argv), presets.NAMES)
+    return overrides.parse(module.get_config, list(argv), presets.NAMES)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -227,7 +227,6 @@ def estimate(study, run: Run, config, measured: dict | None = None) -> Cost:
 def measured_rate(logdir: str) -> float | None:
     """Env steps per second of a run from the first and last record of its metrics.jsonl
     (None with fewer than 1000 steps between them)."""
-    from dali_jax.study.state import first_and_last_record
     first, last = first_and_last_record(os.path.join(logdir, "metrics.jsonl"))
     if not first or not last:
         return None

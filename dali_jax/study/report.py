@@ -89,7 +89,7 @@ def _clean(out: str) -> None:
 
 def build(study, root: str, runs: Sequence, configs: dict, job_state=None) -> str:
     """Writes DIR/report; returns the path of index.md."""
-    from dali_jax.analysis import report as R
+    from dali_jax.analysis import report as RP
     from dali_jax.analysis.normalize import load_run_result
 
     out = os.path.join(os.path.abspath(root), "report")
@@ -116,12 +116,12 @@ def build(study, root: str, runs: Sequence, configs: dict, job_state=None) -> st
             # Grouped by the study's label (a variant is its own row).
             results = [dataclasses.replace(load_run_result(r.logdir), method=r.method)
                        for r in kept]
-            rep = R.build_report(results, norm, reps=study.report.reps,
+            rep = RP.build_report(results, norm, reps=study.report.reps,
                                  seed=study.report.seed, confidence=study.report.confidence)
         except (ValueError, KeyError) as e:  # e.g. a reference lacking a context
             notes.append(f"no aggregates: {e.args[0] if e.args else e}")
         else:
-            R.write_report(rep, out)
+            RP.write_report(rep, out)
     _curves(runs, out)
     index = os.path.join(out, "index.md")
     with open(index, "w") as f:
@@ -225,7 +225,7 @@ def _headline(rep, pct: str, study) -> list[str]:
 
 
 ALIGNMENT_COLUMNS = ("recipe", "loss", "inverse_weight", "residual", "standardize",
-                     "loss_scale", "pairs", "window", "gphi_width", "head_units")
+                     "loss_scale", "window", "gphi_width", "head_units")
 
 
 def alignment_table(study, runs, configs) -> list[str]:

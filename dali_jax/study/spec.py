@@ -34,6 +34,8 @@ from dali_jax import presets
 from dali_jax.envs import contexts as C
 from dali_jax.methods import METHODS
 
+# The checkout the study runner runs experiment files from (experiments/ beside dali_jax/).
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RELEASE_SEEDS = (0, 42, 1337, 13, 71, 1994, 1997, 908, 2102, 3)  # docs/protocol.md
 BACKENDS = ("local", "slurm")
 SUBMITIT_CLUSTERS = ("slurm", "local", "debug")

@@ -17,6 +17,7 @@ import json
 import os
 
 from dali_jax.study import jobs as J
+from dali_jax.study import rundir as RD
 
 STATES = ("done", "running", "queued", "failed", "interrupted", "pending")
 
@@ -36,54 +37,6 @@ class RunStatus:
     grid_return: float | None
     error: str
     log: str
-
-
-def first_and_last_record(path: str, max_bytes: int = 1 << 20) -> tuple[dict | None, dict | None]:
-    """First and last JSON record of a JSONL file (reading at most ``max_bytes`` of its end)."""
-    try:
-        with open(path, "rb") as f:
-            first = _parse(f.readline())
-            size = os.path.getsize(path)
-            f.seek(max(0, size - 65536))
-            tail = f.read().splitlines()
-    except OSError:
-        return None, None
-    last = next((r for r in map(_parse, reversed(tail)) if r), None)
-    return first, last
-
-
-def _parse(line: bytes) -> dict | None:
-    try:
-        r = json.loads(line)
-    except ValueError:
-        return None
-    return r if isinstance(r, dict) and "step" in r else None
-
-
-def last_metrics(logdir: str, key: str = "eval/return_mean",
-                 max_bytes: int = 2 << 20) -> tuple[int, float | None]:
-    """(last logged env step, last value of ``key``) from the end of metrics.jsonl, reading
-    backwards at most ``max_bytes``."""
-    path = os.path.join(logdir, "metrics.jsonl")
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            f.seek(max(0, size - max_bytes))
-            lines = f.read().splitlines()
-    except OSError:
-        return 0, None
-    step, value = 0, None
-    for line in reversed(lines):
-        if key.encode() not in line and step:
-            continue
-        r = _parse(line)
-        if r is None:
-            continue
-        step = step or int(r["step"])
-        if key in r:
-            value = float(r[key])
-            break
-    return step, value
 
 
 def _last(records, kind: str) -> tuple[dict | None, dict | None]:
@@ -117,15 +70,15 @@ def run_status(run, steps: int, eval_episodes: int, eval_indices,
     t_start, t_end = _last(records, "train")
     e_start, e_end = _last(records, "eval")
     log = os.path.join(run.logdir, "train.log")
-    logged_step, last_eval = last_metrics(run.logdir)
-    env_steps = max(J.latest_checkpoint_step(run.logdir) or 0, logged_step)
+    logged_step, last_eval = RD.last_metrics(run.logdir)
+    env_steps = max(RD.latest_checkpoint_step(run.logdir) or 0, logged_step)
     error = ""
     held = J.lock_held(os.path.join(run.state_dir, "lock"))
     running = _read_json(os.path.join(run.state_dir, "running.json")) if held else None
     evaluating = bool(running) and running.get("kind") == "eval"
     if held and not evaluating:
         state = "running"
-    elif J.training_finished(run.logdir, steps):
+    elif RD.training_finished(run.logdir, steps):
         state = "done"
     elif _queued(run, t_start, job_state):
         state = "queued"
@@ -136,7 +89,7 @@ def run_status(run, steps: int, eval_episodes: int, eval_indices,
     else:
         state = "pending"
     evaluation, grid = "-", None
-    results = J.read_eval_results(run.logdir)
+    results = RD.read_eval_results(run.logdir)
     if results is not None:
         grid = _mean_return(results)
         evaluation = "yes" if J.evaluated(run.logdir, eval_episodes, eval_indices) else "stale"

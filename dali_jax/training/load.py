@@ -25,7 +25,8 @@ class Run:
 
 def load_config(logdir: str) -> ml_collections.ConfigDict:
     """The run's config.json over today's defaults: fields added since the run was written
-    take their defaults (new options default to the old behaviour)."""
+    take their defaults (new options default to the old behaviour); options measured and not
+    adopted are dropped where set to today's behaviour (`config.fill_missing`)."""
     path = os.path.join(logdir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{logdir} is not a dali_jax run directory: no config.json "

@@ -7,7 +7,7 @@ sharded update computes the same function as the single-device one.
 from __future__ import annotations
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 def make_mesh(num_devices: int = 0):
@@ -22,7 +22,7 @@ def make_mesh(num_devices: int = 0):
 
 def shardings(mesh):
     """(replicated, batch-sharded) NamedShardings."""
-    return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
 
 
 def sharded_train_step(agent, mesh, batch_size: int):

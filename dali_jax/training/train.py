@@ -39,7 +39,7 @@ import numpy as np
 
 from dali_jax import config as config_lib
 from dali_jax.agent import Agent, Spec
-from dali_jax.analysis import imagination
+from dali_jax.agent import imagination
 from dali_jax.envs import contexts as C
 from dali_jax.envs.dmc import make_env
 from dali_jax.envs.vector import VectorEnv
