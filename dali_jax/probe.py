@@ -167,11 +167,13 @@ def run_probe(args) -> dict:
         path = os.path.join(out, "tsne.png")
         PB.tsne_plot(Xte, yte, path, names=names, seed=args.seed,
                     title=f"{cfg.task} {cfg.method}: inferred context (held-out episodes)")
-        result["tsne"] = path
+        result["tsne"] = "tsne.png"  # relative to probe.json's folder: the folder can move
     result["wall_s"] = dict(collect=t_collect, total=time.time() - t0)
     with open(os.path.join(out, "probe.json"), "w") as f:
         json.dump(result, f, indent=2)
     result["json"] = os.path.join(out, "probe.json")
+    if "tsne" in result:
+        result["tsne"] = os.path.join(out, "tsne.png")
     return result
 
 

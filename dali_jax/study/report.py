@@ -245,6 +245,33 @@ def alignment_table(study, runs, configs) -> list[str]:
                for m, a in rows.items()] + [""])
 
 
+def probe_table(study, runs) -> list[str]:
+    """Markdown table of the final agent's context probe (``RUN/probe/probe.json``, written by
+    ``python -m dali_jax.probe``): held-out R^2 of a linear read-out of each factor from the
+    inferred context, per step and per episode mean; the median over seeds and each seed."""
+    import json
+    import statistics
+    rows = defaultdict(list)
+    for r in runs:
+        path = os.path.join(r.logdir, "probe", "probe.json")
+        if base_method(study, r.method) in DALI and os.path.isfile(path):
+            with open(path) as f:
+                rows[r.method].append((r.seed, json.load(f)))
+    if not rows:
+        return []
+    lines = ["## Context probe of the final agents (held-out R^2 of a linear read-out)", "",
+             "| method | factor | per step, median | per step, each seed | episode mean, "
+             "median |", "|---|---|---|---|---|"]
+    for m, probes in rows.items():
+        for fac in probes[0][1]["r2_step"]:
+            step = [p["r2_step"][fac] for _, p in probes]
+            ep = [p["r2_episode_mean"][fac] for _, p in probes]
+            each = ", ".join(f"s{s} {p['r2_step'][fac]:.2f}" for s, p in probes)
+            lines.append(f"| {m} | {fac} | {statistics.median(step):.2f} | {each} | "
+                         f"{statistics.median(ep):.2f} |")
+    return lines + [""]
+
+
 def _index(study, out, runs, statuses, missing, excluded, rep, notes, configs) -> str:
     pct = f"{100 * study.report.confidence:g}%"
     overrides = ", ".join(f"`{k}={v!r}`" for k, v in study.overrides.items()) or "none"
@@ -266,6 +293,7 @@ def _index(study, out, runs, statuses, missing, excluded, rep, notes, configs) -
         lines += _headline(rep, pct, study)
         lines += ["", "Median, mean and optimality gap per regime: [summary.md](summary.md) and "
                       "[summary.csv](summary.csv).", ""]
+    lines += probe_table(study, runs)
     lines += ["## Missing, failed or excluded runs", ""]
     if missing or excluded:
         lines += [f"- `{name}`: {why}" for name, why in missing + excluded]

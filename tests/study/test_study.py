@@ -136,6 +136,26 @@ def test_variants_run_one_method_under_two_labels(tmp_path):
         ["| dali_d_paper", "paper", "forward"], ["| dali_d_project", "project", "both"]]
 
 
+def test_report_probe_table_gives_the_median_over_seeds(tmp_path):
+    """The report's probe table reads each DALI run's probe.json; cRSSM-D and runs without a
+    probe are left out; medians by hand."""
+    from dali_jax.study import report as SR
+    path = write_study(tmp_path / "p.py", 'c.methods = ("crssm_d", "dali_d")',
+                       "c.seeds = (0, 1, 2)")
+    study, runs, _ = load(path, tmp_path / "d")
+    for r, r2 in zip(runs, (0.9, 0.1, 0.5, 0.2, 0.9, 0.3)):  # crssm_d s0, dali_d s0, ...
+        os.makedirs(os.path.join(r.logdir, "probe"))
+        with open(os.path.join(r.logdir, "probe", "probe.json"), "w") as f:
+            json.dump({"r2_step": {"gravity": r2}, "r2_episode_mean": {"gravity": r2 + 0.05}}, f)
+    os.remove(os.path.join(runs[5].logdir, "probe", "probe.json"))  # dali_d s2: no probe
+    assert [(r.method, r.seed) for r in runs] == [
+        ("crssm_d", 0), ("dali_d", 0), ("crssm_d", 1), ("dali_d", 1), ("crssm_d", 2),
+        ("dali_d", 2)]
+    table = SR.probe_table(study, runs)
+    assert len(table) == 6 and table[-1] == ""
+    assert table[4] == "| dali_d | gravity | 0.15 | s0 0.10, s1 0.20 | 0.20 |"
+
+
 @pytest.mark.parametrize("line, message", [
     ('c.variants["dali_d"] = "dali_d"', r"study\.variants\['dali_d'\] must be a new name"),
     ('c.variants["x"] = "dali_z"', r"study\.variants\['x'\] must name a method; got 'dali_z'"),
