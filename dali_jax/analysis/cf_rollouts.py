@@ -14,7 +14,7 @@ import numpy as np
 from dali_jax.analysis import physical_check as PC
 
 __all__ = ["CounterfactualError", "CONTROL_DT", "Episodes", "collect_episodes", "context_fn",
-           "pick_windows", "imaginer", "drop_check"]
+           "pick_windows", "imaginer", "drop_check", "swap_check"]
 
 CONTROL_DT = {"ball_in_cup": 0.02, "walker": 0.025}
 
@@ -131,7 +131,7 @@ def _filter_steps(ep, picks) -> dict:
 
 
 def drop_check(agent, params, obs_mode, default, K, sigma, chosen, scales, steps, starts,
-               seed, mode) -> dict:
+               seed, mode, samples=PC.DEFAULT_SAMPLES) -> dict:
     """The physical check (`physical_check.physical_check`) from `starts` episode starts at
     the default context, each start's context inferred from its first K steps."""
     import jax
@@ -139,9 +139,41 @@ def drop_check(agent, params, obs_mode, default, K, sigma, chosen, scales, steps
                           seed + 1, mode)
     picks = [(e, 0) for e in range(starts)]
     ctx = context_fn(agent, params, ep, K)(picks)
-    imagine = imaginer(agent, params, _filter_steps(ep, picks), jax.random.PRNGKey(seed + 2))
+    first = _filter_steps(ep, [p for p in picks for _ in range(samples)])
+    imagine = imaginer(agent, params, first, jax.random.PRNGKey(seed + 2))
     return PC.physical_check(imagine, ctx, sigma, chosen, scales, CONTROL_DT["ball_in_cup"],
-                             agent.spec.action_dim, steps)
+                             agent.spec.action_dim, steps, samples)
+
+
+def swap_check(agent, params, obs_mode, default, K, steps, starts, seed, mode,
+               samples=PC.DEFAULT_SAMPLES, gravities=PC.SWAP_GRAVITIES) -> dict:
+    """`physical_check.context_swap_check` from `starts` episode starts at each gravity (the
+    other factors at `default`), each start's context inferred from its first K steps."""
+    import jax
+    import jax.numpy as jnp
+
+    gravities = tuple(float(g) for g in gravities)
+    if default["gravity"] not in gravities:
+        raise CounterfactualError(f"the swap gravities {gravities} must hold the default "
+                                  f"{default['gravity']}")
+    picks = [(e, 0) for e in range(starts)]
+    ctxs, firsts = [], []
+    for i, g in enumerate(gravities):
+        ep = collect_episodes(agent, params, "ball_in_cup", obs_mode, dict(default, gravity=g),
+                              starts, K + 1, seed + 11 + i, mode)
+        ctxs.append(context_fn(agent, params, ep, K)(picks))
+        firsts.append(_filter_steps(ep, [p for p in picks for _ in range(samples)]))
+    first = jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), *firsts)
+    imagine = imaginer(agent, params, first, jax.random.PRNGKey(seed + 3))
+    G, cache = len(gravities), {}
+
+    def fall(i, j):  # starts at gravity i, contexts from gravity j; one imagination per j
+        if j not in cache:  # every gravity's block of starts gets gravity j's contexts
+            cache[j] = PC.imagined_fall(imagine, np.concatenate([ctxs[j]] * G), None,
+                                        CONTROL_DT["ball_in_cup"], agent.spec.action_dim,
+                                        steps, samples).reshape(G, starts)
+        return cache[j][i]
+    return PC.context_swap_check(fall, gravities, gravities.index(default["gravity"]))
 
 
 def pick_windows(agent, ep, s_max, windows, H, act_kind, seed):

@@ -38,10 +38,15 @@ Procedure (docs/protocol.md, "Counterfactual imagination"):
 6. Ball-in-Cup (featurized runs) physical check (`dali_jax.analysis.physical_check`): from
    the filter step at ``--check-starts`` episode starts (the ball released, string slack),
    zero actions, the chosen dimension shifted by each of ``--check-scales`` sigmas; the
-   imagined ball's free-fall acceleration is the mean of the first ``--check-steps`` second
-   differences of the decoded ball z over the 0.02 s control step. Reported: Spearman's rho
+   imagined ball's free-fall acceleration is the slope of the decoded ball z velocity over
+   the first ``--check-steps`` 0.02 s control steps, averaged over ``--check-samples``
+   imagined trajectories per start. Reported: Spearman's rho
    between the shift and the acceleration over all (start, shift) pairs, the mean
-   acceleration per shift, and rho for every dimension.
+   acceleration per shift, and rho for every dimension. The context swap
+   (``physical_check.context_swap_check``): the same fall imagined from starts at five
+   gravities (0.5 .. 1.5 x the default) under contexts inferred at each of them: c alone
+   moves, the filter state alone moves, or both (``physical_check.context_swap`` in
+   ``summary.json``).
 
 Outputs (``--out``, default ``RUN/counterfactual``) for the shown dimension d (every dimension
 with ``--all-dims``):
@@ -76,7 +81,8 @@ from dali_jax.analysis import physical_check as PC
 from dali_jax.analysis.cf_figures import plot_auc, plot_check, write_outputs
 from dali_jax.analysis.cf_influence import FAST_ADABOOST, influence_per_dim
 from dali_jax.analysis.cf_rollouts import (CounterfactualError, collect_episodes, context_fn,
-                                           drop_check, imaginer, pick_windows)
+                                           drop_check, imaginer, pick_windows,
+                                           swap_check)
 
 __all__ = ["run_counterfactual", "main"]
 
@@ -149,7 +155,7 @@ def run_counterfactual(logdir: str, dim="auto", scale: float = 3.0, out: str | N
                        episode_length: int | None = None, seed: int = 0, mode: str = "sample",
                        actions: str = "auto", check_scales=DEFAULT_CHECK_SCALES,
                        check_steps: int = PC.DEFAULT_STEPS, check_starts: int = 16,
-                       frames: int = 16, sigma_stride: int | None = None,
+                       check_samples: int = PC.DEFAULT_SAMPLES, frames: int = 16, sigma_stride: int | None = None,
                        all_dims: bool = False, fast: bool = False, task: str | None = None,
                        step: int | None = None, n_boot: int = 500,
                        verbose: bool = False) -> dict:
@@ -165,6 +171,7 @@ def run_counterfactual(logdir: str, dim="auto", scale: float = 3.0, out: str | N
         actions, check_scales)
     _check_int("--check-steps", check_steps)
     _check_int("--check-starts", check_starts, lo=2)
+    _check_int("--check-samples", check_samples)
     # Cheap checks on the run's config before loading the checkpoint.
     Cc = _check_run(logdir, task, None if dim_auto else dim)
     run = _load(logdir, step, task)
@@ -218,7 +225,9 @@ def run_counterfactual(logdir: str, dim="auto", scale: float = 3.0, out: str | N
     check = None
     if task_name == "ball_in_cup" and not pixels and "obs" in agent.vector_keys:
         check = drop_check(agent, params, cfg.obs, default, K, sigma, chosen, check_scales,
-                           check_steps, check_starts, seed, mode)
+                           check_steps, check_starts, seed, mode, check_samples)
+        check["context_swap"] = swap_check(agent, params, cfg.obs, default, K, check_steps,
+                                           check_starts, seed, mode, check_samples)
         plot_check(out_dir / "physical_check.png", np.asarray(check_scales, np.float64),
                    check.pop("_accelerations"), chosen, check["spearman_rho"])
         files.append("physical_check.png")
@@ -315,9 +324,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--check-scales", default=",".join(f"{s:g}" for s in DEFAULT_CHECK_SCALES),
                    help="shifts (sigmas) of the Ball-in-Cup physical check")
     p.add_argument("--check-steps", type=int, default=PC.DEFAULT_STEPS,
-                   help="second differences of the free fall the check averages")
+                   help="imagined steps of free fall the check's velocity slope spans")
     p.add_argument("--check-starts", type=int, default=16,
                    help="episode starts the physical check imagines from")
+    p.add_argument("--check-samples", type=int, default=PC.DEFAULT_SAMPLES,
+                   help="imagined trajectories per start the check averages")
     p.add_argument("--frames", type=int, default=16, help="frames in a pixel strip")
     p.add_argument("--sigma-stride", type=int, default=None,
                    help="stride of the windows sigma is computed over (default K // 8)")
@@ -340,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             horizon=args.horizon, episodes=args.episodes, episode_length=args.episode_length,
             seed=args.seed, mode=args.mode, actions=args.actions,
             check_scales=_parse_scales(args.check_scales), check_steps=args.check_steps,
-            check_starts=args.check_starts, frames=args.frames,
+            check_starts=args.check_starts, check_samples=args.check_samples, frames=args.frames,
             sigma_stride=args.sigma_stride, all_dims=args.all_dims, fast=args.fast,
             task=args.task, step=args.step, n_boot=args.bootstrap, verbose=not args.quiet)
     except CounterfactualError as e:

@@ -43,8 +43,13 @@ def test_counterfactual_outputs_and_zero_shift(run_dir, tmp_path):
     assert set(inf["per_classifier"][0]) == {"svc_rbf", "mlp", "adaboost"}
     assert len(s3["sigma"]) == 2 and all(x > 0 for x in s3["sigma"])
     pc = s3["physical_check"]
-    assert pc["dim"] == d and pc["scales_sigma"] == [-2.0, 0.0, 2.0] and pc["ball_z_index"] == 3
-    assert (pc["starts"], pc["steps"]) == (3, 4)
+    assert pc["dim"] == d and pc["scales_sigma"] == [-2.0, 0.0, 2.0] and pc["ball_vz_index"] == 7
+    assert (pc["starts"], pc["steps"], pc["samples"]) == (3, 4, 8)
+    sw = pc["context_swap"]
+    assert sw["gravities"] == [4.905, 7.3575, 9.81, 12.2625, 14.715] and sw["starts"] == 3
+    for sweep in ("context", "state", "matched"):
+        assert len(sw[sweep]["mean_acceleration"]) == 5
+        assert np.isnan(sw[sweep]["spearman_rho"]) or -1 <= sw[sweep]["spearman_rho"] <= 1
     assert -1 <= pc["spearman_rho"] <= 1 and set(pc["spearman_rho_per_dim"]) == {"0", "1"}
     for name in (f"strip_dim{d}.png", f"timeseries_dim{d}.png", "influence_auc.png",
                  "physical_check.png"):
