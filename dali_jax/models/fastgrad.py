@@ -6,7 +6,7 @@
   gradients after the scan, as one (in x rows) @ (rows x out) matmul each, instead of a
   small matmul plus an accumulation per step. The layers learn of it through Flax variable
   collections ("taps" in, "inputs" out, see `tapped_matmul`), so the model code has no
-  tap arguments.
+  tap arguments; `scan_deferring` is the scan a model calls.
 - `routed`: one forward pass serving two losses, each differentiated with respect to a
   different input (the critic's logits for the actor's returns and the critic's loss).
 - `pair_mse`: the squared error of an MLP head on (step, window) pairs whose input is a
@@ -184,6 +184,28 @@ def defer_kernels(scan, params, args, taps):
 
     f.defvjp(fwd, bwd)
     return f(params, args)
+
+
+def scan_deferring(module, params, method, layers, carry, xs, consts=()):
+    """The scan of ``carry = module.apply(params, carry, *x_t, *consts, method=method)`` over
+    time-major xs (a tuple of (T, B, ...) arrays or None) -> the carries (T, B, ...), with
+    the kernels of the `nets.Dense` layers named in `layers` (top-level names in params)
+    differentiated after the scan (`defer_kernels`)."""
+    T, B = next(x for x in xs if x is not None).shape[:2]
+
+    def scan(params, args, taps):
+        carry, xs, consts = args
+
+        def step(prev, inp):
+            x, tap = inp
+            out, inputs = apply_tapped(module, params, tap, prev, *x, *consts, method=method)
+            return out, (out, inputs)
+        _, (outs, inputs) = jax.lax.scan(step, carry, (xs, taps))
+        return outs, inputs
+
+    taps = {k: {"dy": jax.ShapeDtypeStruct((T, B, params[k]["kernel"].shape[1]), module.dtype)}
+            for k in layers}
+    return defer_kernels(scan, params, (carry, xs, consts), taps)
 
 
 # ---------------------------------------------------------------------- routing

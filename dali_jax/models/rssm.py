@@ -203,25 +203,9 @@ DEFERRED = ("img_in", "gru", "obs_h", "obs_stats")
 
 def _filter(rssm, params, state, actions, proj, is_first, rngs, ctx_dyn, init):
     """The filter scan over time-major inputs (T, B, ...) -> posterior states (T, B, ...),
-    with a custom VJP that defers the `DEFERRED` kernels' gradients (see `observe`)."""
-
-    def scan(params, args, taps):
-        state, actions, proj, ctx_dyn, init = args
-
-        def step(prev, inp):
-            a, pr, first, key, cd, tap = inp
-            post, inputs = FG.apply_tapped(rssm, params, tap, prev, a, pr, first, key, cd,
-                                           init, method=RSSM.filter_step)
-            return post, (post, inputs)
-
-        _, (post, inputs) = jax.lax.scan(step, state,
-                                         (actions, proj, is_first, rngs, ctx_dyn, taps))
-        return post, inputs
-
-    T, B = proj.shape[:2]
-    taps = {k: {"dy": jax.ShapeDtypeStruct((T, B, params[k]["kernel"].shape[1]), rssm.dtype)}
-            for k in DEFERRED}
-    return FG.defer_kernels(scan, params, (state, actions, proj, ctx_dyn, init), taps)
+    the `DEFERRED` kernels differentiated after the scan (see `observe`)."""
+    return FG.scan_deferring(rssm, params, RSSM.filter_step, DEFERRED, state,
+                             (actions, proj, is_first, rngs, ctx_dyn), (init,))
 
 
 def imagine(rssm: RSSM, params, policy: Callable, start, horizon: int, rng, ctx_dyn=None,
