@@ -1,5 +1,8 @@
-"""Command-line launch of experiment files: parse the overrides (`dali_jax.overrides`), print
-the configuration, train."""
+"""Command-line launch of experiments: parse the overrides (`dali_jax.overrides`), print the
+configuration, train. The experiment files call `main`; without them (an installed package):
+
+    python -m dali_jax.launch --task ball_in_cup|walker [--preset P] [--config.FIELD=VALUE ...]
+"""
 from __future__ import annotations
 
 import logging
@@ -8,7 +11,7 @@ import sys
 from typing import Callable, Sequence
 
 from dali_jax import config as config_lib
-from dali_jax import hostmem
+from dali_jax import hostmem, presets
 from dali_jax.overrides import UsageError, parse
 
 
@@ -62,3 +65,33 @@ def main(get_config: Callable, presets: Sequence[str], argv=None) -> int:
     keys = ("env_steps", "updates", "episodes", "wall_s", "logdir", "eval/return_mean")
     print({k: summary[k] for k in keys if k in summary})
     return 0
+
+
+def main_task(argv=None) -> int:
+    """`python -m dali_jax.launch --task TASK ...`: `main` with `presets.experiment_config`."""
+    import functools
+    argv = list(sys.argv[1:] if argv is None else argv)
+    task = None
+    for i, a in enumerate(argv):
+        if a == "--task" and i + 1 < len(argv):
+            task = argv[i + 1]
+            del argv[i:i + 2]
+            break
+        if a.startswith("--task="):
+            task = a.split("=", 1)[1]
+            del argv[i]
+            break
+    if task is None and any(a in ("-h", "--help") for a in argv):
+        print(f"usage: python -m dali_jax.launch --task {{{','.join(presets.TASK_STEPS)}}} "
+              f"[--preset {{{','.join(presets.NAMES)}}}] [--config.FIELD=VALUE ...]\n"
+              "(--task TASK --help lists every field and its default)")
+        return 0
+    if task not in presets.TASK_STEPS:
+        print(f"error: give --task {'|'.join(presets.TASK_STEPS)}; got {task!r}",
+              file=sys.stderr)
+        return 2
+    return main(functools.partial(presets.experiment_config, task), presets.NAMES, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main_task())

@@ -103,6 +103,20 @@ OVERRIDES["first"] = {**OVERRIDES["cpu"], "method": "dali_d", "context_setting":
                       "context.alignment": "project"}
 
 
+TASK_STEPS = {"ball_in_cup": 200_000, "walker": 500_000}  # the paper's env steps per task
+
+
+def experiment_config(task: str, preset: str | None = None):
+    """The config of an experiment on `task`: the defaults, the paper's env steps for the
+    task, then `preset` (None: "paper", the DALI protocol)."""
+    if task not in TASK_STEPS:
+        raise ValueError(f"task must be one of {', '.join(TASK_STEPS)}; got {task!r}")
+    c = config_lib.get_config()
+    c.task = task
+    c.run.steps = TASK_STEPS[task]
+    return apply(c, preset or "paper")
+
+
 def apply(c, name: str):
     if name not in NAMES:
         raise ValueError(f"preset must be one of {', '.join(NAMES)}; got {name!r}")

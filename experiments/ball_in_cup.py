@@ -10,7 +10,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dali_jax import config as config_lib  # noqa: E402
 from dali_jax import launch  # noqa: E402
 from dali_jax import presets  # noqa: E402
 
@@ -20,10 +19,7 @@ PRESETS = presets.NAMES
 def get_config(preset=None):
     """preset: None/"paper" (the DALI protocol: small model, train_ratio 512, 4 envs, the
     paper's alignment loss), "cpu", "first", "quick" or "smoke" (dali_jax/presets.py)."""
-    c = config_lib.get_config()
-    c.task = "ball_in_cup"
-    c.run.steps = 200_000
-    return presets.apply(c, preset or "paper")
+    return presets.experiment_config("ball_in_cup", preset)
 
 
 if __name__ == "__main__":

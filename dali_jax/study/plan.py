@@ -11,7 +11,7 @@ Layout of a study directory DIR::
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import functools
 import json
 import os
 import sys
@@ -21,9 +21,8 @@ from dali_jax import config as config_lib
 from dali_jax import overrides
 from dali_jax import presets
 from dali_jax.study.rundir import first_and_last_record
-from dali_jax.study.spec import REPO_ROOT, StudyError, base_method
+from dali_jax.study.spec import StudyError, base_method
 
-EXPERIMENT_FILES = {"ball_in_cup": "ball_in_cup.py", "walker": "walker_walk.py"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,23 +44,6 @@ class Run:
     def state_dir(self) -> str:
         """Folder of the study runner's records of this run (lock, attempts)."""
         return os.path.join(self.logdir, "study")
-
-
-def experiment_file(task: str) -> str:
-    """Path of the experiment file that trains ``task``."""
-    path = os.path.join(REPO_ROOT, "experiments", EXPERIMENT_FILES[task])
-    if not os.path.isfile(path):
-        raise StudyError(f"experiment file {path} not found: the study runner needs the "
-                         f"repository checkout (experiments/ next to dali_jax/)")
-    return path
-
-
-def _load_experiment(task: str):
-    path = experiment_file(task)
-    spec = importlib.util.spec_from_file_location(f"_dali_experiment_{task}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def format_value(value) -> str:
@@ -106,13 +88,14 @@ def plan_runs(study, root: str) -> list[Run]:
 
 
 def run_configs(study, runs: Sequence[Run]) -> dict:
-    """{run name: validated ConfigDict}, built exactly as the experiment file builds it.
+    """{run name: validated ConfigDict}, built as the experiment files build it
+    (`presets.experiment_config`).
     A bad override raises StudyError naming ``study.overrides[...]``."""
-    module = _load_experiment(study.task)
+    get_config = functools.partial(presets.experiment_config, study.task)
     out = {}
     for run in runs:
         try:
-            out[run.name] = overrides.parse(module.get_config, list(run.argv), presets.NAMES)
+            out[run.name] = overrides.parse(get_config, list(run.argv), presets.NAMES)
         except ValueError as e:
             where = ("study.overrides" if run.method not in study.method_overrides else
                      f"study.overrides or study.method_overrides[{run.method!r}]")
@@ -122,7 +105,7 @@ def run_configs(study, runs: Sequence[Run]) -> dict:
 
 def train_command(study, run: Run) -> tuple:
     """The command that trains (or resumes) ``run``."""
-    return (sys.executable, "-u", experiment_file(study.task)) + tuple(run.argv)
+    return (sys.executable, "-u", "-m", "dali_jax.launch", "--task", study.task) + tuple(run.argv)
 
 
 def config_json(config) -> dict:
@@ -158,9 +141,9 @@ def config_conflict(run: Run, config, base=None) -> str | None:
 
 def base_config(study, run: Run):
     """``run``'s config built from the preset and the run's own fields only (no overrides)."""
-    module = _load_experiment(study.task)
     argv = _own_argv(study, run.method, run.setting, run.seed, run.logdir)
-    return overrides.parse(module.get_config, list(argv), presets.NAMES)
+    return overrides.parse(functools.partial(presets.experiment_config, study.task), list(argv),
+                           presets.NAMES)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -34,7 +34,8 @@ from dali_jax import presets
 from dali_jax.envs import contexts as C
 from dali_jax.methods import METHODS
 
-# The checkout the study runner runs experiment files from (experiments/ beside dali_jax/).
+# The folder holding this dali_jax package (a checkout, or site-packages): the study's jobs
+# run there, so `python -m dali_jax...` runs this same package.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RELEASE_SEEDS = (0, 42, 1337, 13, 71, 1994, 1997, 908, 2102, 3)  # docs/protocol.md
 BACKENDS = ("local", "slurm")

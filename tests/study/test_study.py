@@ -100,8 +100,8 @@ def test_plan_names_runs_and_builds_their_configs(tmp_path):
         assert (c.xla_opt_level, c.run.steps, c.run.save_every_s, c.model.size) == (
             0, STEPS, 1.0, "tiny")
         cmd = P.train_command(study, r)
-        exp = os.path.join(ROOT, "experiments", "ball_in_cup.py")
-        assert cmd[:3] == (sys.executable, "-u", exp)
+        assert cmd[:6] == (sys.executable, "-u", "-m", "dali_jax.launch", "--task",
+                           "ball_in_cup")
         assert f"--config.seed={r.seed}" in cmd and "--config.model.size=tiny" in cmd
         # method_overrides reach that method's runs only
         assert c.context.loss == ("both" if r.method == "dali_d" else "forward")
@@ -134,6 +134,30 @@ def test_variants_run_one_method_under_two_labels(tmp_path):
     assert table[2].split(" | ")[:3] == ["| method", "recipe", "loss"]
     assert [row.split(" | ")[:3] for row in table[4:6]] == [
         ["| dali_d_paper", "paper", "forward"], ["| dali_d_project", "project", "both"]]
+
+
+def test_a_study_needs_the_package_only(tmp_path):
+    """The runs train through `python -m dali_jax.launch`, whose configs are the experiment
+    files' own; `plan` works from a copy of the package with no experiments/ beside it."""
+    from dali_jax import presets
+    from experiments import ball_in_cup, walker_walk
+    path = write_study(tmp_path / "s.py")
+    study, runs, configs = load(path, tmp_path / "d")
+    cmd = P.train_command(study, runs[0])
+    assert cmd[1:6] == ("-u", "-m", "dali_jax.launch", "--task", study.task)
+    for module, task in ((ball_in_cup, "ball_in_cup"), (walker_walk, "walker")):
+        for preset in (None, "cpu"):
+            assert (module.get_config(preset).to_dict()
+                    == presets.experiment_config(task, preset).to_dict())
+    site = tmp_path / "site"
+    shutil.copytree(os.path.join(ROOT, "dali_jax"), site / "dali_jax",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    r = subprocess.run([sys.executable, "-m", "dali_jax.study", path, "--dir",
+                        str(tmp_path / "d2"), "plan"], cwd=site, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(site), JAX_PLATFORMS="cpu"),
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "dreamer_dr/single_0/s0" in r.stdout
 
 
 def test_report_probe_table_gives_the_median_over_seeds(tmp_path):
