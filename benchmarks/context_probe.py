@@ -1,9 +1,10 @@
 """Which dynamics-alignment loss makes g_phi's context encode the context factors?
 
     python benchmarks/context_probe.py [--task ball_in_cup|walker] [--options a,b,...]
-        [--updates 1500] [--seed 0] [--grid 4] [--episodes 8] [--json FILE]
+        [--updates 1500] [--seed 0] [--grid 4] [--episodes 8] [--policy RUN] [--json FILE]
 
-World-model-only experiment: uniform-random-policy episodes (200 steps) on a grid x grid
+World-model-only experiment: uniform-random-policy episodes (200 steps; `--policy RUN`: the
+policy of a trained featurized run of the task, sampled actions) on a grid x grid
 set of contexts over the train ranges of the task's two factors (Ball-in-Cup: gravity,
 string length; Walker: gravity, actuator strength), half of each context's episodes held
 out. For every alignment option a nano DALI-D agent (g_phi hidden 32, f_psi 64 units,
@@ -89,7 +90,8 @@ def probe_config(task: str, option: str, seed: int = 0, window: int = 32):
 
 
 def run(task: str, options, updates: int, seed: int = 0, grid: int = 4, episodes: int = 8,
-        length: int = 200, window: int = 32, log=print) -> list[dict]:
+        length: int = 200, window: int = 32, policy: str | None = None,
+        log=print) -> list[dict]:
     """Collect once, then train and probe every option. -> one dict per option."""
     import jax
     import numpy as np
@@ -99,12 +101,16 @@ def run(task: str, options, updates: int, seed: int = 0, grid: int = 4, episodes
     from dali_jax.analysis import probe as PB
 
     t0 = time.time()
-    eps = EP.collect_random_episodes(task, EP.context_grid(task, grid), episodes, length,
-                                    seed=seed)
+    contexts = EP.context_grid(task, grid)
+    if policy:
+        eps = agent_episodes(policy, task, contexts, episodes, length, seed)
+    else:
+        eps = EP.collect_random_episodes(task, contexts, episodes, length, seed=seed)
     train, test = EP.heldout_split(eps, episodes // 2)
     data = EP.select(eps, train)
     names = list(eps["factor_names"])
-    log(f"{task}: {len(eps['factors'])} episodes of {length} steps on {grid}x{grid} contexts "
+    log(f"{task}: {len(eps['factors'])} episodes of {length} steps on {grid}x{grid} contexts, "
+        f"{'the policy of ' + policy if policy else 'random policy'} "
         f"({time.time() - t0:.0f} s)")
     do, da = OBS_DIM[task]
     spec = Spec(obs={"obs": ((do,), np.float32), "context": ((2,), np.float32)}, action_dim=da)
@@ -130,6 +136,7 @@ def run(task: str, options, updates: int, seed: int = 0, grid: int = 4, episodes
         r2_0 = PB.window_probe(agent, untrained, eps, train, test, stride=2)
         kind = OPTIONS.get(base, dict(loss=base, residual="-", standardize="-"))
         row = dict(task=task, option=opt, **kind, updates=updates, seed=seed, window=window,
+                   policy=policy or "random",
                    episodes=episodes,
                    r2={n: float(v) for n, v in zip(names, r2)},
                    r2_untrained={n: float(v) for n, v in zip(names, r2_0)},
@@ -140,6 +147,19 @@ def run(task: str, options, updates: int, seed: int = 0, grid: int = 4, episodes
                                         f"{row['r2_untrained'][n]:.3f})" for n in names)
             + f"  gain {row['gain'][-1]:.4f}  {train_s:.0f} s")
     return rows
+
+
+def agent_episodes(logdir: str, task: str, contexts, episodes: int, length: int,
+                   seed: int) -> dict:
+    """Episodes of the trained run at `logdir` (its policy, sampled actions), with the
+    observation keys of the probe's agent ("obs" and "context")."""
+    from dali_jax.analysis import episodes as EP
+    from dali_jax.training.load import load_run
+    r = load_run(logdir, task=task)
+    if r.config.obs != "features":
+        raise SystemExit(f"--policy {logdir}: a featurized run is needed; it is {r.config.obs}")
+    return EP.collect_agent_episodes(r.agent, r.params, task, contexts, episodes, length,
+                                     seed=seed)
 
 
 def episode_tokens(agent, eps):
@@ -250,6 +270,8 @@ def main(argv=None):
     p.add_argument("--grid", type=int, default=4)
     p.add_argument("--episodes", type=int, default=8, help="per context, half held out")
     p.add_argument("--window", type=int, default=32, help="K, the context window")
+    p.add_argument("--policy", default=None, metavar="RUN",
+                   help="collect with this trained run's policy (default: uniform random)")
     p.add_argument("--json", default=None, help="append one JSON line per option")
     args = p.parse_args(argv)
     opts = args.options.split(",")
@@ -258,7 +280,7 @@ def main(argv=None):
         p.error(f"unknown option(s) {bad}; valid: {', '.join([*OPTIONS, *CEILINGS])}")
     hostmem.tune_malloc()
     rows = run(args.task, opts, args.updates, args.seed, args.grid, args.episodes,
-               window=args.window)
+               window=args.window, policy=args.policy)
     if args.json:
         with open(args.json, "a") as f:
             for r in rows:

@@ -196,6 +196,23 @@ def test_probe_options_take_config_overrides_after_at():
         probe_config("ball_in_cup", "inverse@context.inverse_wieght=3")
 
 
+def test_world_model_probe_collects_a_trained_runs_episodes(tmp_path_factory):
+    """`--policy RUN`: a Dreamer-DR run's own episodes (its actions), with the "context"
+    observation the probe's agent needs: the grid's factors, one per episode, constant
+    within it."""
+    from benchmarks.context_probe import agent_episodes
+    from tests.helpers import smoke_run
+    run = smoke_run(tmp_path_factory, "dreamer_dr")
+    ctxs = EP.context_grid("ball_in_cup", 2)
+    eps = agent_episodes(run, "ball_in_cup", ctxs, 2, 12, seed=0)
+    assert eps["obs"].shape == (8, 13, 8) and eps["context"].shape == (8, 13, 2)
+    assert eps["action"].shape == (8, 13, 2) and np.abs(eps["action"][:, :-1]).max() > 0
+    np.testing.assert_array_equal(eps["context"], eps["context"][:, :1].repeat(13, 1))
+    want = [[c["gravity"], c["string_length"]] for c in ctxs.values() for _ in range(2)]
+    np.testing.assert_allclose(eps["factors"], want)
+    assert len({tuple(c) for c in eps["context"][:, 0]}) == 4
+
+
 def test_raw_window_ceilings_linear_and_mlp():
     """A factor f in [0, 1] written into every observation as (sin 6f, cos 6f) (almost a full circle
     arc: recoverable, but not linearly): the MLP read-out recovers it (R^2 > 0.9) and beats
