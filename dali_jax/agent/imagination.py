@@ -79,3 +79,13 @@ def openloop_report(agent, params, batch, rng, context_steps: int = 5):
         video = jnp.concatenate([true, model, err], 3)
         out[k] = (jnp.clip(video, 0, 1) * 255).astype(jnp.uint8)
     return out
+
+
+def openloop_strips(agent, params, batch, rng, context_steps: int = 5):
+    """`openloop_report` as one image per key: each sequence's every 4th frame side by side,
+    sequences stacked. -> {key: (B * H, (T // 4) * 3W, C) uint8}."""
+    out = {}
+    for k, v in openloop_report(agent, params, batch, rng, context_steps).items():
+        b, t, h, w, c = v[:, ::4].shape
+        out[k] = v[:, ::4].transpose(0, 2, 1, 3, 4).reshape(b * h, t * w, c)
+    return out

@@ -137,7 +137,7 @@ def _check_run(logdir, task, dim) -> int:
 
 def _gt_sigma(config) -> tuple[np.ndarray, str]:
     from dali_jax.envs import contexts as C
-    from dali_jax.training.train import training_contexts
+    from dali_jax.training.setup import training_contexts
 
     vals = np.stack([C.normalize_context(config.task, v)
                      for v in training_contexts(config).values()])

@@ -76,7 +76,7 @@ def _load(logdir: str, step: int | None, task: str | None):
 def _train_context(config) -> dict | None:
     if config.context_setting != "specific":
         return None
-    from dali_jax.training.train import training_contexts
+    from dali_jax.training.setup import training_contexts
 
     (ctx,) = training_contexts(config).values()
     return {k: float(v) for k, v in ctx.items()}

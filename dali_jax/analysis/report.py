@@ -151,6 +151,7 @@ def build_report(runs: Sequence[RunResult], normalizer: Normalizer, reps: int = 
         raise ReportError("no runs given")
     task = runs[0].task
     groups = group_by_method(runs)
+    present = {r.setting for r in runs if r.setting in POOLED_SETTINGS}
     notes = []
     matrices, aggregates, poi = {}, {g: {} for g in REGIMES}, {g: {} for g in REGIMES}
     for m, rs in groups.items():
@@ -160,7 +161,8 @@ def build_report(runs: Sequence[RunResult], normalizer: Normalizer, reps: int = 
             notes.append(f"{m}: runs of setting(s) {other} are not aggregated (heatmaps only).")
         if not pooled:
             continue
-        missing = [s for s in POOLED_SETTINGS if s not in {r.setting for r in pooled}]
+        missing = [s for s in POOLED_SETTINGS
+                   if s in present and s not in {r.setting for r in pooled}]
         if missing:
             notes.append(f"{m}: no runs for setting(s) {missing}; its matrices pool the others.")
         try:
@@ -197,6 +199,11 @@ def build_report(runs: Sequence[RunResult], normalizer: Normalizer, reps: int = 
                   reps=reps, seed=seed, confidence=confidence, notes=notes)
 
 
+def _settings(rep) -> list[str]:
+    have = {r.setting for rs in rep.runs.values() for r in rs}
+    return [s for s in POOLED_SETTINGS if s in have]
+
+
 def _fmt(iv) -> str:
     return f"{iv.estimate:.3f} [{iv.low:.3f}, {iv.high:.3f}]"
 
@@ -205,8 +212,8 @@ def _markdown(rep: Report, plots: Sequence[Path]) -> str:
     pct = f"{100 * rep.confidence:g}%"
     lines = [f"# Zero-shot generalisation: {rep.task}", "",
              f"Normalised score = (R - R_random) / (R_expert - R_random); {rep.normalisation}.",
-             f"Aggregates over (seeds x contexts) matrices pooled over "
-             f"{', '.join(POOLED_SETTINGS)}; {pct} stratified-bootstrap percentile CIs, "
+             f"Aggregates over (seeds x contexts) matrices pooled over the runs' settings "
+             f"({', '.join(_settings(rep))}); {pct} stratified-bootstrap percentile CIs, "
              f"{rep.reps} replicates, seed {rep.seed}.", "", "## Runs", "",
              "| method | obs | setting | seeds |", "|---|---|---|---|"]
     for m, rs in rep.runs.items():

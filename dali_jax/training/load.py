@@ -43,7 +43,7 @@ def load_config(logdir: str) -> ml_collections.ConfigDict:
 def spec_for(config) -> Spec:
     """Observation/action spec of the run's task, read off one env instance."""
     from dali_jax.envs.dmc import make_env
-    from dali_jax.training.train import env_spec, training_contexts
+    from dali_jax.training.setup import env_spec, training_contexts
     env = make_env(config.task, training_contexts(config), obs_mode=config.obs, seed=0)
     try:
         act = env.action_space
@@ -63,7 +63,7 @@ def load_run(logdir: str, step: Optional[int] = None, task: Optional[str] = None
     if ck.latest_step() is None:
         raise FileNotFoundError(f"{logdir} has no checkpoint (looked in {ckdir})")
     agent = Agent(config, spec_for(config))
-    from dali_jax.training.train import restore_checkpoint
+    from dali_jax.training.resume import restore_checkpoint
     step, tree, extra = restore_checkpoint(ck, agent, step=step, replay=False)
     return Run(logdir, config, agent, tree["agent"].params, step, extra)
 

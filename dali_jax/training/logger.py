@@ -183,3 +183,14 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def nonfinite_terms(metrics: dict) -> str:
+    """The loss terms and gradient norms of one update's metrics that are non-finite, and
+    its count of non-finite batch values."""
+    names = [f"{k}={float(v)}" for k, v in sorted(metrics.items())
+             if k.startswith(("loss/", "grad_norm/")) and not np.isfinite(v)]
+    n = int(metrics.get("train/nonfinite_inputs", 0))
+    if n:
+        names.append(f"{n} batch input value(s)")
+    return ", ".join(names) or "no named term"

@@ -64,3 +64,20 @@ def evaluate_contexts(agent, params, task: str, obs_mode: str,
     if frames:
         returns["frames"] = out_frames
     return returns
+
+
+def evaluation_scalars(agent, params, config, contexts: dict, episodes: int,
+                       num_envs: int) -> dict:
+    """The trainer's periodic evaluation: `evaluate_contexts` on `contexts` (id -> factor
+    dict) -> {"eval/return_ctx/<factor values>": mean return, "eval/return_mean": mean of
+    those}."""
+    res = evaluate_contexts(agent, params, config.task, config.obs, contexts, episodes,
+                            num_envs=num_envs, seed=config.seed + 1,
+                            parallel=config.run.parallel_envs,
+                            episode_length=config.run.episode_length)
+    out = {}
+    for cid, rets in res.items():
+        name = "_".join(f"{v:g}" for v in contexts[cid].values())
+        out[f"eval/return_ctx/{name}"] = float(np.mean(rets))
+    out["eval/return_mean"] = float(np.mean([np.mean(r) for r in res.values()]))
+    return out

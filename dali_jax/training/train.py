@@ -33,91 +33,25 @@ import time
 from typing import Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from dali_jax import config as config_lib
 from dali_jax.agent import Agent, Spec
 from dali_jax.agent import imagination
-from dali_jax.envs import contexts as C
 from dali_jax.envs.dmc import make_env
 from dali_jax.envs.vector import VectorEnv
 from dali_jax.training import parallel
-from dali_jax.training.checkpoint import (AS_STORED, CheckpointError, CheckpointSaveError,
-                                          Checkpointer)
-from dali_jax.training.logger import Logger, Progress
+from dali_jax.training.checkpoint import Checkpointer
+from dali_jax.training.checkpointing import Checkpointing, NonFiniteError
+from dali_jax.training.logger import Logger, Progress, nonfinite_terms
 from dali_jax.training.replay import Prefetcher, Replay
-from dali_jax.training.rollout import evaluate_contexts
+from dali_jax.training.rollout import evaluation_scalars
+from dali_jax.training.setup import (FLAGS, default_logdir, env_spec, eval_contexts,
+                                     prefill_action, training_contexts, write_text_atomic)
 from dali_jax.training.signals import GracefulStop
 
 log = logging.getLogger("dali_jax.train")
-
-FLAGS = ("is_first", "is_last", "is_terminal")
-
-
-class NonFiniteError(RuntimeError):
-    """Training stopped on non-finite values (the message names them); the latest
-    checkpoint is the last one written before, never one holding non-finite values."""
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    """`path` holds either its old or its new content, never a cut one (a full disk)."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def default_logdir(config) -> str:
-    return os.path.join("runs", f"{config.task}_{config.method}_{config.obs}_"
-                                f"{config.context_setting}_s{config.seed}")
-
-
-def training_contexts(config) -> dict:
-    """Context set of the run (id -> feature dict), reproducible from the seed."""
-    specific = None
-    if config.context_setting == "specific":
-        f0, f1 = C.FACTORS[config.task]
-        sc = config.specific_context
-        specific = {f0: C.DEFAULTS[config.task][f0] if sc.factor_0 < 0 else sc.factor_0,
-                    f1: C.DEFAULTS[config.task][f1] if sc.factor_1 < 0 else sc.factor_1}
-    return C.make_context_set(config.task, config.context_setting, config.seed,
-                              n=config.num_contexts, specific=specific)
-
-
-def eval_contexts(config, count: int) -> dict:
-    """A few held-out grid contexts for periodic evaluation: the default plus the most
-    extreme double-grid corners of the task, up to `count`."""
-    grid = C.evaluation_grid(config.task)
-    default = [g for g in grid if all(abs(g.values[f] - C.DEFAULTS[config.task][f]) < 1e-9
-                                      for f in C.FACTORS[config.task])]
-    others = [g for g in grid if g.kind == "double"]
-    others.sort(key=lambda g: -abs(C.normalize_context(config.task, g.values)).sum())
-    chosen = (default + others)[:count]
-    return {g.index: dict(g.values) for g in chosen}
-
-
-def env_spec(space) -> dict:
-    return {k: (tuple(s.shape), np.dtype(s.dtype)) for k, s in space.spaces.items()}
-
-
-def prefill_action(seed: int, step: int, hold: int, low, high, shape) -> np.ndarray:
-    """Uniform random action of the prefill for per-env control step `step`, (num_envs, A).
-
-    Each draw is held for `hold` control steps (1: i.i.d. per step, as DreamerV3); seeded
-    by (seed, step // hold), so a resumed run continues the same stream.
-    """
-    rng = np.random.default_rng([seed, step // hold])
-    return rng.uniform(low, high, shape).astype(np.float32)
-
 
 @dataclasses.dataclass
 class _Loop:
@@ -138,7 +72,7 @@ class _Loop:
         ("policy", "env", "dispatch", "replay_wait", "log", "eval"), 0.0))
 
 
-class Trainer:
+class Trainer(Checkpointing):
     """Owns envs, replay, agent state, logger and checkpointer of one run."""
 
     def __init__(self, config: ml_collections.ConfigDict, env_factory: Optional[Callable] = None,
@@ -185,96 +119,8 @@ class Trainer:
         self.save_failures = 0  # consecutive failed periodic saves
         self.rng = jax.random.PRNGKey(config.seed)
         self.state = None
-        _write_text_atomic(os.path.join(self.logdir, "config.json"),
+        write_text_atomic(os.path.join(self.logdir, "config.json"),
                            config.to_json_best_effort(indent=2))
-
-    # ------------------------------------------------------------- checkpoints
-    def _selector_states(self):
-        return [self.venv.call(i, "selector_state") for i in range(self.venv.num_envs)]
-
-    def save(self):
-        """Checkpoints the run. Raises NonFiniteError (nothing written) when the agent state
-        holds a non-finite value, CheckpointSaveError when the write fails."""
-        agent = jax.device_get(self.state.state_dict())  # the checkpoint layout: plain dicts
-        bad = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_flatten_with_path(agent)[0]
-               if np.issubdtype(np.asarray(x).dtype, np.inexact) and not np.isfinite(x).all()]
-        if bad:
-            latest = self.ckpt.latest_step()
-            raise NonFiniteError(
-                f"not checkpointing a non-finite agent state at {self.env_steps} env steps "
-                f"(leaves {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}); the latest "
-                f"checkpoint is "
-                f"{'none' if latest is None else self.ckpt.path(latest)}")
-        extra = dict(env_steps=self.env_steps, updates=self.updates, episodes=self.episodes,
-                     update_budget=self.update_budget, selectors=self._selector_states(),
-                     nonfinite_skipped=self.nonfinite_skipped,
-                     nonfinite_streak=self.nonfinite_streak,
-                     task=self.config.task, method=self.config.method, obs=self.config.obs,
-                     context_setting=self.config.context_setting, seed=self.config.seed,
-                     time=time.time())
-        tree = dict(agent=agent, replay=self.replay.state_dict(),
-                    rng=np.asarray(jax.random.key_data(self.rng)
-                                   if jnp.issubdtype(self.rng.dtype, jax.dtypes.prng_key)
-                                   else self.rng))
-        self.ckpt.save(self.env_steps, tree, extra)
-        log.info("saved checkpoint at %d env steps to %s", self.env_steps,
-                 self.ckpt.path(self.env_steps))
-
-    def restore_or_init(self):
-        if self.ckpt.latest_step() is None:
-            self.state = parallel.replicate(
-                self.agent.init(jax.random.PRNGKey(self.config.seed)), self.mesh)
-            return False
-        step, tree, extra = restore_checkpoint(self.ckpt, self.agent)
-        path = self.ckpt.path(step)
-        self.state = parallel.replicate(tree["agent"], self.mesh)
-        self.replay.load_state_dict(tree["replay"])
-        self.rng = jnp.asarray(tree["rng"], jnp.uint32)
-        self.env_steps = int(extra["env_steps"])
-        self.updates = int(extra["updates"])
-        self.episodes = int(extra["episodes"])
-        self.update_budget = float(extra["update_budget"])
-        self.nonfinite_skipped = int(extra.get("nonfinite_skipped", 0))
-        self.nonfinite_streak = int(extra.get("nonfinite_streak", 0))
-        for i, s in enumerate(extra.get("selectors", [])[:self.venv.num_envs]):
-            self.venv.call(i, "load_selector_state", s)
-        log.info("resumed from %s at %d env steps, %d updates", path, self.env_steps,
-                 self.updates)
-        return True
-
-    def _periodic_save(self) -> None:
-        """save(); a failed write is logged and tolerated `run.max_save_failures` times in a
-        row (the next periodic save retries), then raised."""
-        try:
-            self.save()
-        except CheckpointSaveError as exc:
-            self.save_failures += 1
-            limit = self.config.run.get("max_save_failures", 3)
-            if self.save_failures > limit:
-                raise CheckpointSaveError(
-                    f"{exc} (failed {self.save_failures} times in a row, more than "
-                    f"config.run.max_save_failures={limit}: stopping)") from exc
-            log.error("%s; training continues and saves again in run.save_every_s=%gs "
-                      "(failure %d of config.run.max_save_failures=%d in a row)", exc,
-                      self.config.run.save_every_s, self.save_failures, limit)
-        else:
-            if self.save_failures:
-                log.info("checkpoint saved again after %d failed save(s)", self.save_failures)
-            self.save_failures = 0
-
-    def _final_save(self, failed: Optional[BaseException]) -> None:
-        """The save at the end (or on a stop request, or after an error): none after
-        NonFiniteError; with another error in flight, a failed save is only logged."""
-        if self.state is None or isinstance(failed, NonFiniteError):
-            return
-        jax.block_until_ready(self.state)
-        try:
-            self.save()
-            self.ckpt.wait()
-        except (CheckpointSaveError, NonFiniteError) as exc:
-            if failed is None:
-                raise
-            log.error("final checkpoint not written: %s", exc)
 
     # The hot path's only host/device transfers are explicit: observations in, the action
     # and the previous updates' non-finite flags out, batches in (device_put in the prefetch
@@ -333,7 +179,7 @@ class Trainer:
             self.nonfinite_streak += 1
             limit = self.config.run.get("max_nonfinite", 100)
             if self.nonfinite_streak == 1 or self.nonfinite_streak >= limit:
-                terms = _nonfinite_terms(jax.device_get(m))
+                terms = nonfinite_terms(jax.device_get(m))
                 if self.nonfinite_streak >= limit:
                     latest = self.ckpt.latest_step()
                     raise NonFiniteError(
@@ -395,7 +241,7 @@ class Trainer:
                        timers=loop.timers)
         if not stopped:
             summary.update(self._final_evaluation(loop, logger))
-            _write_text_atomic(os.path.join(self.logdir, "eval_summary.json"), json.dumps(
+            write_text_atomic(os.path.join(self.logdir, "eval_summary.json"), json.dumps(
                 {k: v for k, v in summary.items() if k != "timers"} | {"timers": loop.timers},
                 indent=2, default=float))
         logger.close()
@@ -486,17 +332,13 @@ class Trainer:
         if not self.agent.image_keys or not self.replay.can_sample():
             return
         if not hasattr(self, "_report_fn"):
-            self._report_fn = jax.jit(functools.partial(imagination.openloop_report,
+            self._report_fn = jax.jit(functools.partial(imagination.openloop_strips,
                                                         self.agent))
         batch = self.replay.sample(min(2, self.config.train.batch_size),
                                    rng=np.random.default_rng(self.env_steps))
-        videos = jax.device_get(self._report_fn(self.state.params, batch,
+        strips = jax.device_get(self._report_fn(self.state.params, batch,
                                                 jax.random.PRNGKey(self.env_steps)))
-        for k, v in videos.items():
-            # one strip per sequence: every 4th frame side by side over time
-            strip = np.concatenate(list(v[:, ::4].transpose(0, 2, 1, 3, 4).reshape(
-                v.shape[0], v.shape[2], -1, v.shape[-1])), 0)
-            logger.images(self.env_steps, {f"openloop/{k}": strip})
+        logger.images(self.env_steps, {f"openloop/{k}": v for k, v in strips.items()})
 
     def _log_scalars(self, metrics, timers, dt, dsteps, prefetch, recent):
         out = {}
@@ -517,72 +359,8 @@ class Trainer:
 
     def evaluate(self, contexts: dict, episodes: int) -> dict:
         """Mean return per held-out context (sampled actions) -> scalars."""
-        params = jax.device_get(self.state.params)
-        res = evaluate_contexts(self.agent, params, self.config.task, self.config.obs,
-                                contexts, episodes, num_envs=self.venv.num_envs,
-                                seed=self.config.seed + 1, parallel=self.config.run.parallel_envs,
-                                episode_length=self.config.run.episode_length)
-        out = {}
-        for cid, rets in res.items():
-            vals = contexts[cid]
-            name = "_".join(f"{v:g}" for v in vals.values())
-            out[f"eval/return_ctx/{name}"] = float(np.mean(rets))
-        out["eval/return_mean"] = float(np.mean([np.mean(r) for r in res.values()]))
-        return out
-
-
-def _nonfinite_terms(metrics: dict) -> str:
-    """The loss terms and gradient norms of one update's metrics that are non-finite, and
-    its count of non-finite batch values."""
-    names = [f"{k}={float(v)}" for k, v in sorted(metrics.items())
-             if k.startswith(("loss/", "grad_norm/")) and not np.isfinite(v)]
-    n = int(metrics.get("train/nonfinite_inputs", 0))
-    if n:
-        names.append(f"{n} batch input value(s)")
-    return ", ".join(names) or "no named term"
-
-
-def restore_checkpoint(ckpt: Checkpointer, agent, step: Optional[int] = None,
-                       replay: bool = True) -> tuple[int, dict, dict]:
-    """(step, tree, extra) of a trainer checkpoint; tree["agent"] is a TrainState like
-    agent.init's (older layouts upgraded, leaves it no longer has left out), tree["replay"]
-    and tree["rng"] as stored, or not read when `replay` is False. CheckpointError naming
-    the checkpoint and the leaf when it does not fit."""
-    template = dict(agent=jax.eval_shape(agent.init, jax.random.PRNGKey(0)))
-    if replay:
-        template.update(replay=AS_STORED, rng=AS_STORED)
-    return ckpt.restore(template, step=step, upgrade=upgrade_checkpoint, partial=True)
-
-
-def upgrade_checkpoint(tree):
-    """A stored trainer tree (nested dicts) in today's layout: the one-layer posterior
-    (obs_out, before it was split into obs_h / obs_e) read as the split layers."""
-    agent = tree.get("agent") if isinstance(tree, dict) else None
-    if agent is not None and _split_legacy_posterior(agent):
-        log.info("checkpoint: its one-layer posterior (obs_out) read as obs_h / obs_e")
-    return tree
-
-
-def _split_legacy_posterior(node) -> bool:
-    """In place: every RSSM dict (params and the optimiser's moments alike) holding the old
-    posterior layer obs_out = {kernel ((deter + E + Cc), U), norm} gets obs_h (the kernel's
-    first deter rows), obs_e (the rest) and obs_norm instead: the same function."""
-    found = False
-    if isinstance(node, dict):
-        old = node.get("obs_out")
-        if isinstance(old, dict) and "obs_h" not in node and "initial" in node:
-            deter = np.shape(node["initial"])[0]
-            node["obs_h"] = dict(kernel=old["kernel"][:deter])
-            node["obs_e"] = dict(kernel=old["kernel"][deter:])
-            node["obs_norm"] = old["norm"]
-            del node["obs_out"]
-            found = True
-        for v in list(node.values()):
-            found = _split_legacy_posterior(v) or found
-    elif isinstance(node, (list, tuple)):
-        for v in node:
-            found = _split_legacy_posterior(v) or found
-    return found
+        return evaluation_scalars(self.agent, jax.device_get(self.state.params), self.config,
+                                  contexts, episodes, self.venv.num_envs)
 
 
 def train(config, **kw) -> dict:

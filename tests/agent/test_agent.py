@@ -284,6 +284,14 @@ def test_pixel_dali_d_update_and_acting():
                         for i in range(3))
     np.testing.assert_allclose(true, sub["image"], atol=1)
     np.testing.assert_allclose(err, (model - true) / 2 + 127.5, atol=2)
+    # The logged strip: sequence b's frame 4j at rows b*64.., columns j*192..
+    strip = np.asarray(jax.jit(functools.partial(imagination.openloop_strips, agent))(
+        state.params, sub, jax.random.PRNGKey(1))["image"])
+    assert strip.shape == (2 * 64, len(range(0, T, 4)) * 3 * 64, 3)
+    for b in range(2):
+        for j, t in enumerate(range(0, T, 4)):
+            np.testing.assert_array_equal(strip[b * 64:(b + 1) * 64, j * 192:(j + 1) * 192],
+                                          video[b, t])
 
 
 def test_context_drop_ablation_removes_exactly_that_input():

@@ -97,7 +97,8 @@ def test_trainer_carry_continues_from_the_executed_prefill_action(tmp_path):
     trainer's acting carry records that action."""
     from dali_jax import presets
     from dali_jax.config import get_config
-    from dali_jax.training.train import Trainer, prefill_action
+    from dali_jax.training.setup import prefill_action
+    from dali_jax.training.train import Trainer
     c = presets.apply(get_config(), "smoke")
     c.method, c.context_setting, c.logdir = "dali_d", "single_0", str(tmp_path / "run")
     c.run.prefill_hold = 3

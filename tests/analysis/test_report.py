@@ -253,6 +253,23 @@ def test_build_report_is_reproducible(tmp_path):
     assert a.poi["mixed"][("crssm", "dali")][0].as_tuple() == (0.0, 0.0, 0.0)
 
 
+def test_notes_and_text_name_only_the_settings_the_runs_have(tmp_path):
+    """A study of single_0 alone: the summary says it pools single_0 only and notes no
+    missing setting; a method lacking a setting another method has gets a note."""
+    one = [write_run(tmp_path / "a", method=m, setting="single_0", seed=s)
+           for m in ("dali", "crssm") for s in (0, 1)]
+    norm = NZ.Normalizer("ball_in_cup", assume_random_zero=True)
+    rep = RP.build_report(RP.load_runs(one), norm, reps=200, seed=0)
+    assert rep.notes == []
+    assert "pooled over the runs' settings (single_0);" in RP._markdown(rep, [])
+    both = one + [write_run(tmp_path / "b", method="dali", setting="single_1", seed=s)
+                  for s in (0, 1)]
+    rep = RP.build_report(RP.load_runs(both), norm, reps=200, seed=0)
+    assert rep.notes[0] == "crssm: no runs for setting(s) ['single_1']; its matrices pool the others."
+    assert len(rep.notes) == 1 or "shared" in rep.notes[1]
+    assert "(single_0, single_1);" in RP._markdown(rep, [])
+
+
 def test_report_cli_end_to_end(tmp_path):
     dirs = _method_runs(tmp_path / "runs")
     names = contexts.FACTORS["ball_in_cup"]
@@ -310,5 +327,5 @@ def test_report_assume_random_zero_is_stated(tmp_path, capsys):
     assert RP.main([*map(str, dirs), "--out", str(out), "--reps", "50", "--assume-random-zero",
                    "--no-plots"]) == 0
     md = (out / "summary.md").read_text()
-    assert "R_random = 0 ASSUMED" in md and "single_0" in md  # missing settings noted
+    assert "R_random = 0 ASSUMED" in md and "settings (single_1);" in md
     assert not list(out.glob("*.png"))

@@ -371,7 +371,7 @@ def _to_legacy(node):
 def test_checkpoints_of_the_one_layer_posterior_still_load(agent_cache, tmp_path):
     """A checkpoint written before the posterior layer was split (obs_out) restores into the
     split layout with the same numbers, optimiser moments included."""
-    from dali_jax.training.train import restore_checkpoint
+    from dali_jax.training.resume import restore_checkpoint
     agent = agent_cache("dali_d")
     state = agent.init(jax.random.PRNGKey(0))
     state = jax.tree_util.tree_map(lambda x: x + 0.5 if x.dtype == np.float32 else x, state)

@@ -453,7 +453,7 @@ def test_extreme_contexts_complete_an_episode(task):
     from dali_jax.envs.context_env import PhysicsInstabilityWarning
     from dali_jax.envs.dmc import make_env
     from dali_jax.envs.vector import VectorEnv
-    from dali_jax.training.train import env_spec
+    from dali_jax.training.setup import env_spec
 
     contexts = _grid_extremes(task)
     assert len({tuple(c.values()) for c in contexts.values()}) == 8

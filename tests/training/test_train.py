@@ -179,7 +179,7 @@ def test_data_parallel_update_equals_single_device(tmp_path):
 
 
 def test_prefill_actions_are_held_for_prefill_hold_steps():
-    from dali_jax.training.train import prefill_action
+    from dali_jax.training.setup import prefill_action
     low, high = np.array([-1.0, -0.5]), np.array([1.0, 0.5])
     acts = np.stack([prefill_action(3, t, 10, low, high, (4, 2)) for t in range(40)])
     assert acts.shape == (40, 4, 2) and acts.dtype == np.float32
