@@ -69,28 +69,21 @@ def main(get_config: Callable, presets: Sequence[str], argv=None) -> int:
 
 def main_task(argv=None) -> int:
     """`python -m dali_jax.launch --task TASK ...`: `main` with `presets.experiment_config`."""
+    import argparse
     import functools
-    argv = list(sys.argv[1:] if argv is None else argv)
-    task = None
-    for i, a in enumerate(argv):
-        if a == "--task" and i + 1 < len(argv):
-            task = argv[i + 1]
-            del argv[i:i + 2]
-            break
-        if a.startswith("--task="):
-            task = a.split("=", 1)[1]
-            del argv[i]
-            break
-    if task is None and any(a in ("-h", "--help") for a in argv):
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--task", default=None)
+    args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.task is None and any(a in ("-h", "--help") for a in rest):
         print(f"usage: python -m dali_jax.launch --task {{{','.join(presets.TASK_STEPS)}}} "
               f"[--preset {{{','.join(presets.NAMES)}}}] [--config.FIELD=VALUE ...]\n"
               "(--task TASK --help lists every field and its default)")
         return 0
-    if task not in presets.TASK_STEPS:
-        print(f"error: give --task {'|'.join(presets.TASK_STEPS)}; got {task!r}",
+    if args.task not in presets.TASK_STEPS:
+        print(f"error: give --task {'|'.join(presets.TASK_STEPS)}; got {args.task!r}",
               file=sys.stderr)
         return 2
-    return main(functools.partial(presets.experiment_config, task), presets.NAMES, argv)
+    return main(functools.partial(presets.experiment_config, args.task), presets.NAMES, rest)
 
 
 if __name__ == "__main__":

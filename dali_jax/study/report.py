@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
+import statistics
 from collections import defaultdict
 from typing import Sequence
 
@@ -249,8 +251,6 @@ def probe_table(study, runs) -> list[str]:
     """Markdown table of the final agent's context probe (``RUN/probe/probe.json``, written by
     ``python -m dali_jax.probe``): held-out R^2 of a linear read-out of each factor from the
     inferred context, per step and per episode mean; the median over seeds and each seed."""
-    import json
-    import statistics
     rows = defaultdict(list)
     for r in runs:
         path = os.path.join(r.logdir, "probe", "probe.json")
