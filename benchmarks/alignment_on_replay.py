@@ -39,7 +39,7 @@ def replay_episodes(logdir: str, length: int) -> dict:
     """Complete episodes of `length` steps from the replay of the run's latest checkpoint:
     dict of (E, length, ...) arrays (obs keys, action, reward, is_first/last/terminal)."""
     from dali_jax.training.checkpoint import Checkpointer
-    _, tree, _ = Checkpointer(os.path.join(logdir, "checkpoints")).restore()
+    _, tree, _ = Checkpointer(os.path.join(logdir, "checkpoints")).restore({"replay": None})
     data = {k[len("data/"):]: np.asarray(v) for k, v in tree["replay"].items()
             if k.startswith("data/")}
     out = {k: [] for k in data}

@@ -328,64 +328,15 @@ def validate(config) -> None:
                          f"({config.context.window} != {config.train.batch_length})")
 
 
-# Fields whose default changed after they were added, with the value a config written
-# before the field existed ran with: fill_missing gives it to saved configs that lack it.
-# (alignment: a config without it set the alignment fields one by one.)
-LEGACY = {"context": {"inverse_weight": 1.0, "alignment": "custom"}}
-
-
-def _overlay(defaults: dict, legacy: dict) -> dict:
-    """defaults with the LEGACY values of the fields it has."""
-    out = dict(defaults)
-    for k, v in legacy.items():
-        if k not in out or isinstance(v, dict) != isinstance(out[k], dict):
-            continue
-        out[k] = _overlay(out[k], v) if isinstance(v, dict) else v
-    return out
-
-
-# Options measured and not adopted (benchmarks/RESULTS.md#research-options), each with the
-# value that runs what dali_jax runs now (_ANY: every value does). A saved config may hold
-# them: fill_missing drops each one at that value and keeps one set otherwise, so that a
-# checkpoint trained with it does not match a config without it.
-_ANY = object()
-NOT_ADOPTED = {"model": {"unroll": _ANY},
-               "context": {"pairs": "window", "future_steps": _ANY, "consistency": 0.0,
-                           "consistency_lag": _ANY, "freeze_after": 0, "deep_lag": 0}}
-
-
-def _drop_not_adopted(saved: dict, fields: dict) -> dict:
-    out = dict(saved)
-    for k, v in fields.items():
-        if isinstance(v, dict):
-            if isinstance(out.get(k), dict):
-                out[k] = _drop_not_adopted(out[k], v)
-        elif k in out and (v is _ANY or out[k] == v):
-            del out[k]
-    return out
-
-
-def fill_missing(saved: dict, defaults: dict, only: dict | None = None) -> dict:
-    """A config saved by an older dali_jax (nested dicts: config.json, a checkpoint's
-    fingerprint) with the fields it lacks taken from ``defaults``, recursively: an option
-    added since then takes its default, which keeps the old behaviour, or its LEGACY value
-    where the default has changed since. The NOT_ADOPTED options it holds at the value that
-    runs today's behaviour are dropped. ``only``: fill just the fields this nested dict has
-    (the part of the config being compared)."""
-    return _fill(_drop_not_adopted(saved, NOT_ADOPTED), _overlay(defaults, LEGACY), only)
-
-
-def _fill(saved: dict, defaults: dict, only: dict | None = None) -> dict:
+def with_defaults(saved: dict, defaults: dict) -> dict:
+    """A saved config (nested dicts, e.g. config.json) with the fields it lacks taken from
+    ``defaults``, recursively: an option added after the run was written takes its default."""
     out = dict(saved)
     for k, v in defaults.items():
-        if only is not None and k not in only:
-            continue
-        sub = None if only is None else only[k]
         if k not in out:
             out[k] = v
-        elif isinstance(out[k], dict) and isinstance(v, dict) and (
-                only is None or isinstance(sub, dict)):
-            out[k] = _fill(out[k], v, sub)
+        elif isinstance(out[k], dict) and isinstance(v, dict):
+            out[k] = with_defaults(out[k], v)
     return out
 
 

@@ -132,7 +132,7 @@ def config_conflict(run: Run, config, base=None) -> str | None:
         return f"{path} is unreadable ({e})"
     old.pop("logdir", None)
     if base is not None:
-        old = config_lib.fill_missing(old, config_json(base))
+        old = config_lib.with_defaults(old, config_json(base))
     diffs = _diff(_flatten(old), _flatten(config_json(config)))
     if not diffs:
         return None

@@ -50,9 +50,9 @@ class Checkpointing:
                      context_setting=self.config.context_setting, seed=self.config.seed,
                      time=time.time())
         tree = dict(agent=agent, replay=self.replay.state_dict(),
-                    rng=np.asarray(jax.random.key_data(self.rng)
-                                   if jnp.issubdtype(self.rng.dtype, jax.dtypes.prng_key)
-                                   else self.rng))
+                    rng=dict(key=np.asarray(jax.random.key_data(self.rng)
+                                            if jnp.issubdtype(self.rng.dtype, jax.dtypes.prng_key)
+                                            else self.rng)))
         self.ckpt.save(self.env_steps, tree, extra)
         log.info("saved checkpoint at %d env steps to %s", self.env_steps,
                  self.ckpt.path(self.env_steps))
@@ -66,7 +66,7 @@ class Checkpointing:
         path = self.ckpt.path(step)
         self.state = parallel.replicate(tree["agent"], self.mesh)
         self.replay.load_state_dict(tree["replay"])
-        self.rng = jnp.asarray(tree["rng"], jnp.uint32)
+        self.rng = jnp.asarray(tree["rng"]["key"], jnp.uint32)
         self.env_steps = int(extra["env_steps"])
         self.updates = int(extra["updates"])
         self.episodes = int(extra["episodes"])
@@ -107,7 +107,6 @@ class Checkpointing:
         jax.block_until_ready(self.state)
         try:
             self.save()
-            self.ckpt.wait()
         except (CheckpointSaveError, NonFiniteError) as exc:
             if failed is None:
                 raise

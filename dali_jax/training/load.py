@@ -25,8 +25,7 @@ class Run:
 
 def load_config(logdir: str) -> ml_collections.ConfigDict:
     """The run's config.json over today's defaults: fields added since the run was written
-    take their defaults (new options default to the old behaviour); options measured and not
-    adopted are dropped where set to today's behaviour (`config.fill_missing`)."""
+    take their defaults (`config.with_defaults`)."""
     path = os.path.join(logdir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{logdir} is not a dali_jax run directory: no config.json "
@@ -36,7 +35,7 @@ def load_config(logdir: str) -> ml_collections.ConfigDict:
             saved = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    return ml_collections.ConfigDict(config_lib.fill_missing(saved,
+    return ml_collections.ConfigDict(config_lib.with_defaults(saved,
                                                              config_lib.get_config().to_dict()))
 
 

@@ -106,10 +106,8 @@ class Trainer(Checkpointing):
                              seed=config.seed)
         fp = dict(task=config.task, obs=config.obs, method=config.method,
                   model=config.model.to_dict(), context=config.context.to_dict())
-        base = config_lib.get_config()  # options added after a run started: their defaults
         self.ckpt = Checkpointer(os.path.join(self.logdir, "checkpoints"), keep=2,
-                                 fingerprint=fp, fingerprint_defaults=dict(
-                                     model=base.model.to_dict(), context=base.context.to_dict()))
+                                 fingerprint=fp)
         self.env_steps = 0
         self.updates = 0
         self.episodes = 0

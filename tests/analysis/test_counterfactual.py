@@ -117,7 +117,7 @@ def _untrained_pixel_run(logdir):
         f.write(cfg.to_json_best_effort(indent=2))
     agent = Agent(cfg, spec_for(cfg))
     state = jax.jit(agent.init)(jax.random.PRNGKey(0))
-    Checkpointer(os.path.join(logdir, "checkpoints")).save(0, dict(agent=state))
+    Checkpointer(os.path.join(logdir, "checkpoints")).save(0, dict(agent=state.state_dict()))
     return str(logdir)
 
 
