@@ -7,6 +7,7 @@ SIGTERM when it dies), so ``run`` can always be called again.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import queue
 import shutil
@@ -63,65 +64,46 @@ def run_jobs(jobs: Sequence[J.Job], concurrency: int = 0, desc: str = "jobs",
 
     gpus = visible_gpus()
     n = concurrency or default_concurrency(gpus)
-    todo: queue.Queue = queue.Queue()
-    for i, job in enumerate(jobs):
-        todo.put((i, job))
-    done: queue.Queue = queue.Queue()
+    slots: queue.Queue = queue.Queue()  # a job takes a free slot (its GPU) while it runs
+    for s in range(n):
+        slots.put(s)
     stop = threading.Event()
-    results: list = [None] * len(jobs)
-
-    def worker(slot: int):
-        env = slot_env(slot, gpus, n)
-        while not stop.is_set():
-            try:
-                i, job = todo.get_nowait()
-            except queue.Empty:
-                return
-            t0 = time.time()
-            try:
-                rec = J.execute(job, env=env, stop=stop, on_wait=lambda j=job: done.put(
-                    (None, f"waiting: {j.name} is run by another process", None)))
-            except Exception as e:  # noqa: BLE001 - reported, the other jobs go on
-                rec = {"kind": job.kind, "name": job.name, "outcome": "failed",
-                       "error": f"launcher error: {type(e).__name__}: {e}"}
-            done.put((i, rec, t0))
-
-    threads = [threading.Thread(target=worker, args=(s,), daemon=True)
-               for s in range(min(n, len(jobs)))]
-    previous = _sigterm_as_interrupt()
     bar = tqdm(total=len(jobs), desc=desc, unit="job", disable=quiet or not jobs,
                dynamic_ncols=True)
+
+    def one(job: J.Job) -> dict:
+        if stop.is_set():
+            return {"kind": job.kind, "name": job.name, "outcome": "stopped"}
+        slot, t0 = slots.get(), time.time()
+        try:
+            rec = J.execute(job, env=slot_env(slot, gpus, n), stop=stop, on_wait=lambda: bar.write(
+                f"waiting: {job.name} is run by another process"))
+        except Exception as e:  # noqa: BLE001 - reported, the other jobs go on
+            rec = {"kind": job.kind, "name": job.name, "outcome": "failed",
+                   "error": f"launcher error: {type(e).__name__}: {e}"}
+        finally:
+            slots.put(slot)
+        bar.update(1)
+        if rec["outcome"] != "skipped":
+            bar.write(_describe(rec, job, t0))
+        return rec
+
+    previous = _sigterm_as_interrupt()
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, min(n, len(jobs))))
     try:
-        for t in threads:
-            t.start()
-        finished = 0
-        while finished < len(jobs):
-            try:
-                i, rec, t0 = done.get(timeout=0.5)
-            except queue.Empty:
-                if not any(t.is_alive() for t in threads):
-                    break
-                continue
-            if i is None:
-                bar.write(rec)
-                continue
-            results[i] = rec
-            finished += 1
-            bar.update(1)
-            if rec["outcome"] not in ("skipped",):
-                bar.write(_describe(rec, jobs[i], t0))
+        futures = [pool.submit(one, job) for job in jobs]
+        concurrent.futures.wait(futures)
+        return [f.result() for f in futures]
     except KeyboardInterrupt:
         stop.set()
         bar.write("stopping: the running jobs checkpoint and exit (run the command again to "
                   "resume)")
-        for t in threads:
-            t.join()
         raise
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    return results
 
 
 def _sigterm_as_interrupt():

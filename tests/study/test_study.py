@@ -284,6 +284,43 @@ def test_local_backend_gives_each_slot_its_gpu(tmp_path, monkeypatch):
     assert local.default_concurrency([]) == max(1, (os.cpu_count() or 1) // 2)
 
 
+LAUNCHER = """
+import sys
+from dali_jax.study import jobs as J, local
+child = '''
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: (open(sys.argv[1], "w").write("saved"), sys.exit(0)))
+print("started", flush=True)
+time.sleep(120)
+'''
+tmp = sys.argv[1]
+jobs = [J.Job("eval", f"j{i}", (sys.executable, "-c", child, f"{tmp}/saved{i}"), f"{tmp}/s{i}",
+              f"{tmp}/j{i}.log", ("eval", f"{tmp}/none", 1, ())) for i in range(3)]
+try:
+    local.run_jobs(jobs, concurrency=2, quiet=True)
+except KeyboardInterrupt:
+    print("stopped", flush=True)
+"""
+
+
+def test_sigterm_stops_the_local_launcher_gracefully(tmp_path):
+    """SIGTERM to the launcher: its running children get SIGTERM (and save), the job not
+    started yet never starts, and the launcher ends with KeyboardInterrupt."""
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    started = lambda i: (tmp_path / f"j{i}.log").exists() and "started" in (
+        tmp_path / f"j{i}.log").read_text()
+    try:
+        wait_for(lambda: started(0) and started(1), 60, "two jobs to start")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "stopped" in out
+    assert (tmp_path / "saved0").read_text() == (tmp_path / "saved1").read_text() == "saved"
+    assert not (tmp_path / "j2.log").exists()  # the third job was not started
+
+
 # ----------------------------------------------------------------------------- resumability
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory):
