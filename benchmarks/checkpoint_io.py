@@ -4,7 +4,9 @@ RNG, as `Trainer.save` writes them.
     python benchmarks/checkpoint_io.py [--preset cpu] [--method dali_d] [--obs features]
         [--replay-steps 100000] [--repeats 5]
 
-Prints the median save and restore seconds and the checkpoint's size on disk. An A/B
+Prints the median seconds of a blocking save, of the caller's wait in a background save
+(`blocking=False`, as the trainer's periodic saves), of a restore, and the checkpoint's
+size on disk. An A/B
 against another commit runs this file with PYTHONPATH pointing at a worktree of it.
 """
 import argparse
@@ -63,20 +65,25 @@ def main(argv=None):
     root = tempfile.mkdtemp(prefix="ckpt_io_")
     try:
         ck = Checkpointer(os.path.join(root, "checkpoints"), keep=2)
-        saves, restores = [], []
+        saves, blocked, restores = [], [], []
         for i in range(args.repeats + 1):  # the first is a warm-up
             t = time.perf_counter()
-            ck.save(i + 1, tree, {"env_steps": i + 1})
+            ck.save(2 * i + 1, tree, {"env_steps": i})
             saves.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            ck.save(2 * i + 2, tree, {"env_steps": i}, blocking=False)  # as the trainer does
+            blocked.append(time.perf_counter() - t)
+            ck.wait()
             t = time.perf_counter()
             ck.restore()
             restores.append(time.perf_counter() - t)
-        size = du(ck.path(args.repeats + 1))
+        size = du(ck.path(2 * args.repeats + 2))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"checkpoint of {args.preset} {args.method} {args.obs}, replay {args.replay_steps:,} "
-          f"steps: {size / 2**20:.1f} MiB on disk; save median {statistics.median(saves[1:]):.3f} s"
-          f", restore median {statistics.median(restores[1:]):.3f} s ({args.repeats} repeats)")
+          f"steps: {size / 2**20:.1f} MiB on disk; medians over {args.repeats} repeats: save "
+          f"{statistics.median(saves[1:]):.3f} s, caller blocked by a background save "
+          f"{statistics.median(blocked[1:]):.3f} s, restore {statistics.median(restores[1:]):.3f} s")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ Layout of ``directory``::
 
 orbax writes a save into a temporary directory and renames it when complete, so a kill at
 any moment leaves the committed checkpoints as they were; its temporary directories are
-removed when the next `Checkpointer` opens the directory. orbax stores no checksums:
+removed when the next `Checkpointer` opens the directory. A save may write in the
+background (``blocking=False``): the caller goes on once the arrays are on the host. orbax stores no checksums:
 ``files.json`` lets ``restore`` tell a truncated, overwritten or missing file by name
 (zstd-compressed data catches most damage, not all). A checkpoint committed without
 ``files.json`` (a kill in the instant between the two) restores unverified, with a warning.
@@ -98,12 +99,14 @@ class Checkpointer:
         self._ocp = ocp
         self._mgr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=self.keep, step_prefix=_PREFIX, step_format_fixed_length=_DIGITS,
-            enable_async_checkpointing=False, cleanup_tmp_directories=True))
+            enable_async_checkpointing=True, cleanup_tmp_directories=True))
+        self._pending: int | None = None  # a step whose write may be in flight
 
     # ----------------------------------------------------------------- listing
     def steps(self) -> list[int]:
         """Steps of the committed checkpoints, ascending."""
-        self._mgr.reload()
+        if self._pending is None:  # (another process may have written; not while writing)
+            self._mgr.reload()
         return sorted(self._mgr.all_steps())
 
     def latest_step(self) -> int | None:
@@ -114,10 +117,15 @@ class Checkpointer:
         return os.path.join(self.directory, f"{_PREFIX}_{int(step):0{_DIGITS}d}")
 
     # ------------------------------------------------------------------ saving
-    def save(self, step: int, tree: Mapping[str, Any], extra: Mapping | None = None) -> None:
-        """Writes ``tree`` and ``extra`` as checkpoint ``step`` (blocking); a step already
-        saved is kept as it is. Raises ``CheckpointSaveError`` when the write fails (the
-        partial save removed, the earlier checkpoints untouched)."""
+    def save(self, step: int, tree: Mapping[str, Any], extra: Mapping | None = None,
+             blocking: bool = True) -> None:
+        """Writes ``tree`` and ``extra`` as checkpoint ``step``; a step already saved is kept
+        as it is. ``blocking=False`` returns once the arrays are on the host and writes in the
+        background (the arrays must not change until ``wait``). Raises ``CheckpointSaveError``
+        when the write fails (the partial save removed, the earlier checkpoints untouched);
+        the error of a background write is raised by the next ``save``, ``wait`` or
+        ``restore``."""
+        self.wait()
         step = int(step)
         extra = json.loads(json.dumps(dict(extra or {}), default=_json_default))
         if step in self.steps():
@@ -132,28 +140,43 @@ class Checkpointer:
                                  f"tuple of arrays; got {type(item).__name__}")
             items[key], empty[key] = _without_empty(jax.device_get(item))
         meta = dict(step=step, extra=extra, fingerprint=self.fingerprint, empty=empty)
-        final = self.path(step)
         try:
             self._orbax_save(step, items, meta)
-            self._write_files(final)
         except Exception as exc:  # noqa: BLE001 - OSError, orbax and tensorstore errors
-            for name in os.listdir(self.directory):
-                if name.startswith(os.path.basename(final) + _TMP):
-                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-            if os.path.isdir(final):  # committed but not listed in files.json
-                shutil.rmtree(final, ignore_errors=True)
-            self._mgr.reload()
-            latest = self.latest_step()
-            kept = (f"the latest checkpoint is still {self.path(latest)}" if latest is not None
-                    else "no earlier checkpoint exists")
-            raise CheckpointSaveError(f"cannot write checkpoint {final}: "
-                                      f"{type(exc).__name__}: {exc}; {kept}") from exc
+            self._failed(step, exc)
+        self._pending = step
+        if blocking:
+            self.wait()
+
+    def wait(self) -> None:
+        """Blocks until a background write has finished and its file list is written; raises
+        ``CheckpointSaveError`` when it failed."""
+        step, self._pending = self._pending, None
+        if step is None:
+            return
+        try:
+            self._mgr.wait_until_finished()
+            self._write_files(self.path(step))
+        except Exception as exc:  # noqa: BLE001
+            self._failed(step, exc)
+
+    def _failed(self, step: int, exc: BaseException):
+        final = self.path(step)
+        for name in os.listdir(self.directory):
+            if name.startswith(os.path.basename(final) + _TMP):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        if os.path.isdir(final):  # committed but not listed in files.json
+            shutil.rmtree(final, ignore_errors=True)
+        latest = self.latest_step()
+        kept = (f"the latest checkpoint is still {self.path(latest)}" if latest is not None
+                else "no earlier checkpoint exists")
+        raise CheckpointSaveError(f"cannot write checkpoint {final}: "
+                                  f"{type(exc).__name__}: {exc}; {kept}") from exc
 
     def _orbax_save(self, step: int, items: dict, meta: dict) -> None:
         args = {k: self._ocp.args.StandardSave(v) for k, v in items.items()}
         self._mgr.save(step, args=self._ocp.args.Composite(
             **args, **{_META: self._ocp.args.JsonSave(meta)}))
-        self._mgr.wait_until_finished()
 
     def _write_files(self, path: str) -> None:
         files = {}
@@ -180,6 +203,7 @@ class Checkpointer:
         sharding. Raises ``FileNotFoundError`` when there is no checkpoint and
         ``CheckpointError`` naming the file or the leaf when it is unusable.
         """
+        self.wait()
         if step is None:
             step = self.latest_step()
             if step is None:
@@ -199,6 +223,7 @@ class Checkpointer:
 
     def read_extra(self, step: int | None = None) -> dict:
         """``extra`` of the latest (or given) checkpoint, without loading arrays."""
+        self.wait()
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")

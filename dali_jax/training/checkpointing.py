@@ -29,9 +29,10 @@ class Checkpointing:
     def _selector_states(self):
         return [self.venv.call(i, "selector_state") for i in range(self.venv.num_envs)]
 
-    def save(self):
-        """Checkpoints the run. Raises NonFiniteError (nothing written) when the agent state
-        holds a non-finite value, CheckpointSaveError when the write fails."""
+    def save(self, blocking: bool = True):
+        """Checkpoints the run (with `blocking=False` the files are written in the background).
+        Raises NonFiniteError (nothing written) when the agent state holds a non-finite value,
+        CheckpointSaveError when the write (or the previous background write) fails."""
         agent = jax.device_get(self.state.state_dict())  # the checkpoint layout: plain dicts
         bad = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_flatten_with_path(agent)[0]
                if np.issubdtype(np.asarray(x).dtype, np.inexact) and not np.isfinite(x).all()]
@@ -53,9 +54,9 @@ class Checkpointing:
                     rng=dict(key=np.asarray(jax.random.key_data(self.rng)
                                             if jnp.issubdtype(self.rng.dtype, jax.dtypes.prng_key)
                                             else self.rng)))
-        self.ckpt.save(self.env_steps, tree, extra)
-        log.info("saved checkpoint at %d env steps to %s", self.env_steps,
-                 self.ckpt.path(self.env_steps))
+        self.ckpt.save(self.env_steps, tree, extra, blocking=blocking)
+        log.info("checkpoint at %d env steps %s %s", self.env_steps,
+                 "saved to" if blocking else "being written to", self.ckpt.path(self.env_steps))
 
     def restore_or_init(self):
         if self.ckpt.latest_step() is None:
@@ -83,7 +84,7 @@ class Checkpointing:
         """save(); a failed write is logged and tolerated `run.max_save_failures` times in a
         row (the next periodic save retries), then raised."""
         try:
-            self.save()
+            self.save(blocking=False)
         except CheckpointSaveError as exc:
             self.save_failures += 1
             limit = self.config.run.get("max_save_failures", 3)
@@ -100,9 +101,16 @@ class Checkpointing:
             self.save_failures = 0
 
     def _final_save(self, failed: Optional[BaseException]) -> None:
-        """The save at the end (or on a stop request, or after an error): none after
-        NonFiniteError; with another error in flight, a failed save is only logged."""
-        if self.state is None or isinstance(failed, NonFiniteError):
+        """The end of a run (or a stop request, or an error): the background write in flight
+        completed, then the final save; none after NonFiniteError; with another error in
+        flight, a failed save is only logged."""
+        if self.state is None:
+            return
+        try:
+            self.ckpt.wait()
+        except CheckpointSaveError as exc:
+            log.error("%s", exc)
+        if isinstance(failed, NonFiniteError):
             return
         jax.block_until_ready(self.state)
         try:

@@ -147,6 +147,28 @@ def test_failed_save_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, 
     assert ck.steps() == [5, 6]
 
 
+def test_background_save_and_its_error_raised_by_the_next_call(tmp_path, monkeypatch):
+    import errno
+    ck = Checkpointer(tmp_path, keep=3)
+    ck.save(1, {"x": {"v": np.ones(1000)}}, blocking=False)
+    assert ck.restore()[0] == 1  # restore waits for the write
+    assert os.path.isfile(os.path.join(ck.path(1), "files.json"))
+    ck.save(2, {"x": {"v": np.full(1000, 2.0)}}, blocking=False)
+    real = ck._mgr.wait_until_finished
+
+    def disk_full():  # the background write fails (after its files were renamed in place)
+        real()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), ck.path(2))
+    monkeypatch.setattr(ck._mgr, "wait_until_finished", disk_full)
+    with pytest.raises(CheckpointSaveError, match=r"ckpt_00000002.*No space left.*ckpt_00000001"):
+        ck.save(3, {"x": {"v": np.full(1000, 3.0)}})
+    monkeypatch.undo()
+    assert ck.steps() == [1] and sorted(os.listdir(tmp_path)) == ["ckpt_00000001"]
+    ck.save(3, {"x": {"v": np.full(1000, 3.0)}}, blocking=False)
+    ck.wait()
+    assert ck.steps() == [1, 3] and float(ck.restore()[1]["x"]["v"][0]) == 3.0
+
+
 def test_truncated_file_names_the_file(tmp_path):
     ck, path = _save_small(tmp_path)
     victim = _data_files(path)[-1]
