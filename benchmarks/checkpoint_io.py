@@ -83,7 +83,8 @@ def main(argv=None):
     print(f"checkpoint of {args.preset} {args.method} {args.obs}, replay {args.replay_steps:,} "
           f"steps: {size / 2**20:.1f} MiB on disk; medians over {args.repeats} repeats: save "
           f"{statistics.median(saves[1:]):.3f} s, caller blocked by a background save "
-          f"{statistics.median(blocked[1:]):.3f} s, restore {statistics.median(restores[1:]):.3f} s")
+          f"{statistics.median(blocked[1:]):.3f} s, restore "
+          f"{statistics.median(restores[1:]):.3f} s")
 
 
 if __name__ == "__main__":

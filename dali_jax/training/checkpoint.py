@@ -12,10 +12,12 @@ Layout of ``directory``::
 orbax writes a save into a temporary directory and renames it when complete, so a kill at
 any moment leaves the committed checkpoints as they were; its temporary directories are
 removed when the next `Checkpointer` opens the directory. A save may write in the
-background (``blocking=False``): the caller goes on once the arrays are on the host. orbax stores no checksums:
-``files.json`` lets ``restore`` tell a truncated, overwritten or missing file by name
-(zstd-compressed data catches most damage, not all). A checkpoint committed without
-``files.json`` (a kill in the instant between the two) restores unverified, with a warning.
+background (``blocking=False``): the caller goes on once the arrays are on the host.
+
+orbax stores no checksums: ``files.json`` lets ``restore`` tell a truncated, overwritten or
+missing file by name (zstd-compressed data catches most damage, not all). A checkpoint
+committed without ``files.json`` (a kill in the instant between the two) restores
+unverified, with a warning.
 """
 from __future__ import annotations
 
@@ -81,9 +83,9 @@ class Checkpointer:
     """Saves and restores ``(step, tree, extra)`` under ``directory``, keeping the last ``keep``.
 
     ``tree`` is a dict of items (e.g. agent state, replay, rng), each a dict, list or tuple
-    of jax or numpy arrays (nested); ``extra`` is JSON. ``fingerprint`` (a str or a JSON-able mapping) is stored with
-    every save, and ``restore`` raises ``CheckpointError`` naming the differing fields when
-    the stored one differs.
+    of jax or numpy arrays (nested); ``extra`` is JSON. ``fingerprint`` (a str or a JSON-able
+    mapping) is stored with every save, and ``restore`` raises ``CheckpointError`` naming
+    the differing fields when the stored one differs.
     """
 
     def __init__(self, directory: str, keep: int = 2, fingerprint: str | Mapping | None = None):
@@ -233,12 +235,12 @@ class Checkpointer:
         self._verify_files(path)
         meta = self._meta(step, path)
         self._check_fingerprint(path, meta)
-        stored = [k for k in meta["empty"]]
-        names = stored if template is None else list(template)
-        missing = [n for n in names if n not in stored]
+        items = list(meta["empty"])
+        names = items if template is None else list(template)
+        missing = [n for n in names if n not in items]
         if missing:
             raise CheckpointError(f"incompatible checkpoint {path}: no item {missing} "
-                                  f"(it holds {stored})")
+                                  f"(it holds {items})")
         ocp = self._ocp
         want = {n: None if template is None else template[n] for n in names}
         args = {}
@@ -248,13 +250,13 @@ class Checkpointer:
             else:
                 where = os.path.join(path, n)
                 try:
-                    stored = ocp.StandardCheckpointer().metadata(where)
-                    stored = getattr(stored, "item_metadata", stored)  # orbax >= 0.12: a step's
-                    stored = getattr(stored, "tree", stored)
+                    shapes = ocp.StandardCheckpointer().metadata(where)
+                    shapes = getattr(shapes, "item_metadata", shapes)  # orbax >= 0.12: a step's
+                    shapes = getattr(shapes, "tree", shapes)
                 except Exception as exc:  # noqa: BLE001
                     raise CheckpointError(f"corrupt checkpoint {where}: {type(exc).__name__}: "
                                           f"{exc}") from exc
-                _check_leaves(where, stored, t)
+                _check_leaves(where, shapes, t)
                 args[n] = ocp.args.StandardRestore(_abstract(t))
         try:
             got = self._mgr.restore(step, args=ocp.args.Composite(**args))
