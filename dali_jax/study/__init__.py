@@ -2,11 +2,9 @@
 
 Modules, each importing only those above it:
 - spec: study files (fields, defaults, validation);
-- rundir: what a run directory says (checkpoints, evaluation results, metrics);
-- plan: runs, their logdirs, commands, configs and estimated cost;
-- jobs: one job (train / evaluate / reference) run as a locked, recorded child process;
-- state: a run's status (its logdir and its jobs' records);
+- rundir: what a run directory says (progress, results, job logs, lock, status);
+- jobs: one job (train / evaluate / reference) run as a locked child process;
+- plan: runs, their configs, cost and jobs;
 - local, slurm: the backends (child processes through concurrent.futures; submitit arrays);
-- stages: the jobs of each stage and their launch; report: DIR/report/index.md;
-- cli: the commands.
+- cli: the commands (the report itself is ``dali_jax.analysis.study_report``).
 """

@@ -7,7 +7,7 @@
 - report: DIR/report/index.md and the aggregate tables and figures;
 - all: run, evaluate, report (waiting for SLURM jobs).
 Exit status: 0, 1 when a job failed, 2 on a bad study file or a run started with another
-configuration.
+configuration, 130 after Ctrl-C.
 """
 from __future__ import annotations
 
@@ -16,12 +16,10 @@ import json
 import os
 import statistics
 import sys
-from typing import Sequence
 
 from dali_jax.study import plan as P
+from dali_jax.study import rundir as RD
 from dali_jax.study import spec
-from dali_jax.study import stages
-from dali_jax.study import state as S
 
 COMMANDS = ("plan", "run", "status", "evaluate", "report", "all")
 
@@ -36,25 +34,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("study", metavar="STUDY_FILE", help="study file (experiments/studies/*.py)")
     p.add_argument("command", choices=COMMANDS)
     p.add_argument("--dir", required=True, help="study directory (runs, references, report)")
-    p.add_argument("--backend", choices=spec.BACKENDS, default=None,
-                   help="override the study file's backend.name")
-    p.add_argument("--concurrency", type=int, default=None,
-                   help="local backend: jobs at once (default: the study file; 0: one per GPU, "
-                        "else one per 2 CPU cores)")
+    p.add_argument("--backend", choices=spec.BACKENDS, help="override backend.name")
+    p.add_argument("--concurrency", type=int, help="local backend: jobs at once (default: the "
+                   "study file's; 0: one per GPU, else one per 2 CPU cores)")
     p.add_argument("--wait", action="store_true",
                    help="slurm backend: wait for the submitted jobs (`all` always waits)")
-    p.add_argument("--force", action="store_true",
-                   help="evaluate: evaluate again runs already evaluated")
+    p.add_argument("--force", action="store_true", help="evaluate: evaluate evaluated runs again")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
-class Context:
+class Study:
     """The loaded study, its runs and their configs, and the command-line options."""
 
     def __init__(self, args):
-        self.args = args
-        self.study = spec.load(args.study)
+        self.args, self.study = args, spec.load(args.study)
         if args.backend:
             self.study.backend.name = args.backend
         if args.concurrency is not None:
@@ -64,169 +58,149 @@ class Context:
         self.root = os.path.abspath(args.dir)
         self.runs = P.plan_runs(self.study, self.root)
         self.configs = P.run_configs(self.study, self.runs)
-        self._base: dict = {}
 
-    def conflict(self, run) -> str | None:
-        """How ``run``'s started config differs from the plan (P.config_conflict), or None."""
-        if not os.path.isfile(os.path.join(run.logdir, "config.json")):
-            return None
-        if run.name not in self._base:
-            self._base[run.name] = P.base_config(self.study, run)
-        return P.config_conflict(run, self.configs[run.name], self._base[run.name])
-
-    def job_state(self):
-        if self.study.backend.name != "slurm":
-            return None
-        from dali_jax.study import slurm
-        return slurm.job_state
-
-    def statuses(self) -> list[S.RunStatus]:
-        return [S.run_status(r, int(self.configs[r.name].run.steps),
-                             self.study.evaluation.episodes,
-                             stages.eval_indices(self.study, r.setting), self.job_state())
+    def statuses(self) -> list[RD.RunStatus]:
+        job_state = None
+        if self.study.backend.name == "slurm":
+            from dali_jax.study.slurm import job_state
+        return [RD.run_status(r.name, r.logdir, int(self.configs[r.name].run.steps),
+                              self.study.evaluation.episodes,
+                              P.eval_indices(self.study, r.setting), job_state)
                 for r in self.runs]
 
+    def conflicts(self) -> list[tuple]:
+        return [(r, why) for r in self.runs
+                if (why := P.config_conflict(self.study, r, self.configs[r.name]))]
 
-# ----------------------------------------------------------------------------- commands
-def cmd_plan(ctx: Context) -> int:
-    s = ctx.study
-    rates = measured_rates(ctx)
-    print(f"study {s.name}: {s.task} ({s.obs}), preset {s.preset}, {len(ctx.runs)} runs under "
-          f"{os.path.join(ctx.root, 'runs')}")
-    rows = [("run", "state", "env steps", "updates", "eval env steps", "est. hours")]
-    costs = []
-    for st, r in zip(ctx.statuses(), ctx.runs):
-        c = P.estimate(s, r, ctx.configs[r.name], rates)
-        costs.append(c)
-        rows.append((r.name, st.state, f"{c.env_steps:,}", f"{c.updates:,}",
-                     f"{c.eval_steps:,}", "?" if c.total_s is None else f"{c.total_s / 3600:.2f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    def launch(self, jobs, stage: str, wait: bool) -> int:
+        """Runs ``jobs`` on the backend; prints failures; -> exit status."""
+        if not jobs:
+            return 0
+        if self.study.backend.name == "local":
+            from dali_jax.study import local
+            recs = local.run_jobs(jobs, self.study.backend.local.concurrency, desc=stage,
+                                  quiet=self.args.quiet)
+            errors = [r.get("error") if r["outcome"] == "failed" else None for r in recs]
+        else:
+            from dali_jax.study import slurm
+            folder = os.path.join(self.root, "submitit")
+            sjobs = []
+            for kind in ("train", "eval"):  # evaluation jobs have their own time limit
+                group = [j for j in jobs if (j.kind == "train") == (kind == "train")]
+                if group:
+                    sjobs += slurm.submit(self.study, group, folder, kind)
+                    print(f"submitted {len(group)} {kind} job(s) to "
+                          f"{self.study.backend.slurm.cluster} (files in {folder})")
+            jobs = [j for j in jobs if j.kind == "train"] + [j for j in jobs if j.kind != "train"]
+            if not wait:
+                print(f"{len(sjobs)} job(s) submitted; follow them with `status`")
+                return 0
+            errors = slurm.wait(sjobs, desc=stage, quiet=self.args.quiet)
+        for job, error in zip(jobs, errors):
+            if error:
+                print(f"FAILED {job.kind} {job.name}: {error} (log: {job.log})", file=sys.stderr)
+        return 1 if any(errors) else 0
+
+
+def cmd_plan(s: Study) -> int:
+    st = s.study
+    per = {}
+    for r in s.runs:
+        if rate := RD.measured_rate(r.logdir):
+            per.setdefault(r.method, []).append(rate)
+    rates = {m: statistics.median(v) for m, v in per.items()}
+    print(f"study {st.name}: {st.task} ({st.obs}), preset {st.preset}, {len(s.runs)} runs "
+          f"under {os.path.join(s.root, 'runs')}")
+    costs = [P.estimate(st, r, s.configs[r.name], rates) for r in s.runs]
+    rows = [("run", "state", "env steps", "updates", "eval env steps", "est. hours")] + [
+        (r.name, status.state, f"{c['env_steps']:,}", f"{c['updates']:,}",
+         f"{c['eval_steps']:,}", "?" if c["seconds"] is None else f"{c['seconds'] / 3600:.2f}")
+        for r, status, c in zip(s.runs, s.statuses(), costs)]
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
     for row in rows:
         print("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip())
-    print(f"total: {sum(c.env_steps for c in costs):,} env steps, "
-          f"{sum(c.updates for c in costs):,} updates, "
-          f"{sum(c.eval_steps for c in costs):,} evaluation env steps")
-    known = [c for c in costs if c.total_s is not None]
+    total = lambda k: sum(c[k] for c in costs)
+    print(f"total: {total('env_steps'):,} env steps, {total('updates'):,} updates, "
+          f"{total('eval_steps'):,} evaluation env steps")
+    known = [c for c in costs if c["seconds"] is not None]
     if len(known) < len(costs):
         print("estimated time: unknown for some runs (set cost.train_steps_per_s in the study "
               "file, or start some runs: their measured speed is used)")
     if known:
-        slots = _slots(ctx)
-        hours = sum(c.total_s for c in known) / 3600
-        sources = sorted({c.source for c in known})
-        print(f"estimated {hours:.1f} run-hours (rates: {', '.join(sources)}) -> about "
+        b = st.backend
+        if b.name == "slurm":
+            slots = b.slurm.array_parallelism
+        else:
+            from dali_jax.study import local
+            slots = b.local.concurrency or local.default_concurrency(local.visible_gpus())
+        hours = sum(c["seconds"] for c in known) / 3600
+        print(f"estimated {hours:.1f} run-hours (rates: "
+              f"{', '.join(sorted({c['source'] for c in known}))}) -> about "
               f"{hours / min(slots, len(known)):.1f} h wall-clock with {slots} run(s) at a time "
-              f"({s.backend.name} backend)")
-    for r in ctx.runs:
-        why = ctx.conflict(r)
-        if why:
-            print(f"warning: {r.name} was started with another configuration: {why}")
+              f"({b.name} backend)")
+    for r, why in s.conflicts():
+        print(f"warning: {r.name} was started with another configuration: {why}")
     return 0
 
 
-def measured_rates(ctx: Context) -> dict:
-    """Method -> median measured env steps/s over its runs in DIR (methods without any absent)."""
-    per = {}
-    for r in ctx.runs:
-        rate = P.measured_rate(r.logdir)
-        if rate:
-            per.setdefault(r.method, []).append(rate)
-    return {m: statistics.median(v) for m, v in per.items()}
-
-
-def _slots(ctx: Context) -> int:
-    b = ctx.study.backend
-    if b.name == "slurm":
-        return b.slurm.array_parallelism
-    from dali_jax.study import local
-    return b.local.concurrency or local.default_concurrency(local.visible_gpus())
-
-
-def _check_conflicts(ctx: Context) -> bool:
-    bad = [(r, ctx.conflict(r)) for r in ctx.runs]
-    bad = [(r, why) for r, why in bad if why]
+def cmd_run(s: Study, wait: bool | None = None) -> int:
+    bad = s.conflicts()
     for r, why in bad:
         print(f"error: {r.name} ({r.logdir}) was started with another configuration: {why}. "
               f"Nothing was launched: restore the study file, or use another --dir.",
               file=sys.stderr)
-    return not bad
-
-
-def _record_study(ctx: Context) -> None:
-    os.makedirs(ctx.root, exist_ok=True)
-    path = os.path.join(ctx.root, "study.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"study_file": ctx.args.study, "study": ctx.study.to_dict()}, f, indent=1,
-                  default=str)
-    os.replace(tmp, path)
-
-
-def cmd_run(ctx: Context, wait: bool | None = None) -> int:
-    if not _check_conflicts(ctx):
+    if bad:
         return 2
-    _record_study(ctx)
-    wait = ctx.args.wait if wait is None else wait
-    jobs = stages.train_jobs(ctx.study, ctx.runs, ctx.configs)
-    if ctx.study.backend.name == "slurm":
-        busy = {st.name for st in ctx.statuses() if st.state in ("queued", "running")}
+    os.makedirs(s.root, exist_ok=True)
+    with open(os.path.join(s.root, "study.json"), "w") as f:
+        json.dump({"study_file": s.args.study, "study": s.study.to_dict()}, f, indent=1,
+                  default=str)
+    jobs = [P.train_job(s.study, r, s.configs[r.name]) for r in s.runs]
+    jobs = [j for j in jobs if not P.is_complete(j)]
+    if s.study.backend.name == "slurm":
+        busy = {st.name for st in s.statuses() if st.state in ("queued", "running")}
         if busy:
             print(f"{len(busy)} run(s) already queued or running on SLURM: not submitted again")
         jobs = [j for j in jobs if j.name not in busy]
-    print(f"{len(ctx.runs) - len(jobs)} of {len(ctx.runs)} runs finished or in progress; "
+    print(f"{len(s.runs) - len(jobs)} of {len(s.runs)} runs finished or in progress; "
           f"launching {len(jobs)}")
-    return _launch(ctx, jobs, "train", wait)
+    return s.launch(jobs, "train", s.args.wait if wait is None else wait)
 
 
-def _launch(ctx: Context, jobs, stage: str, wait: bool) -> int:
-    """Launch `jobs` of one stage; print submitted jobs and failures. -> exit status."""
-    failures, pending = stages.launch(ctx.study, ctx.root, jobs, stage, wait=wait,
-                                      quiet=ctx.args.quiet)
-    if pending:
-        print(f"{len(pending)} job(s) submitted; follow them with the `status` command")
-    for line in failures:
-        print(f"FAILED {line}", file=sys.stderr)
-    return 1 if failures else 0
-
-
-def cmd_status(ctx: Context) -> int:
-    print(S.format_table(ctx.statuses(), ctx.root))
+def cmd_status(s: Study) -> int:
+    print(RD.format_table(s.statuses(), s.root))
     return 0
 
 
-def cmd_evaluate(ctx: Context, wait: bool | None = None) -> int:
-    wait = ctx.args.wait if wait is None else wait
-    jobs, skipped, unfinished = stages.evaluation_jobs(ctx.study, ctx.root, ctx.runs,
-                                                       ctx.configs, force=ctx.args.force)
-    ref = [j for j in jobs if j.kind == "reference"]
-    print(f"evaluating {len(jobs) - len(ref)} run(s)"
-          + (" and the random-policy reference" if ref else "")
+def cmd_evaluate(s: Study, wait: bool | None = None) -> int:
+    jobs, skipped, unfinished = P.evaluation_jobs(s.study, s.root, s.runs, s.configs,
+                                                  force=s.args.force)
+    ref = any(j.kind == "reference" for j in jobs)
+    print(f"evaluating {len(jobs) - ref} run(s)" + (" and the random-policy reference" * ref)
           + f"; {len(skipped)} already evaluated at their final checkpoint; "
             f"{len(unfinished)} not finished training")
-    return _launch(ctx, jobs, "evaluate", wait)
+    return s.launch(jobs, "evaluate", s.args.wait if wait is None else wait)
 
 
-def cmd_report(ctx: Context) -> int:
-    from dali_jax.study import report
-    index = report.build(ctx.study, ctx.root, ctx.runs, ctx.configs, ctx.job_state())
+def cmd_report(s: Study) -> int:
+    from dali_jax.analysis import study_report
+    index = study_report.build(s.study, s.root, s.runs, s.configs, s.statuses(),
+                               P.reference_path(s.study, s.root, s.configs))
     print(f"wrote {index}")
     return 0
 
 
-def cmd_all(ctx: Context) -> int:
-    code = cmd_run(ctx, wait=True)
+def cmd_all(s: Study) -> int:
+    code = cmd_run(s, wait=True)
     if code == 2:
         return code
-    code = max(code, cmd_evaluate(ctx, wait=True))
-    return max(code, cmd_report(ctx))
+    return max(code, cmd_evaluate(s, wait=True), cmd_report(s))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        ctx = Context(args)
-        return {"plan": cmd_plan, "run": cmd_run, "status": cmd_status, "evaluate": cmd_evaluate,
-                "report": cmd_report, "all": cmd_all}[args.command](ctx)
+        return globals()[f"cmd_{args.command}"](Study(args))
     except spec.StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -48,14 +48,6 @@ def slot_env(slot: int, gpus: Sequence[str], concurrency: int) -> dict:
     return env
 
 
-def _describe(rec: dict, job: J.Job, t0: float) -> str:
-    took = time.strftime("%H:%M:%S", time.gmtime(time.time() - t0))
-    out = rec["outcome"]
-    if out == "failed":
-        return f"FAILED {job.kind} {job.name} after {took}: {rec.get('error', '')} (log: {job.log})"
-    return f"{out} {job.kind} {job.name} ({took})"
-
-
 def run_jobs(jobs: Sequence[J.Job], concurrency: int = 0, desc: str = "jobs",
              quiet: bool = False) -> list[dict]:
     """Runs ``jobs`` with ``concurrency`` workers (0: default_concurrency); returns their end
@@ -73,19 +65,22 @@ def run_jobs(jobs: Sequence[J.Job], concurrency: int = 0, desc: str = "jobs",
 
     def one(job: J.Job) -> dict:
         if stop.is_set():
-            return {"kind": job.kind, "name": job.name, "outcome": "stopped"}
+            return {"outcome": "stopped"}
         slot, t0 = slots.get(), time.time()
         try:
             rec = J.execute(job, env=slot_env(slot, gpus, n), stop=stop, on_wait=lambda: bar.write(
                 f"waiting: {job.name} is run by another process"))
         except Exception as e:  # noqa: BLE001 - reported, the other jobs go on
-            rec = {"kind": job.kind, "name": job.name, "outcome": "failed",
-                   "error": f"launcher error: {type(e).__name__}: {e}"}
+            rec = {"outcome": "failed", "error": f"launcher error: {type(e).__name__}: {e}"}
         finally:
             slots.put(slot)
         bar.update(1)
-        if rec["outcome"] != "skipped":
-            bar.write(_describe(rec, job, t0))
+        took = time.strftime("%H:%M:%S", time.gmtime(time.time() - t0))
+        if rec["outcome"] == "failed":
+            bar.write(f"FAILED {job.kind} {job.name} after {took}: {rec['error']} "
+                      f"(log: {job.log})")
+        elif rec["outcome"] != "skipped":
+            bar.write(f"{rec['outcome']} {job.kind} {job.name} ({took})")
         return rec
 
     previous = _sigterm_as_interrupt()

@@ -1,9 +1,9 @@
-"""The runs of a study: names, logdirs, experiment-file arguments, configs and estimated cost.
+"""The runs of a study, their configs and cost, and the jobs that train and evaluate them.
 
 Layout of a study directory DIR::
 
     DIR/runs/<method>/<setting>/s<seed>/   one training logdir per run (the trainer's files,
-                                           plus train.log, eval.log and study/ records)
+                                           plus train.log, eval.log and run.lock)
     DIR/references/                        random-policy references, one file per task
     DIR/report/                            the aggregate report (index.md)
     DIR/submitit/                          submitit's job files (slurm backend)
@@ -15,23 +15,21 @@ import functools
 import json
 import os
 import sys
-from typing import Sequence
+import time
 
 from dali_jax import config as config_lib
 from dali_jax import overrides
 from dali_jax import presets
-from dali_jax.study.rundir import first_and_last_record
+from dali_jax.envs import contexts as C
+from dali_jax.study import rundir as RD
+from dali_jax.study.jobs import Job, is_complete
 from dali_jax.study.spec import StudyError, base_method
-
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One training run of a study.
-
-    name: "<method>/<setting>/s<seed>"; logdir: absolute DIR/runs/<name>;
-    argv: experiment-file arguments (``--preset P --config.FIELD=VALUE ...``).
-    """
+    """One training run: name "<method>/<setting>/s<seed>", logdir DIR/runs/<name> (absolute),
+    argv: the experiment file's arguments (``--preset=P --config.FIELD=VALUE ...``)."""
 
     method: str
     setting: str
@@ -40,72 +38,58 @@ class Run:
     logdir: str
     argv: tuple
 
-    @property
-    def state_dir(self) -> str:
-        """Folder of the study runner's records of this run (lock, attempts)."""
-        return os.path.join(self.logdir, "study")
-
 
 def format_value(value) -> str:
-    """An override value as `overrides.apply_overrides` parses it."""
+    """An override value as a ``--config.FIELD=VALUE`` flag spells it."""
     if isinstance(value, bool):
         return "true" if value else "false"
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _own_argv(study, method: str, setting: str, seed: int, logdir: str) -> tuple:
-    """The preset and the run's own fields, without any override."""
-    return (f"--preset={study.preset}", f"--config.obs={study.obs}",
-            f"--config.method={base_method(study, method)}",
-            f"--config.context_setting={setting}",
-            f"--config.seed={seed}", f"--config.logdir={logdir}")
-
-
-def run_argv(study, method: str, setting: str, seed: int, logdir: str) -> tuple:
-    """Experiment-file arguments of one run: preset, the run's fields, the overrides, then the
+def _argv(study, method: str, setting: str, seed: int, logdir: str, own_only=False) -> tuple:
+    """Preset, the run's own fields, then (unless ``own_only``) the study's overrides and the
     method's own overrides."""
-    args = list(_own_argv(study, method, setting, seed, logdir))
-    args += [f"--config.{k}={format_value(v)}" for k, v in study.overrides.items()]
-    if method in study.method_overrides:
-        args += [f"--config.{k}={format_value(v)}"
-                 for k, v in study.method_overrides[method].items()]
+    args = [f"--preset={study.preset}", f"--config.obs={study.obs}",
+            f"--config.method={base_method(study, method)}",
+            f"--config.context_setting={setting}", f"--config.seed={seed}",
+            f"--config.logdir={logdir}"]
+    if not own_only:
+        over = dict(study.overrides.items()) | dict(study.method_overrides.get(method, {}))
+        args += [f"--config.{k}={format_value(v)}" for k, v in over.items()]
     return tuple(args)
 
 
 def plan_runs(study, root: str) -> list[Run]:
-    """Every run of ``study`` under study directory ``root``, ordered seed first (so a partial
-    study holds every method and setting of its first seeds), then setting, then method."""
+    """Every run under study directory ``root``, ordered seed first (so a partial study holds
+    every method and setting of its first seeds), then setting, then method."""
     root = os.path.abspath(root)
     runs = []
     for seed in study.seeds:
         for setting in study.settings:
             for method in study.methods:
-                name = f"{method}/{setting}/s{seed}"
                 logdir = os.path.join(root, "runs", method, setting, f"s{seed}")
-                runs.append(Run(method, setting, int(seed), name, logdir,
-                                run_argv(study, method, setting, seed, logdir)))
+                runs.append(Run(method, setting, int(seed), f"{method}/{setting}/s{seed}",
+                                logdir, _argv(study, method, setting, seed, logdir)))
     return runs
 
 
-def run_configs(study, runs: Sequence[Run]) -> dict:
-    """{run name: validated ConfigDict}, built as the experiment files build it
-    (`presets.experiment_config`).
-    A bad override raises StudyError naming ``study.overrides[...]``."""
-    get_config = functools.partial(presets.experiment_config, study.task)
+def _config(study, argv):
+    return overrides.parse(functools.partial(presets.experiment_config, study.task),
+                           list(argv), presets.NAMES)
+
+
+def run_configs(study, runs) -> dict:
+    """{run name: validated ConfigDict}, built as the experiment files build it; a bad
+    override raises StudyError naming ``study.overrides[...]``."""
     out = {}
     for run in runs:
         try:
-            out[run.name] = overrides.parse(get_config, list(run.argv), presets.NAMES)
+            out[run.name] = _config(study, run.argv)
         except ValueError as e:
             where = ("study.overrides" if run.method not in study.method_overrides else
                      f"study.overrides or study.method_overrides[{run.method!r}]")
             raise StudyError(f"{where}: {e}") from None
     return out
-
-
-def train_command(study, run: Run) -> tuple:
-    """The command that trains (or resumes) ``run``."""
-    return (sys.executable, "-u", "-m", "dali_jax.launch", "--task", study.task) + tuple(run.argv)
 
 
 def config_json(config) -> dict:
@@ -115,13 +99,18 @@ def config_json(config) -> dict:
     return d
 
 
-def config_conflict(run: Run, config, base=None) -> str | None:
-    """Fields where ``run``'s existing config.json differs from the planned ``config``, as one
-    line; None when it matches or the run has not started.
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
 
-    ``base``: the run's config without the study's overrides (``base_config``). A field the
-    run's config.json lacks (added to dali_jax after the run started) is no conflict when the
-    plan keeps ``base``'s value for it: new options default to the old behaviour."""
+
+def config_conflict(study, run: Run, config) -> str | None:
+    """Fields where ``run``'s config.json differs from the planned ``config``, as one line;
+    None when it matches or the run has not started. A field config.json lacks (an option
+    added to dali_jax after the run started) is no conflict while the plan keeps its default
+    (the value without the study's overrides)."""
     path = os.path.join(run.logdir, "config.json")
     if not os.path.isfile(path):
         return None
@@ -131,87 +120,97 @@ def config_conflict(run: Run, config, base=None) -> str | None:
     except (OSError, ValueError) as e:
         return f"{path} is unreadable ({e})"
     old.pop("logdir", None)
-    if base is not None:
-        old = config_lib.with_defaults(old, config_json(base))
-    diffs = _diff(_flatten(old), _flatten(config_json(config)))
+    base = _config(study, _argv(study, run.method, run.setting, run.seed, run.logdir, True))
+    old, new = _flatten(config_lib.with_defaults(old, config_json(base))), _flatten(
+        config_json(config))
+    diffs = [f"{k}: run has {old.get(k, '<absent>')!r}, study has {new.get(k, '<absent>')!r}"
+             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if not diffs:
         return None
     return "; ".join(diffs[:8]) + (f"; ... ({len(diffs)} fields)" if len(diffs) > 8 else "")
 
 
-def base_config(study, run: Run):
-    """``run``'s config built from the preset and the run's own fields only (no overrides)."""
-    argv = _own_argv(study, run.method, run.setting, run.seed, run.logdir)
-    return overrides.parse(functools.partial(presets.experiment_config, study.task), list(argv),
-                           presets.NAMES)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _diff(old: dict, new: dict) -> list[str]:
-    return [f"{k}: run has {old.get(k, '<absent>')!r}, study has {new.get(k, '<absent>')!r}"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-
-
-# ----------------------------------------------------------------------------- cost
-@dataclasses.dataclass
-class Cost:
-    """Estimated work of one run: env steps, updates, evaluation env steps, seconds (None when
-    the rate is unknown) and where the rate came from ("study file", "measured", "unknown")."""
-
-    env_steps: int
-    updates: int
-    eval_steps: int
-    train_s: float | None
-    eval_s: float | None
-    source: str
-
-    @property
-    def total_s(self) -> float | None:
-        if self.train_s is None:
-            return None
-        return self.train_s + (self.eval_s or 0.0)
-
-
-def eval_context_count(study, setting: str) -> int:
-    """Grid contexts evaluated per run of ``setting``."""
-    from dali_jax.envs import contexts as C
+def eval_indices(study, setting: str) -> list[int]:
+    """Grid indices evaluated for runs of ``setting`` (all 84, or those the setting scores)."""
     grid = C.evaluation_grid(study.task)
-    if study.evaluation.contexts == "all":
-        return len(grid)
-    return sum(C.regime(study.task, setting, g.values) is not None for g in grid)
+    return [g.index for g in grid if study.evaluation.contexts == "all"
+            or C.regime(study.task, setting, g.values) is not None]
 
 
-def estimate(study, run: Run, config, measured: dict | None = None) -> Cost:
-    """Cost of ``run`` from its config; ``measured`` maps method -> env steps/s seen in DIR."""
+def estimate(study, run: Run, config, rates: dict) -> dict:
+    """Work of ``run``: env steps, updates, evaluation env steps and seconds (None when no
+    rate is known; ``rates``: method -> env steps/s measured in DIR, else the study file's)."""
     steps = int(config.run.steps)
     per_update = config.train.batch_size * config.train.batch_length
     updates = int(max(0, steps - config.run.prefill) * config.run.train_ratio / per_update)
-    eval_steps = (eval_context_count(study, run.setting) * study.evaluation.episodes
+    eval_steps = (len(eval_indices(study, run.setting)) * study.evaluation.episodes
                   * int(config.run.episode_length))
-    rate, source = (measured or {}).get(run.method), "measured"
-    if not rate:
-        rate, source = study.cost.train_steps_per_s, "study file"
-    if not rate:
-        source = "unknown"
+    rate = rates.get(run.method) or study.cost.train_steps_per_s
     eval_rate = study.cost.eval_steps_per_s
-    return Cost(steps, updates, eval_steps, steps / rate if rate else None,
-                eval_steps / eval_rate if eval_rate else None, source)
+    seconds = steps / rate + (eval_steps / eval_rate if eval_rate else 0) if rate else None
+    source = "measured" if rates.get(run.method) else "study file" if rate else "unknown"
+    return dict(env_steps=steps, updates=updates, eval_steps=eval_steps, seconds=seconds,
+                source=source)
 
 
-def measured_rate(logdir: str) -> float | None:
-    """Env steps per second of a run from the first and last record of its metrics.jsonl
-    (None with fewer than 1000 steps between them)."""
-    first, last = first_and_last_record(os.path.join(logdir, "metrics.jsonl"))
-    if not first or not last:
-        return None
-    dt, ds = last["time"] - first["time"], last["step"] - first["step"]
-    return ds / dt if dt > 0 and ds >= 1000 else None
+# ----------------------------------------------------------------------------- jobs
+def train_job(study, run: Run, config) -> Job:
+    """Trains ``run`` to ``config.run.steps`` (resuming from its checkpoint)."""
+    argv = (sys.executable, "-u", "-m", "dali_jax.launch", "--task", study.task) + run.argv
+    return Job("train", run.name, argv, os.path.join(run.logdir, "train.log"),
+               os.path.join(run.logdir, RD.LOCK), ("train", run.logdir, int(config.run.steps)))
+
+
+def eval_job(study, run: Run, after: float = 0.0) -> Job:
+    """Evaluates ``run``'s final checkpoint on the grid (eval/returns.json); ``after``: only
+    results written after this time count."""
+    e = study.evaluation
+    argv = (sys.executable, "-u", "-m", "dali_jax.evaluate", "--logdir", run.logdir,
+            "--episodes", str(e.episodes), "--contexts", e.contexts, "--num-envs",
+            str(e.num_envs), "--mode", e.mode)
+    check = ("eval", run.logdir, int(e.episodes), tuple(eval_indices(study, run.setting)))
+    return Job("eval", run.name, argv, os.path.join(run.logdir, "eval.log"),
+               os.path.join(run.logdir, RD.LOCK), check + ((after,) if after else ()))
+
+
+def episode_length(configs: dict) -> int:
+    lengths = {int(c.run.episode_length) for c in configs.values()}
+    if len(lengths) != 1:
+        raise StudyError(f"the runs have different run.episode_length values {sorted(lengths)}")
+    return lengths.pop()
+
+
+def reference_path(study, root: str, configs: dict) -> str:
+    """DIR/references/random_<task>_L<episode length>.json (one per task and length)."""
+    return os.path.join(os.path.abspath(root), "references",
+                        f"random_{study.task}_L{episode_length(configs)}.json")
+
+
+def reference_job(study, root: str, configs: dict) -> Job:
+    """Computes the random-policy reference on every context any run evaluates."""
+    path = reference_path(study, root, configs)
+    indices = sorted({i for s in study.settings for i in eval_indices(study, s)})
+    e = study.evaluation
+    argv = (sys.executable, "-u", "-m", "dali_jax.evaluate", "--random", "--task", study.task,
+            "--out", path, "--episodes", str(e.random_episodes), "--seeds", str(e.random_seeds),
+            "--num-envs", str(e.num_envs), "--contexts", ",".join(map(str, indices)),
+            "--episode-length", str(episode_length(configs)))
+    stem = path[:-len(".json")]
+    return Job("reference", os.path.basename(path), argv, stem + ".log", stem + ".lock",
+               ("reference", path, study.task, tuple(indices)))
+
+
+def evaluation_jobs(study, root: str, runs, configs: dict, force: bool = False):
+    """-> (jobs to launch, names of runs already evaluated, names of runs not finished); the
+    reference job first when the reference lacks a context; ``force`` evaluates again."""
+    jobs, skipped, unfinished = [], [], []
+    ref = reference_job(study, root, configs)
+    if not is_complete(ref):
+        jobs.append(ref)
+    for run in runs:
+        if not is_complete(train_job(study, run, configs[run.name])):
+            unfinished.append(run.name)
+            continue
+        job = eval_job(study, run, time.time() if force else 0.0)
+        (skipped.append(run.name) if is_complete(job) else jobs.append(job))
+    return jobs, skipped, unfinished

@@ -1,21 +1,45 @@
-"""What a run directory says about its run, read from its files only (checkpoints/,
-eval_summary.json, eval/returns.json, metrics.jsonl): the one place every part of the study
-runner reads a run's progress from.
+"""What a run directory says about its run, read from its own files only: checkpoints/,
+eval_summary.json, eval/returns.json, metrics.jsonl, the lock and the header lines the study
+runner writes into train.log and eval.log. Every part of the runner reads runs from here.
+
+The runner brackets each attempt in a job's log with one-line JSON headers::
+
+    === train start {"time", "host", "pid", "step", "cmd"}
+    === train end {"time", "returncode", "outcome", "error", "step"}
+    === train queued {"time", "job_id", "cluster", "folder"}         (slurm backend)
+
+``outcome`` is done (the job's completion check holds), interrupted (stopped by a signal; a
+training run resumes from its checkpoint) or failed (``error``: the log's last error line). A
+start without an end means the launcher itself died.
 
 A run directory without checkpoints/ but with eval_summary.json is a copy of a finished
-run's results (e.g. committed under results/): its final step is the env_steps that
-eval_summary.json records, so `report` works on such copies."""
+run's results (e.g. committed under results/): its final step is the env_steps recorded there.
+"""
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
 import os
+
+from dali_jax.analysis.curves import read_metrics
+
+LOCK = "run.lock"  # held by the job (launcher and child) that trains or evaluates the run
+STATES = ("done", "running", "queued", "failed", "interrupted", "pending")
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def latest_checkpoint_step(logdir: str) -> int | None:
     """Step of the newest complete checkpoint (``checkpoints/ckpt_<step>``), or None."""
-    d = os.path.join(logdir, "checkpoints")
     try:
-        names = os.listdir(d)
+        names = os.listdir(os.path.join(logdir, "checkpoints"))
     except OSError:
         return None
     steps = [int(n[5:]) for n in names if n.startswith("ckpt_") and n[5:].isdigit()]
@@ -23,20 +47,20 @@ def latest_checkpoint_step(logdir: str) -> int | None:
 
 
 def final_step(logdir: str) -> int | None:
-    """The newest checkpoint's step; for a copy of the results without checkpoints/, the
-    env_steps recorded in eval_summary.json; None when neither is there."""
+    """The newest checkpoint's step; for a copy without checkpoints/, eval_summary.json's
+    env_steps; None when neither is there."""
     if os.path.isdir(os.path.join(logdir, "checkpoints")):
         return latest_checkpoint_step(logdir)
+    summary = _read_json(os.path.join(logdir, "eval_summary.json"))
     try:
-        with open(os.path.join(logdir, "eval_summary.json")) as f:
-            return int(json.load(f)["env_steps"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(summary["env_steps"])
+    except (TypeError, KeyError, ValueError):
         return None
 
 
 def training_finished(logdir: str, steps: int) -> bool:
-    """The trainer reached ``steps`` and wrote its final summary (eval_summary.json is written
-    only when the loop ends without a stop request)."""
+    """The trainer reached ``steps`` and wrote eval_summary.json (written only when its loop
+    ends without a stop request)."""
     step = final_step(logdir)
     return (step is not None and step >= steps
             and os.path.isfile(os.path.join(logdir, "eval_summary.json")))
@@ -44,72 +68,162 @@ def training_finished(logdir: str, steps: int) -> bool:
 
 def read_eval_results(logdir: str) -> dict | None:
     """``eval/returns.json`` of a run, or None when missing or unreadable."""
-    try:
-        with open(os.path.join(logdir, "eval", "returns.json")) as f:
-            d = json.load(f)
-    except (OSError, ValueError):
-        return None
+    d = _read_json(os.path.join(logdir, "eval", "returns.json"))
     return d if isinstance(d, dict) else None
 
 
 def evaluated(logdir: str, episodes: int, indices, after: float = 0.0) -> bool:
-    """The run's grid results are of its latest checkpoint, with ``episodes`` episodes on at
-    least the grid contexts ``indices`` (and written after time ``after``)."""
+    """The grid results are of the final checkpoint, with ``episodes`` episodes on at least
+    the grid contexts ``indices`` (and written after time ``after``)."""
     path = os.path.join(logdir, "eval", "returns.json")
     if after and (not os.path.exists(path) or os.path.getmtime(path) < after):
         return False
     d = read_eval_results(logdir)
-    if d is None or d.get("checkpoint_step") != final_step(logdir):
+    if d is None or d.get("checkpoint_step") != final_step(logdir) or d.get("episodes") != \
+            episodes:
         return False
-    if d.get("episodes") != episodes:
-        return False
-    have = {c.get("index") for c in d.get("contexts", []) if isinstance(c, dict)}
-    return set(indices) <= have
+    return set(indices) <= {c.get("index") for c in d.get("contexts", []) if isinstance(c, dict)}
 
 
-def first_and_last_record(path: str, max_bytes: int = 1 << 20) -> tuple[dict | None, dict | None]:
-    """First and last JSON record of a JSONL file (reading at most ``max_bytes`` of its end)."""
+def metrics(logdir: str) -> list[dict]:
+    """Records of metrics.jsonl ([] when there is none)."""
     try:
-        with open(path, "rb") as f:
-            first = _parse(f.readline())
-            size = os.path.getsize(path)
-            f.seek(max(0, size - 65536))
-            tail = f.read().splitlines()
-    except OSError:
-        return None, None
-    last = next((r for r in map(_parse, reversed(tail)) if r), None)
-    return first, last
+        return read_metrics(logdir)
+    except FileNotFoundError:
+        return []
 
 
-def _parse(line: bytes) -> dict | None:
-    try:
-        r = json.loads(line)
-    except ValueError:
+def last_metrics(records, key: str = "eval/return_mean") -> tuple[int, float | None]:
+    """(last logged env step, last value of ``key``) of metrics records."""
+    values = [r[key] for r in records if key in r]
+    return (int(records[-1]["step"]) if records else 0, float(values[-1]) if values else None)
+
+
+def measured_rate(logdir: str) -> float | None:
+    """Env steps per second between the first and last record of metrics.jsonl (None with
+    fewer than 1000 steps between them)."""
+    timed = [r for r in metrics(logdir) if "time" in r]
+    if len(timed) < 2:
         return None
-    return r if isinstance(r, dict) and "step" in r else None
+    dt, ds = timed[-1]["time"] - timed[0]["time"], timed[-1]["step"] - timed[0]["step"]
+    return ds / dt if dt > 0 and ds >= 1000 else None
 
 
-def last_metrics(logdir: str, key: str = "eval/return_mean",
-                 max_bytes: int = 2 << 20) -> tuple[int, float | None]:
-    """(last logged env step, last value of ``key``) from the end of metrics.jsonl, reading
-    backwards at most ``max_bytes``."""
-    path = os.path.join(logdir, "metrics.jsonl")
+# ----------------------------------------------------------------------------- job logs
+def header(kind: str, event: str, record: dict) -> str:
+    """One header line of a job's log."""
+    return f"=== {kind} {event} {json.dumps(record)}\n"
+
+
+def log_events(path: str) -> list[tuple[str, str, dict]]:
+    """(kind, event, record) of every header line in the log at ``path``, in order."""
+    out = []
     try:
-        size = os.path.getsize(path)
         with open(path, "rb") as f:
-            f.seek(max(0, size - max_bytes))
-            lines = f.read().splitlines()
+            for line in f:
+                if not line.startswith(b"=== "):
+                    continue
+                parts = line.decode(errors="replace").split(" ", 3)
+                try:
+                    out.append((parts[1], parts[2], json.loads(parts[3])))
+                except (IndexError, ValueError):
+                    continue
     except OSError:
-        return 0, None
-    step, value = 0, None
-    for line in reversed(lines):
-        if key.encode() not in line and step:
-            continue
-        r = _parse(line)
-        if r is None:
-            continue
-        step = step or int(r["step"])
-        if key in r:
-            value = float(r[key])
-            break
-    return step, value
+        pass
+    return out
+
+
+def last_event(path: str) -> tuple[str | None, dict]:
+    """(event, record) of the log's last header line; (None, {}) without one."""
+    events = log_events(path)
+    return (events[-1][1], events[-1][2]) if events else (None, {})
+
+
+def lock_held(path: str) -> bool:
+    """Whether some process holds the flock at ``path`` (probed without waiting)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- status
+@dataclasses.dataclass
+class RunStatus:
+    """Where a run stands. state: one of STATES; env_steps: newest of the checkpoint and the
+    metrics log; last_eval: the last periodic evaluation return; evaluation: yes (of the final
+    checkpoint) | stale | running | failed | -; grid_return: mean over the evaluated grid
+    contexts; error and log: the failed job's last error line and log."""
+
+    name: str
+    state: str
+    env_steps: int
+    target_steps: int
+    last_eval: float | None
+    evaluation: str
+    grid_return: float | None
+    error: str
+    log: str
+
+
+def run_status(name: str, logdir: str, steps: int, episodes: int, indices,
+               job_state=None) -> RunStatus:
+    """Status of the run in ``logdir`` trained for ``steps`` and evaluated with ``episodes``
+    on grid ``indices``. job_state(queued record) -> "queued" | "gone" | None (unknown) asks
+    the scheduler about a submitted job."""
+    train_log, eval_log = os.path.join(logdir, "train.log"), os.path.join(logdir, "eval.log")
+    t_event, t_rec = last_event(train_log)
+    e_event, e_rec = last_event(eval_log)
+    logged_step, last_eval = last_metrics(metrics(logdir))
+    env_steps = max(latest_checkpoint_step(logdir) or 0, logged_step)
+    held = lock_held(os.path.join(logdir, LOCK))
+    evaluating = held and e_event == "start"
+    state, error, log = "pending", "", train_log
+    if held and not evaluating:
+        state = "running"
+    elif training_finished(logdir, steps):
+        state = "done"
+    elif t_event == "queued" and (job_state is None or job_state(t_rec) != "gone"):
+        state = "queued"
+    elif t_event == "end" and t_rec.get("outcome") == "failed":
+        state, error = "failed", t_rec.get("error", "")
+    elif env_steps > 0 or t_event is not None:
+        state = "interrupted"
+    evaluation, grid = "-", None
+    results = read_eval_results(logdir)
+    if results is not None:
+        means = [sum(c["returns"]) / len(c["returns"]) for c in results.get("contexts", [])
+                 if c.get("returns")]
+        grid = sum(means) / len(means) if means else None
+        evaluation = "yes" if evaluated(logdir, episodes, indices) else "stale"
+    if evaluating:
+        evaluation, log = "running", eval_log
+    elif e_event == "end" and e_rec.get("outcome") == "failed" and evaluation != "yes":
+        evaluation, error, log = "failed", error or e_rec.get("error", ""), eval_log
+    return RunStatus(name, state, env_steps, steps, last_eval, evaluation, grid, error, log)
+
+
+def format_table(rows: list[RunStatus], root: str) -> str:
+    """The status table (log paths relative to ``root``) and a one-line count of states."""
+    table = [["run", "state", "env steps", "last eval", "grid eval", "error / log"]]
+    for r in rows:
+        note = os.path.relpath(r.log, root) if "running" in (r.state, r.evaluation) else ""
+        if r.error:
+            note = f"{r.error[:100]} ({os.path.relpath(r.log, root)})"
+        grid = r.evaluation if r.grid_return is None else f"{r.evaluation} {r.grid_return:.1f}"
+        table.append([r.name, r.state, f"{r.env_steps}/{r.target_steps}",
+                      "-" if r.last_eval is None else f"{r.last_eval:.1f}", grid, note])
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
+    lines = [("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[5]).rstrip()
+             for row in table]
+    counts = ", ".join(f"{n} {s}" for s in STATES if (n := sum(r.state == s for r in rows)))
+    done = sum(r.evaluation == "yes" for r in rows)
+    return "\n".join(lines + ["", f"{len(rows)} runs: {counts}; {done} evaluated"])

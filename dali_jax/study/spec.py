@@ -1,14 +1,13 @@
 """Study files: the fields of a zero-shot study, their defaults, loading and validation.
 
-A study file is a Python file whose ``get_config()`` returns an ml_collections ConfigDict. Start
-from ``defaults()`` and set what differs; fields left out keep their defaults, unknown fields
-are errors::
+A study file is a Python file whose ``get_config()`` starts from ``defaults()`` (a locked
+ml_collections ConfigDict: an unknown field or an ill-typed value fails where it is set) and
+sets what differs::
 
     from dali_jax.study import spec
 
     def get_config():
         c = spec.defaults()
-        c.task = "ball_in_cup"
         c.methods = ("dreamer_dr", "dali_d")
         c.seeds = (0, 1, 2)
         c.settings = ("single_0",)
@@ -16,16 +15,14 @@ are errors::
         c.overrides["run.steps"] = 50_000
         return c
 
-``load(path)`` returns the validated ConfigDict (with ``name`` filled in); every error is a
+``load(path)`` returns the validated study (``name`` filled in); every error is a
 ``StudyError`` naming the field (``study.<field>``) and the valid values.
 """
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import os
 import re
-from typing import Mapping
 
 import ml_collections
 
@@ -34,18 +31,12 @@ from dali_jax import presets
 from dali_jax.envs import contexts as C
 from dali_jax.methods import METHODS
 
-# The folder holding this dali_jax package (a checkout, or site-packages): the study's jobs
-# run there, so `python -m dali_jax...` runs this same package.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RELEASE_SEEDS = (0, 42, 1337, 13, 71, 1994, 1997, 908, 2102, 3)  # docs/protocol.md
 BACKENDS = ("local", "slurm")
-SUBMITIT_CLUSTERS = ("slurm", "local", "debug")
-EVAL_CONTEXTS = ("all", "scored")
 # Config fields the study sets per run; an override of them is an error.
 RUN_FIELDS = ("task", "obs", "method", "seed", "context_setting", "logdir")
-# Fields holding free-form mappings (their keys are not checked against the defaults).
-_FREE = ("overrides", "variants", "backend.slurm.extra")
-_NESTED_FREE = ("method_overrides",)  # method -> {dotted config path: value}
+# Free-form mappings: left unlocked, their keys are checked by validate().
+_FREE = ("overrides", "variants", "method_overrides", "backend.slurm.extra")
 
 
 class StudyError(ValueError):
@@ -71,12 +62,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.settings = ("single_0", "single_1", "double_box")  # training context settings
     c.preset = "paper"  # run preset of the experiment file: paper | cpu | first | quick | smoke
     # Dotted config path -> value, applied to every run after the preset, e.g.
-    # c.overrides["run.steps"] = 50_000. The study's own fields (task, obs, method, seed,
-    # context_setting, logdir) cannot be overridden.
+    # c.overrides["run.steps"] = 50_000 (not the study's own fields: RUN_FIELDS).
     c.overrides = ml_collections.ConfigDict(allow_dotted_keys=True)
     # Method -> {dotted config path: value}, applied after `overrides` to that method's runs
-    # only, e.g. c.method_overrides["dali_d"] = {"context.loss": "inverse"}: a per-method
-    # hyperparameter that other methods' configs (and their resumability) do not see.
+    # only, e.g. c.method_overrides["dali_d"] = {"context.loss": "inverse"}.
     c.method_overrides = ml_collections.ConfigDict(convert_dict=False)
 
     e = c.evaluation = ml_collections.ConfigDict()
@@ -95,7 +84,7 @@ def defaults() -> ml_collections.ConfigDict:
 
     k = c.cost = ml_collections.ConfigDict()
     # Throughput of one run on its slot (a GPU, or 2 cores) for `plan`'s estimate; 0: unknown.
-    # Runs in DIR that have logged progress replace these with measured figures.
+    # Runs in DIR that have logged progress replace the training rate with measured figures.
     k.train_steps_per_s = 0.0  # env steps per second while training
     k.eval_steps_per_s = 0.0  # env steps per second while evaluating
 
@@ -114,116 +103,41 @@ def defaults() -> ml_collections.ConfigDict:
     s.array_parallelism = 64  # array tasks running at once
     s.extra = ml_collections.ConfigDict()  # more sbatch options, e.g. extra.account = "abc"
     s.setup = ()  # shell lines run before each job, e.g. ("source .venv/bin/activate",)
+    c.lock()
+    for path in _FREE:
+        _get(c, path).unlock()
     return c
 
 
-# ----------------------------------------------------------------------------- loading
+def _get(c, path: str):
+    for key in path.split("."):
+        c = c[key]
+    return c
+
+
 def load(path: str) -> ml_collections.ConfigDict:
     """Study file -> validated study ConfigDict (``name`` defaults to the file's stem)."""
     if not os.path.isfile(path):
         raise StudyError(f"study file {path} not found")
-    spec = importlib.util.spec_from_file_location(
+    module_spec = importlib.util.spec_from_file_location(
         f"_dali_study_{abs(hash(os.path.abspath(path)))}", path)
-    module = importlib.util.module_from_spec(spec)
+    module = importlib.util.module_from_spec(module_spec)
     try:
-        spec.loader.exec_module(module)
+        module_spec.loader.exec_module(module)
+        study = module.get_config()
+        if not isinstance(study, ml_collections.ConfigDict) or "backend" not in study:
+            raise TypeError(f"get_config() must return spec.defaults() with its fields set; "
+                            f"got {type(study).__name__}")
     except Exception as e:  # noqa: BLE001 - any error of the user's file
-        raise StudyError(f"study file {path} failed to load: {type(e).__name__}: {e}") from e
-    if not callable(getattr(module, "get_config", None)):
-        raise StudyError(f"study file {path} must define get_config() returning a ConfigDict")
-    user = module.get_config()
-    if not isinstance(user, (ml_collections.ConfigDict, Mapping)):
-        raise StudyError(f"get_config() of {path} must return a ConfigDict; "
-                         f"got {type(user).__name__}")
-    study = merge(user)
+        msg = str(e.args[0] if len(e.args) == 1 else e).strip("'")
+        if ". Other fields present" in msg:  # ml_collections lists every field: keep its hint
+            hint = re.search(r'Did you mean "[^"]+" instead of "[^"]+"\?', msg)
+            msg = msg.split(". Other fields present")[0] + (f"; {hint[0]}" if hint else "")
+        raise StudyError(f"study file {path}: {type(e).__name__}: {msg}") from e
     if not study.name:
         study.name = os.path.splitext(os.path.basename(path))[0]
     validate(study)
     return study
-
-
-def merge(user) -> ml_collections.ConfigDict:
-    """Defaults updated with the fields of ``user`` (a ConfigDict or mapping); an unknown
-    field raises StudyError naming it and the valid fields."""
-    out = defaults()
-    _merge_into(out, user, "")
-    return out
-
-
-def _merge_into(base, user, prefix: str) -> None:
-    for key in user.keys():
-        path = f"{prefix}{key}"
-        value = user[key]
-        if key not in base:
-            hint = difflib.get_close_matches(key, list(base.keys()), n=1)
-            raise StudyError(
-                f"study.{path}: unknown field" + (f" (did you mean {prefix}{hint[0]}?)" if hint
-                                                  else "")
-                + f"; valid fields{' of study.' + prefix[:-1] if prefix else ''}: "
-                f"{', '.join(sorted(base.keys()))}")
-        if path in _NESTED_FREE:
-            if not isinstance(value, (ml_collections.ConfigDict, Mapping)):
-                raise StudyError(f"study.{path} must be a mapping of method -> mapping; "
-                                 f"got {type(value).__name__}")
-            for k in value.keys():
-                inner = value[k]
-                if not isinstance(inner, (ml_collections.ConfigDict, Mapping)):
-                    raise StudyError(f"study.{path}[{k!r}] must be a mapping of config path -> "
-                                     f"value; got {type(inner).__name__}")
-                base[key][k] = {kk: _plain(inner[kk]) for kk in inner.keys()}
-        elif path in _FREE:
-            if not isinstance(value, (ml_collections.ConfigDict, Mapping)):
-                raise StudyError(f"study.{path} must be a mapping; got {type(value).__name__}")
-            for k in value.keys():
-                base[key][k] = _plain(value[k])
-        elif isinstance(base[key], ml_collections.ConfigDict):
-            if not isinstance(value, (ml_collections.ConfigDict, Mapping)):
-                raise StudyError(f"study.{path} is a group of fields "
-                                 f"({', '.join(sorted(base[key].keys()))}); "
-                                 f"got {type(value).__name__}")
-            _merge_into(base[key], value, path + ".")
-        else:
-            try:
-                base[key] = _plain(value)
-            except TypeError as e:
-                raise StudyError(f"study.{path}: {e}") from None
-
-
-def _plain(value):
-    if isinstance(value, list):
-        return tuple(value)
-    return value
-
-
-# ----------------------------------------------------------------------------- validation
-def _fail(field: str, msg: str):
-    raise StudyError(f"study.{field} {msg}")
-
-
-def _choice(field: str, value, options) -> None:
-    if value not in options:
-        _fail(field, f"must be one of {', '.join(map(str, options))}; got {value!r}")
-
-
-def _int(field: str, value, minimum: int) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
-        _fail(field, f"must be an integer >= {minimum}; got {value!r}")
-
-
-def _number(field: str, value, minimum: float = 0.0) -> None:
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= minimum):
-        _fail(field, f"must be a number >= {minimum:g}; got {value!r}")
-
-
-def _sequence(field: str, value) -> tuple:
-    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
-        _fail(field, f"must be a list; got {value!r}")
-    if not value:
-        _fail(field, "must not be empty")
-    dup = sorted({str(v) for v in value if list(value).count(v) > 1})
-    if dup:
-        _fail(field, f"lists {', '.join(dup)} more than once")
-    return tuple(value)
 
 
 def base_method(study, label: str) -> str:
@@ -239,8 +153,46 @@ def setting_choices(task: str) -> dict[str, str]:
             "specific": "one fixed context (config.specific_context)"}
 
 
+# ----------------------------------------------------------------------------- validation
+def _fail(field: str, msg: str):
+    raise StudyError(f"study.{field} {msg}")
+
+
+def _choice(field: str, value, options) -> None:
+    if value not in options:
+        _fail(field, f"must be one of {', '.join(map(str, options))}; got {value!r}")
+
+
+def _sequence(field: str, value) -> tuple:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
+        _fail(field, f"must be a list; got {value!r}")
+    if not value:
+        _fail(field, "must not be empty")
+    dup = sorted({str(v) for v in value if list(value).count(v) > 1})
+    if dup:
+        _fail(field, f"lists {', '.join(dup)} more than once")
+    return tuple(value)
+
+
+def _no_run_fields(field: str, keys) -> None:
+    for key in keys:
+        if key in RUN_FIELDS:
+            _fail(f"{field}[{key!r}]", f"is set by the study (one of {', '.join(RUN_FIELDS)}); "
+                                      f"use the study's own fields instead")
+
+
+# Integer fields and their minimum (types are enforced by the locked ConfigDict).
+_MINIMUM = {"evaluation.episodes": 1, "evaluation.num_envs": 1, "evaluation.random_episodes": 1,
+            "evaluation.random_seeds": 1, "report.reps": 1, "report.seed": 0,
+            "cost.train_steps_per_s": 0, "cost.eval_steps_per_s": 0,
+            "backend.local.concurrency": 0, "backend.slurm.time_min": 1,
+            "backend.slurm.eval_time_min": 1, "backend.slurm.gpus_per_node": 0,
+            "backend.slurm.cpus_per_task": 1, "backend.slurm.mem_gb": 0,
+            "backend.slurm.array_parallelism": 1}
+
+
 def validate(s) -> None:
-    """Checks every field of a merged study; raises StudyError naming field and valid values."""
+    """Checks the values of a study; raises StudyError naming the field and valid values."""
     _choice("task", s.task, C.TASKS)
     _choice("obs", s.obs, config_lib.OBS_MODES)
     for label, method in s.variants.items():
@@ -264,54 +216,28 @@ def validate(s) -> None:
             _fail("settings", f"lists {name!r}, which is not a context setting of {s.task}; "
                               f"valid settings: {valid}")
     _choice("preset", s.preset, presets.NAMES)
-    for key in s.overrides.keys():
-        if key in RUN_FIELDS:
-            _fail(f"overrides[{key!r}]", f"is set by the study (one of {', '.join(RUN_FIELDS)}); "
-                                         f"use the study's own fields instead")
-    for method in s.method_overrides.keys():
+    _no_run_fields("overrides", s.overrides.keys())
+    for method, over in s.method_overrides.items():
         if method not in s.methods:
             _fail(f"method_overrides[{method!r}]", f"names a method the study does not run; "
                                                     f"its methods: {', '.join(s.methods)}")
-        for key in s.method_overrides[method].keys():
-            if key in RUN_FIELDS:
-                _fail(f"method_overrides[{method!r}][{key!r}]",
-                      f"is set by the study (one of {', '.join(RUN_FIELDS)}); "
-                      f"use the study's own fields instead")
-    e = s.evaluation
-    _int("evaluation.episodes", e.episodes, 1)
-    _choice("evaluation.contexts", e.contexts, EVAL_CONTEXTS)
-    if e.contexts == "scored":
-        unscored = [x for x in s.settings if x not in C.SCORED_SETTINGS]
-        if unscored:
-            _fail("evaluation.contexts", f"is 'scored', but setting(s) {', '.join(unscored)} "
-                                         f"score no grid context; use 'all'")
-    _choice("evaluation.mode", e.mode, ("sample", "mode"))
-    for f in ("num_envs", "random_episodes", "random_seeds"):
-        _int(f"evaluation.{f}", e[f], 1)
-    if not isinstance(e.expert_reference, str):
-        _fail("evaluation.expert_reference", f"must be a file path or ''; got "
-                                             f"{e.expert_reference!r}")
-    _int("report.reps", s.report.reps, 1)
-    _int("report.seed", s.report.seed, 0)
-    if not (isinstance(s.report.confidence, float) and 0 < s.report.confidence < 1):
+        if not hasattr(over, "keys"):
+            _fail(f"method_overrides[{method!r}]", f"must be a mapping of config path -> "
+                                                    f"value; got {type(over).__name__}")
+        _no_run_fields(f"method_overrides[{method!r}]", over.keys())
+    _choice("evaluation.contexts", s.evaluation.contexts, ("all", "scored"))
+    unscored = [x for x in s.settings if x not in C.SCORED_SETTINGS]
+    if s.evaluation.contexts == "scored" and unscored:
+        _fail("evaluation.contexts", f"is 'scored', but setting(s) {', '.join(unscored)} "
+                                     f"score no grid context; use 'all'")
+    _choice("evaluation.mode", s.evaluation.mode, ("sample", "mode"))
+    for field, minimum in _MINIMUM.items():
+        if _get(s, field) < minimum:
+            _fail(field, f"must be >= {minimum}; got {_get(s, field)!r}")
+    if not 0 < s.report.confidence < 1:
         _fail("report.confidence", f"must lie in (0, 1); got {s.report.confidence!r}")
-    _number("cost.train_steps_per_s", s.cost.train_steps_per_s)
-    _number("cost.eval_steps_per_s", s.cost.eval_steps_per_s)
-    _validate_backend(s.backend)
-
-
-def _validate_backend(b) -> None:
-    _choice("backend.name", b.name, BACKENDS)
-    _int("backend.local.concurrency", b.local.concurrency, 0)
-    sl = b.slurm
-    _choice("backend.slurm.cluster", sl.cluster, SUBMITIT_CLUSTERS)
-    if not isinstance(sl.partition, str):
-        _fail("backend.slurm.partition", f"must be a partition name or ''; got {sl.partition!r}")
-    _int("backend.slurm.time_min", sl.time_min, 1)
-    _int("backend.slurm.eval_time_min", sl.eval_time_min, 1)
-    _int("backend.slurm.gpus_per_node", sl.gpus_per_node, 0)
-    _int("backend.slurm.cpus_per_task", sl.cpus_per_task, 1)
-    _number("backend.slurm.mem_gb", sl.mem_gb)
-    _int("backend.slurm.array_parallelism", sl.array_parallelism, 1)
-    if isinstance(sl.setup, str) or not all(isinstance(x, str) for x in sl.setup):
-        _fail("backend.slurm.setup", f"must be a list of shell lines; got {sl.setup!r}")
+    _choice("backend.name", s.backend.name, BACKENDS)
+    _choice("backend.slurm.cluster", s.backend.slurm.cluster, ("slurm", "local", "debug"))
+    if not all(isinstance(x, str) for x in s.backend.slurm.setup):
+        _fail("backend.slurm.setup", f"must be a list of shell lines; got "
+                                     f"{s.backend.slurm.setup!r}")

@@ -64,9 +64,14 @@ def load(path, root):
     return study, runs, P.run_configs(study, runs)
 
 
-def train_records(run, kind="train"):
-    return [r for r in J.read_records(os.path.join(run.state_dir, "attempts.jsonl"))
-            if r.get("kind") == kind]
+def events(run, kind="train"):
+    """(event, record) of the header lines in the run's train.log or eval.log."""
+    log = os.path.join(run.logdir, f"{kind}.log")
+    return [(e, r) for k, e, r in RD.log_events(log) if k == kind]
+
+
+def ends(run, kind="train"):
+    return [r for e, r in events(run, kind) if e == "end"]
 
 
 def wait_for(cond, timeout, what, poll=0.2):
@@ -99,7 +104,7 @@ def test_plan_names_runs_and_builds_their_configs(tmp_path):
         # the preset (smoke: XLA -O0), then the overrides on top of it
         assert (c.xla_opt_level, c.run.steps, c.run.save_every_s, c.model.size) == (
             0, STEPS, 1.0, "tiny")
-        cmd = P.train_command(study, r)
+        cmd = P.train_job(study, r, c).argv
         assert cmd[:6] == (sys.executable, "-u", "-m", "dali_jax.launch", "--task",
                            "ball_in_cup")
         assert f"--config.seed={r.seed}" in cmd and "--config.model.size=tiny" in cmd
@@ -108,15 +113,15 @@ def test_plan_names_runs_and_builds_their_configs(tmp_path):
         assert ("--config.context.alignment=project" in cmd) == (r.method == "dali_d")
     cost = P.estimate(study, runs[0], configs[runs[0].name], {"dreamer_dr": 100.0})
     # (400 - 100 prefill) x ratio 16 / (4 x 16) updates; 14 scored contexts x 1 x 100 steps
-    assert (cost.env_steps, cost.updates, cost.eval_steps) == (STEPS, 75, 1400)
-    assert cost.train_s == pytest.approx(4.0) and cost.source == "measured"
-    assert P.estimate(study, runs[1], configs[runs[1].name], {}).total_s is None
+    assert (cost["env_steps"], cost["updates"], cost["eval_steps"]) == (STEPS, 75, 1400)
+    assert cost["seconds"] == pytest.approx(4.0) and cost["source"] == "measured"
+    assert P.estimate(study, runs[1], configs[runs[1].name], {})["seconds"] is None
 
 
 def test_variants_run_one_method_under_two_labels(tmp_path):
     """A variant is its own run directory and report row, runs its base method with its own
     overrides, and the report lists each DALI variant's resolved alignment settings."""
-    from dali_jax.study import report as SR
+    from dali_jax.analysis import study_report as SR
     path = write_study(tmp_path / "v.py", 'c.variants["dali_d_paper"] = "dali_d"',
                        'c.variants["dali_d_project"] = "dali_d"',
                        'c.methods = ("dreamer_dr", "dali_d_paper", "dali_d_project")',
@@ -129,7 +134,7 @@ def test_variants_run_one_method_under_two_labels(tmp_path):
     assert (by["dali_d_paper"].context.loss, by["dali_d_project"].context.loss) == (
         "forward", "both")
     assert runs[2].logdir.endswith(os.path.join("runs", "dali_d_project", "single_0", "s0"))
-    assert "--config.method=dali_d" in P.train_command(study, runs[2])
+    assert "--config.method=dali_d" in P.train_job(study, runs[2], by["dali_d_project"]).argv
     table = SR.alignment_table(study, runs, configs)
     assert table[2].split(" | ")[:3] == ["| method", "recipe", "loss"]
     assert [row.split(" | ")[:3] for row in table[4:6]] == [
@@ -143,7 +148,7 @@ def test_a_study_needs_the_package_only(tmp_path):
     from experiments import ball_in_cup, walker_walk
     path = write_study(tmp_path / "s.py")
     study, runs, configs = load(path, tmp_path / "d")
-    cmd = P.train_command(study, runs[0])
+    cmd = P.train_job(study, runs[0], configs[runs[0].name]).argv
     assert cmd[1:6] == ("-u", "-m", "dali_jax.launch", "--task", study.task)
     for module, task in ((ball_in_cup, "ball_in_cup"), (walker_walk, "walker")):
         for preset in (None, "cpu"):
@@ -163,7 +168,7 @@ def test_a_study_needs_the_package_only(tmp_path):
 def test_report_probe_table_gives_the_median_over_seeds(tmp_path):
     """The report's probe table reads each DALI run's probe.json; cRSSM-D and runs without a
     probe are left out; medians by hand."""
-    from dali_jax.study import report as SR
+    from dali_jax.analysis import study_report as SR
     path = write_study(tmp_path / "p.py", 'c.methods = ("crssm_d", "dali_d")',
                        "c.seeds = (0, 1, 2)")
     study, runs, _ = load(path, tmp_path / "d")
@@ -191,9 +196,12 @@ def test_report_probe_table_gives_the_median_over_seeds(tmp_path):
                                    r"setting of ball_in_cup; valid settings: default .*single_1 "
                                    r"\(string_length varied\)"),
     ('c.backend.name = "pbs"', r"study\.backend\.name must be one of local, slurm; got 'pbs'"),
-    ("c.backend.slurm.time_min = 0", r"study\.backend\.slurm\.time_min must be an integer >= 1"),
+    ("c.backend.slurm.time_min = 0", r"study\.backend\.slurm\.time_min must be >= 1; got 0"),
+    ('c.evaluation.episodes = "ten"', r"TypeError: .*'episodes'.* ten .* cannot be casted to "
+                                      r"type <class 'int'>"),
     ('c.evaluation.contexts = "some"', r"study\.evaluation\.contexts must be one of all, scored"),
-    ("c.seed = 3", r"study\.seed: unknown field \(did you mean seeds\?\); valid fields: "),
+    ("c.seed = 3", r"AttributeError: Key \"seed\" does not exist and cannot be added since the "
+                   r"config is locked; Did you mean \"seeds\" instead of \"seed\"\?$"),
     ('c.overrides["seed"] = 3', r"study\.overrides\['seed'\] is set by the study"),
     ('c.overrides["run.stepz"] = 3', r"study\.overrides: unknown field --config\.run\.stepz.*"
                                      r"Valid fields: .*steps"),
@@ -243,26 +251,23 @@ def test_a_field_added_after_a_run_started_is_no_conflict_while_at_its_default(t
     del started["context"]["head_layers"]  # as if the run predates the option
     with open(os.path.join(runs[0].logdir, "config.json"), "w") as f:
         json.dump(started, f)
-    base = P.base_config(study, runs[0])
-    assert P.config_conflict(runs[0], configs[runs[0].name], base) is None
-    # without the base config every missing field is a difference
-    assert "context.head_layers: run has '<absent>', study has 2" in P.config_conflict(
-        runs[0], configs[runs[0].name])
+    assert P.config_conflict(study, runs[0], configs[runs[0].name]) is None
     path = write_study(tmp_path / "s2.py", 'c.overrides["context.head_layers"] = 3')
     study, runs, configs = load(path, root)
-    why = P.config_conflict(runs[0], configs[runs[0].name], P.base_config(study, runs[0]))
+    why = P.config_conflict(study, runs[0], configs[runs[0].name])
     assert why == "context.head_layers: run has 2, study has 3"
 
 
 def test_a_failing_job_is_recorded_with_its_last_error_line(tmp_path):
     job = J.Job("train", "x", (sys.executable, "-c", "print('hello'); raise ValueError('boom')"),
-                str(tmp_path / "state"), str(tmp_path / "train.log"),
+                str(tmp_path / "train.log"), str(tmp_path / "run.lock"),
                 ("train", str(tmp_path / "run"), 10))
     rec = J.execute(job)
     assert rec["outcome"] == "failed" and rec["returncode"] == 1
     assert rec["error"] == "ValueError: boom"
-    assert [r["event"] for r in J.read_records(job)] == ["start", "end"]
-    assert not J.lock_held(job.lock_path) and not os.path.exists(job.running_path)
+    assert [(k, e) for k, e, _ in RD.log_events(job.log)] == [("train", "start"), ("train", "end")]
+    assert RD.last_event(job.log) == ("end", rec)
+    assert not RD.lock_held(job.lock)
 
 
 def test_local_backend_gives_each_slot_its_gpu(tmp_path, monkeypatch):
@@ -272,12 +277,13 @@ def test_local_backend_gives_each_slot_its_gpu(tmp_path, monkeypatch):
     shared = {"CUDA_VISIBLE_DEVICES": "5", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     assert local.slot_env(3, ["2", "5"], 4) == shared  # 4 jobs on 2 GPUs share them
     printer = "import os, time; time.sleep(0.5); print('gpu', os.environ['CUDA_VISIBLE_DEVICES'])"
-    jobs = [J.Job("eval", f"j{i}", (sys.executable, "-c", printer), str(tmp_path / f"s{i}"),
-                  str(tmp_path / f"j{i}.log"), ("eval", str(tmp_path / "none"), 1, ()))
+    jobs = [J.Job("eval", f"j{i}", (sys.executable, "-c", printer), str(tmp_path / f"j{i}.log"),
+                  str(tmp_path / f"j{i}.lock"), ("eval", str(tmp_path / "none"), 1, ()))
             for i in range(2)]
     recs = local.run_jobs(jobs, quiet=True)  # default: one job per GPU, both at once
     assert [r["outcome"] for r in recs] == ["failed", "failed"]  # no results written
-    gpus = {(tmp_path / f"j{i}.log").read_text().splitlines()[-1] for i in range(2)}
+    gpus = {ln for i in range(2) for ln in (tmp_path / f"j{i}.log").read_text().splitlines()
+            if ln.startswith("gpu ")}
     assert gpus == {"gpu 2", "gpu 5"}
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert local.visible_gpus() == []
@@ -290,12 +296,13 @@ from dali_jax.study import jobs as J, local
 child = '''
 import signal, sys, time
 signal.signal(signal.SIGTERM, lambda *_: (open(sys.argv[1], "w").write("saved"), sys.exit(0)))
-print("started", flush=True)
+print("st" + "arted", flush=True)  # not a substring of the log's header (the source)
 time.sleep(120)
 '''
 tmp = sys.argv[1]
-jobs = [J.Job("eval", f"j{i}", (sys.executable, "-c", child, f"{tmp}/saved{i}"), f"{tmp}/s{i}",
-              f"{tmp}/j{i}.log", ("eval", f"{tmp}/none", 1, ())) for i in range(3)]
+jobs = [J.Job("eval", f"j{i}", (sys.executable, "-c", child, f"{tmp}/saved{i}"),
+              f"{tmp}/j{i}.log", f"{tmp}/j{i}.lock", ("eval", f"{tmp}/none", 1, ()))
+        for i in range(3)]
 try:
     local.run_jobs(jobs, concurrency=2, quiet=True)
 except KeyboardInterrupt:
@@ -338,19 +345,17 @@ def killed_and_resumed(tmp_path_factory):
             for r in runs:
                 if r.name in stopped:
                     continue
-                try:
-                    with open(os.path.join(r.state_dir, "running.json")) as f:
-                        pid = json.load(f)["pid"]
-                except (OSError, ValueError):
+                event, rec = RD.last_event(os.path.join(r.logdir, "train.log"))
+                if event != "start":
                     continue
+                pid = rec["pid"]
                 if RD.latest_checkpoint_step(r.logdir):
                     os.kill(pid, signal.SIGSTOP)
                     stopped[r.name] = pid
             return len(stopped) == len(runs)
         wait_for(stop_trainers, 240, "two trainers past their first checkpoint", poll=0.02)
         os.kill(stopped[runs[0].name], signal.SIGKILL)  # a run dies without saving
-        wait_for(lambda: any(r.get("event") == "end" for r in train_records(runs[0])), 30,
-                 "the runner to record the killed run")
+        wait_for(lambda: ends(runs[0]), 30, "the runner to record the killed run")
         os.kill(runner.pid, signal.SIGKILL)  # the runner dies: its trainer gets SIGTERM
         runner.wait()
     finally:
@@ -361,10 +366,10 @@ def killed_and_resumed(tmp_path_factory):
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-    wait_for(lambda: not any(J.lock_held(os.path.join(r.state_dir, "lock")) for r in runs), 120,
+    wait_for(lambda: not any(RD.lock_held(os.path.join(r.logdir, RD.LOCK)) for r in runs), 120,
              "the orphaned trainer to save and exit")
     before = {r.name: RD.latest_checkpoint_step(r.logdir) for r in runs}
-    first = {r.name: train_records(r) for r in runs}
+    first = {r.name: events(r) for r in runs}
     assert cli.main([path, "run", "--dir", root, "--quiet"]) == 0
     return dict(path=path, root=root, runs=runs, before=before, first=first)
 
@@ -373,26 +378,25 @@ def test_killed_runner_and_run_resume_and_finish_exactly_once(killed_and_resumed
     k = killed_and_resumed
     a, b = k["runs"]
     # the first pass: run A killed outright (recorded as failed), the runner killed while B ran
-    assert k["first"][a.name][-1]["outcome"] == "failed"
-    assert k["first"][a.name][-1]["error"].startswith("killed by SIGKILL")
-    assert [r["event"] for r in k["first"][b.name]] == ["start"]  # its launcher died
+    assert k["first"][a.name][-1][0] == "end" and k["first"][a.name][-1][1]["outcome"] == "failed"
+    assert k["first"][a.name][-1][1]["error"].startswith("killed by SIGKILL")
+    assert [e for e, _ in k["first"][b.name]] == ["start"]  # its launcher died
     for r in (a, b):
         assert 0 < k["before"][r.name] < STEPS
-        recs = train_records(r)
-        ends = [x for x in recs if x["event"] == "end"]
-        assert [x["outcome"] for x in ends].count("done") == 1
-        resumed = recs[-1]
-        assert resumed["outcome"] == "done" and resumed["start_step"] == k["before"][r.name]
+        assert [x["outcome"] for x in ends(r)].count("done") == 1
+        ((start, resumed), (end, last)) = events(r)[-2:]
+        assert start == "start" and resumed["step"] == k["before"][r.name]
+        assert end == "end" and last["outcome"] == "done" and last["step"] == STEPS
         with open(os.path.join(r.logdir, "train.log")) as f:
-            log = f.read()[resumed["log_offset"]:]
+            log = f.read().rsplit("=== train start ", 1)[1]
         assert f"at {k['before'][r.name]} env steps" in log  # "resumed from ... at N env steps"
         assert RD.training_finished(r.logdir, STEPS)
         steps = [json.loads(ln)["step"] for ln in open(os.path.join(r.logdir, "metrics.jsonl"))]
         assert max(steps) == STEPS
     # idempotent: a third call launches nothing
-    n = {r.name: len(train_records(r)) for r in (a, b)}
+    n = {r.name: len(events(r)) for r in (a, b)}
     assert cli.main([k["path"], "run", "--dir", k["root"], "--quiet"]) == 0
-    assert {r.name: len(train_records(r)) for r in (a, b)} == n
+    assert {r.name: len(events(r)) for r in (a, b)} == n
 
 
 def test_status_and_evaluate_skip_evaluated_runs(killed_and_resumed, capsys):
@@ -419,7 +423,7 @@ def test_status_and_evaluate_skip_evaluated_runs(killed_and_resumed, capsys):
     assert "evaluating 0 run(s); 2 already evaluated" in capsys.readouterr().out
     for r in k["runs"]:
         assert os.path.getmtime(os.path.join(r.logdir, "eval", "returns.json")) == mtimes[r.name]
-        assert len(train_records(r, "eval")) == 2  # one attempt: start + end
+        assert [e for e, _ in events(r, "eval")] == ["start", "end"]  # one attempt
     assert cli.main([path, "status", "--dir", root]) == 0
     assert "2 runs: 2 done; 2 evaluated" in capsys.readouterr().out
 
@@ -433,8 +437,8 @@ def test_report_lists_missing_and_failed_runs(killed_and_resumed, tmp_path, caps
     path = write_study(tmp_path / "smoke.py", "c.seeds = (0, 1, 7, 8)")
     study, runs, configs = load(path, root)
     failing = J.Job("train", runs[2].name, (sys.executable, "-c", "raise ValueError('boom')"),
-                    runs[2].state_dir, os.path.join(runs[2].logdir, "train.log"),
-                    ("train", runs[2].logdir, STEPS))
+                    os.path.join(runs[2].logdir, "train.log"),
+                    os.path.join(runs[2].logdir, RD.LOCK), ("train", runs[2].logdir, STEPS))
     assert J.execute(failing)["outcome"] == "failed"
     assert cli.main([path, "status", "--dir", root]) == 0
     out = capsys.readouterr().out
@@ -466,7 +470,7 @@ def test_report_from_a_copy_of_the_results_without_checkpoints(killed_and_resume
         assert cli.main([k["path"], "evaluate", "--dir", k["root"], "--quiet"]) == 0
     copy = tmp_path / "copy"
     shutil.copytree(os.path.join(k["root"], "runs"), copy / "runs",
-                    ignore=shutil.ignore_patterns("checkpoints", "study", "*.log"))
+                    ignore=shutil.ignore_patterns("checkpoints", "*.lock", "*.log"))
     shutil.copytree(os.path.join(k["root"], "references"), copy / "references")
     for r in k["runs"]:
         logdir = str(copy / os.path.relpath(r.logdir, k["root"]))
@@ -496,7 +500,7 @@ def test_slurm_backend_submits_one_array_with_the_study_resources(tmp_path, monk
                        'c.backend.slurm.extra["qos"] = "high"',
                        'c.backend.slurm.setup = ("source .venv/bin/activate",)')
     root = tmp_path / "d"
-    study, runs, _ = load(path, root)
+    study, runs, configs = load(path, root)
     assert cli.main([path, "run", "--dir", str(root), "--quiet"]) == 0
     script = capture.read_text()
     for flag in ("--array=0-2%2", "--partition=gpu", "--time=90", "--gpus-per-node=1",
@@ -510,9 +514,9 @@ def test_slurm_backend_submits_one_array_with_the_study_resources(tmp_path, monk
         with open(root / "submitit" / f"4242_{i}" / f"4242_{i}_submitted.pkl", "rb") as f:
             job = pickle.load(f).function.job
         assert isinstance(pickle.loads(pickle.dumps(JobCallable(job))), JobCallable)
-        assert job.argv == P.train_command(study, run) and job.check[2] == STEPS
-        with open(os.path.join(run.state_dir, "queued.json")) as f:
-            assert json.load(f)["job_id"] == f"4242_{i}"
+        assert job == P.train_job(study, run, configs[run.name]) and job.check[2] == STEPS
+        event, rec = RD.last_event(job.log)
+        assert event == "queued" and rec["job_id"] == f"4242_{i}"
     # queued runs are shown as such and not submitted twice
     capsys.readouterr()
     assert cli.main([path, "status", "--dir", str(root)]) == 0
@@ -535,8 +539,8 @@ time.sleep(120)
 
 def test_requeue_checkpoint_stops_the_child_and_resubmits_the_same_job(tmp_path):
     saved = tmp_path / "saved"
-    job = J.Job("train", "x", (sys.executable, "-c", CHILD, str(saved)), str(tmp_path / "state"),
-                str(tmp_path / "log"), ("train", str(tmp_path / "run"), 10))
+    job = J.Job("train", "x", (sys.executable, "-c", CHILD, str(saved)), str(tmp_path / "log"),
+                str(tmp_path / "lock"), ("train", str(tmp_path / "run"), 10))
     callable_ = JobCallable(job)
     errors = []
     thread = threading.Thread(target=lambda: errors.append(pytest.raises(
@@ -551,7 +555,7 @@ def test_requeue_checkpoint_stops_the_child_and_resubmits_the_same_job(tmp_path)
     assert "interrupted" in str(errors[0].value)
     assert isinstance(delayed.function, JobCallable) and delayed.function.job == job
     assert delayed.function._proc is None
-    assert J.read_records(job)[-1]["outcome"] == "interrupted"
+    assert RD.last_event(job.log)[1]["outcome"] == "interrupted"
 
 
 def test_smoke_study_end_to_end_through_submitit_local_executor(tmp_path):
@@ -563,9 +567,9 @@ def test_smoke_study_end_to_end_through_submitit_local_executor(tmp_path):
     study, runs, _ = load(path, root)
     for r in runs:
         assert RD.training_finished(r.logdir, 300)
-        assert [x["outcome"] for x in train_records(r) if x["event"] == "end"] == ["done"]
-        assert [x["outcome"] for x in train_records(r, "eval") if x["event"] == "end"] == \
-            ["done"]
+        assert [e for e, _ in events(r)] == ["queued", "start", "end"]
+        assert [x["outcome"] for x in ends(r)] == [x["outcome"] for x in ends(r, "eval")] == [
+            "done"]
         assert RD.read_eval_results(r.logdir)["checkpoint_step"] == 300
     assert len(os.listdir(root / "submitit")) >= 5  # 2 train + 2 eval + 1 reference jobs
     index = (root / "report" / "index.md").read_text()

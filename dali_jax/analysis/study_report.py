@@ -1,6 +1,8 @@
-"""The study's aggregate report in DIR/report: ``dali_jax.analysis.report`` on the evaluated
-runs, mean evaluation curves, and ``index.md`` showing every figure and listing every planned
-run that is missing, failed or excluded, with the reason.
+"""A study's aggregate report in DIR/report (written by ``python -m dali_jax.study ... report``):
+``analysis.report`` on the evaluated runs, mean evaluation curves, and ``index.md`` showing
+every figure and listing every planned run that is missing, failed or excluded, with the
+reason. Its inputs are plain data: the study's fields, its runs (name, method, setting, seed,
+logdir) and their statuses (``study.rundir.RunStatus``).
 
 Files: index.md, summary.md, summary.csv (analysis/report.py), iqm_bars.png,
 heatmap_<method>_<setting>.png, curves.png and curves.csv (mean periodic evaluation return over
@@ -16,16 +18,18 @@ import statistics
 from collections import defaultdict
 from typing import Sequence
 
-from dali_jax.study import state as S
-from dali_jax.study import stages
-from dali_jax.study.spec import base_method
+
+def base_method(study, label: str) -> str:
+    """The method a study's label runs (a `variants` label's method, else itself)."""
+    return study.variants.get(label, label)
+
 
 DALI = ("dali_s", "dali_s_chi", "dali_d")
 BASELINES = ("dreamer_dr", "crssm_s", "crssm_d")
 _OURS = ("index.md", "summary.md", "summary.csv", "curves.csv")
 
 
-def missing_reason(st: S.RunStatus, base: str) -> str | None:
+def missing_reason(st, base: str) -> str | None:
     """Why a run is not in the aggregates (log paths relative to ``base``), or None when it
     is evaluated."""
     log = os.path.relpath(st.log, base)
@@ -67,10 +71,9 @@ def balance(runs) -> tuple[list, list[tuple[str, str]]]:
     return kept, excluded
 
 
-def _normalizer(study, root: str, configs: dict):
+def _normalizer(study, root: str, path: str):
     """-> (Normalizer or None, note explaining why not)."""
     from dali_jax.analysis.normalize import Normalizer, load_reference
-    path = stages.reference_path(study, root, stages.episode_length(configs))
     if not os.path.isfile(path):
         return None, (f"no random-policy reference ({os.path.relpath(path, root)}): run "
                       f"`evaluate` to compute it; no normalised scores")
@@ -89,24 +92,24 @@ def _clean(out: str) -> None:
             os.remove(os.path.join(out, name))
 
 
-def build(study, root: str, runs: Sequence, configs: dict, job_state=None) -> str:
-    """Writes DIR/report; returns the path of index.md."""
+def build(study, root: str, runs: Sequence, configs: dict, statuses: Sequence,
+          reference: str) -> str:
+    """Writes DIR/report from the runs, their configs and statuses and the random-policy
+    reference file; returns the path of index.md."""
     from dali_jax.analysis import report as RP
     from dali_jax.analysis.normalize import load_run_result
 
     out = os.path.join(os.path.abspath(root), "report")
     os.makedirs(out, exist_ok=True)
     _clean(out)
-    statuses = {r.name: S.run_status(r, int(configs[r.name].run.steps), study.evaluation.episodes,
-                                     stages.eval_indices(study, r.setting), job_state)
-                for r in runs}
+    statuses = {st.name: st for st in statuses}
     missing = [(r.name, missing_reason(statuses[r.name], out)) for r in runs
                if missing_reason(statuses[r.name], out)]
     evaluated = [r for r in runs if statuses[r.name].evaluation == "yes"]
     kept, excluded = balance(evaluated)
     notes, rep = [], None
     try:
-        norm, why = _normalizer(study, root, configs)
+        norm, why = _normalizer(study, root, reference)
     except ValueError as e:  # an unreadable reference file
         norm, why = None, f"no normalised scores: {e}"
     if why:
