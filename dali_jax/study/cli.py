@@ -103,36 +103,29 @@ class Study:
 
 
 def cmd_plan(s: Study) -> int:
-    st = s.study
-    per = {}
+    st, rates = s.study, {}
     for r in s.runs:
-        if rate := RD.measured_rate(r.logdir):
-            per.setdefault(r.method, []).append(rate)
-    rates = {m: statistics.median(v) for m, v in per.items()}
+        rates.setdefault(r.method, []).extend(filter(None, [RD.measured_rate(r.logdir)]))
+    rates = {m: statistics.median(v) for m, v in rates.items() if v}
+    costs = [P.estimate(st, r, s.configs[r.name], rates) for r in s.runs]
     print(f"study {st.name}: {st.task} ({st.obs}), preset {st.preset}, {len(s.runs)} runs "
           f"under {os.path.join(s.root, 'runs')}")
-    costs = [P.estimate(st, r, s.configs[r.name], rates) for r in s.runs]
-    rows = [("run", "state", "env steps", "updates", "eval env steps", "est. hours")] + [
+    print(RD.table([("run", "state", "env steps", "updates", "eval env steps", "est. hours")] + [
         (r.name, status.state, f"{c['env_steps']:,}", f"{c['updates']:,}",
          f"{c['eval_steps']:,}", "?" if c["seconds"] is None else f"{c['seconds'] / 3600:.2f}")
-        for r, status, c in zip(s.runs, s.statuses(), costs)]
-    widths = [max(len(row[i]) for row in rows) for i in range(6)]
-    for row in rows:
-        print("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip())
-    total = lambda k: sum(c[k] for c in costs)
-    print(f"total: {total('env_steps'):,} env steps, {total('updates'):,} updates, "
-          f"{total('eval_steps'):,} evaluation env steps")
+        for r, status, c in zip(s.runs, s.statuses(), costs)]))
+    total = {k: sum(c[k] for c in costs) for k in ("env_steps", "updates", "eval_steps")}
+    print("total: {env_steps:,} env steps, {updates:,} updates, {eval_steps:,} evaluation env "
+          "steps".format(**total))
     known = [c for c in costs if c["seconds"] is not None]
     if len(known) < len(costs):
         print("estimated time: unknown for some runs (set cost.train_steps_per_s in the study "
               "file, or start some runs: their measured speed is used)")
     if known:
+        from dali_jax.study import local
         b = st.backend
-        if b.name == "slurm":
-            slots = b.slurm.array_parallelism
-        else:
-            from dali_jax.study import local
-            slots = b.local.concurrency or local.default_concurrency(local.visible_gpus())
+        slots = b.slurm.array_parallelism if b.name == "slurm" else (
+            b.local.concurrency or local.default_concurrency(local.visible_gpus()))
         hours = sum(c["seconds"] for c in known) / 3600
         print(f"estimated {hours:.1f} run-hours (rates: "
               f"{', '.join(sorted({c['source'] for c in known}))}) -> about "

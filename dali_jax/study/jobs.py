@@ -45,25 +45,20 @@ class Job:
     check: tuple
 
 
-def reference_complete(path: str, task: str, indices) -> bool:
-    """The random-policy reference file holds every grid context of ``indices``."""
-    from dali_jax.analysis.normalize import ReferenceFileError, load_reference
-    from dali_jax.envs import contexts as C
-    try:
-        ref = load_reference(path, kind="random", task=task)
-    except (ReferenceFileError, KeyError):
-        return False
-    grid = C.evaluation_grid(task)
-    return all(grid[i].values in ref for i in indices)
-
-
 def is_complete(job: Job) -> bool:
+    """The job's completion check, read from the run directory (or the reference file)."""
     kind, target, *rest = job.check
     if kind == "train":
         return RD.training_finished(target, rest[0])
     if kind == "eval":
         return RD.evaluated(target, *rest)
-    return reference_complete(target, *rest)
+    from dali_jax.analysis.normalize import ReferenceFileError, load_reference
+    from dali_jax.envs.contexts import evaluation_grid
+    try:
+        ref = load_reference(target, kind="random", task=rest[0])
+    except (ReferenceFileError, KeyError):
+        return False
+    return all(evaluation_grid(rest[0])[i].values in ref for i in rest[1])
 
 
 def _step(job: Job) -> int:
@@ -112,20 +107,18 @@ def stop_process(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
 
 def last_error_line(log: str, offset: int = 0) -> str:
     """The last line of ``log`` (from ``offset``) that reads like an error, else its last
-    non-progress line; '' when there is none."""
+    line that is not a progress bar or a header; '' when there is none."""
     try:
         with open(log, "rb") as f:
             f.seek(max(offset, os.path.getsize(log) - 65536))
-            text = f.read().decode(errors="replace")
+            text = f.read().decode(errors="replace").replace("\r", "\n")
     except OSError:
         return ""
-    lines = [ln.strip() for ln in text.replace("\r", "\n").split("\n") if ln.strip()]
-    lines = [ln for ln in lines if "%|" not in ln and not ln.startswith("===")]
-    for ln in reversed(lines):
-        head = ln.split(":", 1)[0]
-        if head.endswith(("Error", "Exception", "Interrupt", "error")):
-            return ln
-    return lines[-1] if lines else ""
+    lines = [ln.strip() for ln in text.split("\n")
+             if ln.strip() and "%|" not in ln and not ln.startswith("===")]
+    errors = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception",
+                                                                  "Interrupt", "error"))]
+    return (errors or lines or [""])[-1]
 
 
 def execute(job: Job, env: Optional[dict] = None, stop: Optional[threading.Event] = None,

@@ -23,7 +23,7 @@ from dali_jax import presets
 from dali_jax.envs import contexts as C
 from dali_jax.study import rundir as RD
 from dali_jax.study.jobs import Job, is_complete
-from dali_jax.study.spec import StudyError, base_method
+from dali_jax.study.spec import StudyError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,23 +39,18 @@ class Run:
     argv: tuple
 
 
-def format_value(value) -> str:
-    """An override value as a ``--config.FIELD=VALUE`` flag spells it."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value) if isinstance(value, float) else str(value)
-
-
 def _argv(study, method: str, setting: str, seed: int, logdir: str, own_only=False) -> tuple:
     """Preset, the run's own fields, then (unless ``own_only``) the study's overrides and the
     method's own overrides."""
     args = [f"--preset={study.preset}", f"--config.obs={study.obs}",
-            f"--config.method={base_method(study, method)}",
+            f"--config.method={study.variants.get(method, method)}",
             f"--config.context_setting={setting}", f"--config.seed={seed}",
             f"--config.logdir={logdir}"]
     if not own_only:
         over = dict(study.overrides.items()) | dict(study.method_overrides.get(method, {}))
-        args += [f"--config.{k}={format_value(v)}" for k, v in over.items()]
+        spell = lambda v: str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(
+            v, float) else str(v)  # as a --config.FIELD=VALUE flag parses it
+        args += [f"--config.{k}={spell(v)}" for k, v in over.items()]
     return tuple(args)
 
 

@@ -93,12 +93,6 @@ def metrics(logdir: str) -> list[dict]:
         return []
 
 
-def last_metrics(records, key: str = "eval/return_mean") -> tuple[int, float | None]:
-    """(last logged env step, last value of ``key``) of metrics records."""
-    values = [r[key] for r in records if key in r]
-    return (int(records[-1]["step"]) if records else 0, float(values[-1]) if values else None)
-
-
 def measured_rate(logdir: str) -> float | None:
     """Env steps per second between the first and last record of metrics.jsonl (None with
     fewer than 1000 steps between them)."""
@@ -182,7 +176,10 @@ def run_status(name: str, logdir: str, steps: int, episodes: int, indices,
     train_log, eval_log = os.path.join(logdir, "train.log"), os.path.join(logdir, "eval.log")
     t_event, t_rec = last_event(train_log)
     e_event, e_rec = last_event(eval_log)
-    logged_step, last_eval = last_metrics(metrics(logdir))
+    records = metrics(logdir)
+    evals = [r["eval/return_mean"] for r in records if "eval/return_mean" in r]
+    last_eval = float(evals[-1]) if evals else None
+    logged_step = int(records[-1]["step"]) if records else 0
     env_steps = max(latest_checkpoint_step(logdir) or 0, logged_step)
     held = lock_held(os.path.join(logdir, LOCK))
     evaluating = held and e_event == "start"
@@ -211,19 +208,23 @@ def run_status(name: str, logdir: str, steps: int, episodes: int, indices,
     return RunStatus(name, state, env_steps, steps, last_eval, evaluation, grid, error, log)
 
 
+def table(rows) -> str:
+    """Rows of strings as left-aligned columns (the last column unpadded)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+                     .rstrip() for row in rows)
+
+
 def format_table(rows: list[RunStatus], root: str) -> str:
     """The status table (log paths relative to ``root``) and a one-line count of states."""
-    table = [["run", "state", "env steps", "last eval", "grid eval", "error / log"]]
+    out = [["run", "state", "env steps", "last eval", "grid eval", "error / log"]]
     for r in rows:
         note = os.path.relpath(r.log, root) if "running" in (r.state, r.evaluation) else ""
         if r.error:
             note = f"{r.error[:100]} ({os.path.relpath(r.log, root)})"
         grid = r.evaluation if r.grid_return is None else f"{r.evaluation} {r.grid_return:.1f}"
-        table.append([r.name, r.state, f"{r.env_steps}/{r.target_steps}",
-                      "-" if r.last_eval is None else f"{r.last_eval:.1f}", grid, note])
-    widths = [max(len(row[i]) for row in table) for i in range(5)]
-    lines = [("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[5]).rstrip()
-             for row in table]
+        out.append([r.name, r.state, f"{r.env_steps}/{r.target_steps}",
+                    "-" if r.last_eval is None else f"{r.last_eval:.1f}", grid, note])
     counts = ", ".join(f"{n} {s}" for s in STATES if (n := sum(r.state == s for r in rows)))
     done = sum(r.evaluation == "yes" for r in rows)
-    return "\n".join(lines + ["", f"{len(rows)} runs: {counts}; {done} evaluated"])
+    return table(out) + f"\n\n{len(rows)} runs: {counts}; {done} evaluated"

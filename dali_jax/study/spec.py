@@ -140,11 +140,6 @@ def load(path: str) -> ml_collections.ConfigDict:
     return study
 
 
-def base_method(study, label: str) -> str:
-    """The method a study's method entry runs (a `variants` label's method, else itself)."""
-    return study.variants.get(label, label)
-
-
 def setting_choices(task: str) -> dict[str, str]:
     """Context settings of ``task`` -> what they vary (for error messages and docs)."""
     f0, f1 = C.FACTORS[task]
@@ -158,9 +153,11 @@ def _fail(field: str, msg: str):
     raise StudyError(f"study.{field} {msg}")
 
 
-def _choice(field: str, value, options) -> None:
-    if value not in options:
-        _fail(field, f"must be one of {', '.join(map(str, options))}; got {value!r}")
+def _choices() -> dict:
+    """Fields with a fixed set of values -> the values."""
+    return {"task": C.TASKS, "obs": config_lib.OBS_MODES, "preset": presets.NAMES,
+            "evaluation.contexts": ("all", "scored"), "evaluation.mode": ("sample", "mode"),
+            "backend.name": BACKENDS, "backend.slurm.cluster": ("slurm", "local", "debug")}
 
 
 def _sequence(field: str, value) -> tuple:
@@ -193,8 +190,9 @@ _MINIMUM = {"evaluation.episodes": 1, "evaluation.num_envs": 1, "evaluation.rand
 
 def validate(s) -> None:
     """Checks the values of a study; raises StudyError naming the field and valid values."""
-    _choice("task", s.task, C.TASKS)
-    _choice("obs", s.obs, config_lib.OBS_MODES)
+    for field, options in _choices().items():
+        if _get(s, field) not in options:
+            _fail(field, f"must be one of {', '.join(options)}; got {_get(s, field)!r}")
     for label, method in s.variants.items():
         if label in METHODS or not re.fullmatch(r"[a-z][a-z0-9_]*", label):
             _fail(f"variants[{label!r}]", "must be a new name of lower-case letters, digits "
@@ -215,7 +213,6 @@ def validate(s) -> None:
             valid = "; ".join(f"{k} ({v})" for k, v in choices.items())
             _fail("settings", f"lists {name!r}, which is not a context setting of {s.task}; "
                               f"valid settings: {valid}")
-    _choice("preset", s.preset, presets.NAMES)
     _no_run_fields("overrides", s.overrides.keys())
     for method, over in s.method_overrides.items():
         if method not in s.methods:
@@ -225,19 +222,15 @@ def validate(s) -> None:
             _fail(f"method_overrides[{method!r}]", f"must be a mapping of config path -> "
                                                     f"value; got {type(over).__name__}")
         _no_run_fields(f"method_overrides[{method!r}]", over.keys())
-    _choice("evaluation.contexts", s.evaluation.contexts, ("all", "scored"))
     unscored = [x for x in s.settings if x not in C.SCORED_SETTINGS]
     if s.evaluation.contexts == "scored" and unscored:
         _fail("evaluation.contexts", f"is 'scored', but setting(s) {', '.join(unscored)} "
                                      f"score no grid context; use 'all'")
-    _choice("evaluation.mode", s.evaluation.mode, ("sample", "mode"))
     for field, minimum in _MINIMUM.items():
         if _get(s, field) < minimum:
             _fail(field, f"must be >= {minimum}; got {_get(s, field)!r}")
     if not 0 < s.report.confidence < 1:
         _fail("report.confidence", f"must lie in (0, 1); got {s.report.confidence!r}")
-    _choice("backend.name", s.backend.name, BACKENDS)
-    _choice("backend.slurm.cluster", s.backend.slurm.cluster, ("slurm", "local", "debug"))
     if not all(isinstance(x, str) for x in s.backend.slurm.setup):
         _fail("backend.slurm.setup", f"must be a list of shell lines; got "
                                      f"{s.backend.slurm.setup!r}")
