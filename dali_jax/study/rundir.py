@@ -182,7 +182,9 @@ def run_status(name: str, logdir: str, steps: int, episodes: int, indices,
     logged_step = int(records[-1]["step"]) if records else 0
     env_steps = max(latest_checkpoint_step(logdir) or 0, logged_step)
     held = lock_held(os.path.join(logdir, LOCK))
-    evaluating = held and e_event == "start"
+    # the holder evaluates when the newest start header is evaluation's
+    evaluating = held and e_event == "start" and (
+        t_event != "start" or e_rec.get("time", 0) > t_rec.get("time", 0))
     state, error, log = "pending", "", train_log
     if held and not evaluating:
         state = "running"

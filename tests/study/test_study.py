@@ -258,6 +258,40 @@ def test_a_field_added_after_a_run_started_is_no_conflict_while_at_its_default(t
     assert why == "context.head_layers: run has 2, study has 3"
 
 
+def test_status_is_read_from_the_run_directory(tmp_path):
+    """Each state from the files a run directory holds: its log headers, lock, checkpoints."""
+    import fcntl
+    logdir = str(tmp_path / "run")
+    os.makedirs(os.path.join(logdir, "checkpoints"))
+    status = lambda job_state=None: RD.run_status("r", logdir, 100, 1, (), job_state)
+    log = lambda kind, event, **rec: open(os.path.join(logdir, f"{kind}.log"), "a").write(
+        RD.header(kind, event, rec))
+    assert status().state == "pending"
+    log("train", "queued", time=1.0, job_id="7", cluster="slurm")
+    assert status().state == "queued" and status(lambda q: "gone").state == "interrupted"
+    log("train", "start", time=2.0, pid=1, step=0)
+    fd = os.open(os.path.join(logdir, RD.LOCK), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held by the training job
+    assert (status().state, status().evaluation) == ("running", "-")
+    log("eval", "start", time=3.0, pid=2, step=0)  # held by an evaluation job
+    assert (status().state, status().evaluation) == ("interrupted", "running")
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    log("eval", "end", time=4.0, outcome="failed", error="OSError: disk full")
+    assert (status().evaluation, status().error) == ("failed", "OSError: disk full")
+    log("train", "end", time=5.0, outcome="failed", error="ValueError: boom")
+    assert (status().state, status().error) == ("failed", "ValueError: boom")
+    os.makedirs(os.path.join(logdir, "checkpoints", "ckpt_00000100"))
+    open(os.path.join(logdir, "eval_summary.json"), "w").write('{"env_steps": 100}')
+    assert (status().state, status().env_steps) == ("done", 100)
+    log("eval", "start", time=6.0, pid=3, step=100)  # its launcher died: no end header
+    log("train", "start", time=7.0, pid=4, step=100)  # a newer training job holds the lock
+    fd = os.open(os.path.join(logdir, RD.LOCK), os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    assert (status().state, status().evaluation) == ("running", "-")
+    os.close(fd)
+
+
 def test_a_failing_job_is_recorded_with_its_last_error_line(tmp_path):
     job = J.Job("train", "x", (sys.executable, "-c", "print('hello'); raise ValueError('boom')"),
                 str(tmp_path / "train.log"), str(tmp_path / "run.lock"),
