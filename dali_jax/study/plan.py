@@ -207,5 +207,8 @@ def evaluation_jobs(study, root: str, runs, configs: dict, force: bool = False):
             unfinished.append(run.name)
             continue
         job = eval_job(study, run, time.time() if force else 0.0)
-        (skipped.append(run.name) if is_complete(job) else jobs.append(job))
+        if is_complete(job):
+            skipped.append(run.name)
+        else:
+            jobs.append(job)
     return jobs, skipped, unfinished
