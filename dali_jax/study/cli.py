@@ -1,6 +1,6 @@
 """``python -m dali_jax.study STUDY_FILE --dir DIR {plan,run,status,evaluate,report,all}``.
 
-- plan: the runs (one logdir each under DIR/runs, named method/setting/seed) and their cost;
+- plan: the runs (one logdir each under DIR/runs, named method/setting/seed) and their work;
 - run: trains every run that is not finished, resuming interrupted ones; safe to repeat;
 - status: done / running / queued / failed / interrupted / pending per run;
 - evaluate: evaluates finished runs on the grid (random-policy reference cached in DIR);
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 from dali_jax.study import plan as P
@@ -39,7 +38,6 @@ def _parser() -> argparse.ArgumentParser:
                    "study file's; 0: one per GPU, else one per 2 CPU cores)")
     p.add_argument("--wait", action="store_true",
                    help="slurm backend: wait for the submitted jobs (`all` always waits)")
-    p.add_argument("--force", action="store_true", help="evaluate: evaluate evaluated runs again")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -52,9 +50,8 @@ class Study:
         if args.backend:
             self.study.backend.name = args.backend
         if args.concurrency is not None:
-            if args.concurrency < 0:
-                raise spec.StudyError(f"--concurrency must be >= 0; got {args.concurrency}")
             self.study.backend.local.concurrency = args.concurrency
+        spec.validate(self.study)
         self.root = os.path.abspath(args.dir)
         self.runs = P.plan_runs(self.study, self.root)
         self.configs = P.run_configs(self.study, self.runs)
@@ -103,34 +100,14 @@ class Study:
 
 
 def cmd_plan(s: Study) -> int:
-    st, rates = s.study, {}
-    for r in s.runs:
-        rates.setdefault(r.method, []).extend(filter(None, [RD.measured_rate(r.logdir)]))
-    rates = {m: statistics.median(v) for m, v in rates.items() if v}
-    costs = [P.estimate(st, r, s.configs[r.name], rates) for r in s.runs]
+    st, work = s.study, [P.work(s.study, r, s.configs[r.name]) for r in s.runs]
     print(f"study {st.name}: {st.task} ({st.obs}), preset {st.preset}, {len(s.runs)} runs "
           f"under {os.path.join(s.root, 'runs')}")
-    print(RD.table([("run", "state", "env steps", "updates", "eval env steps", "est. hours")] + [
-        (r.name, status.state, f"{c['env_steps']:,}", f"{c['updates']:,}",
-         f"{c['eval_steps']:,}", "?" if c["seconds"] is None else f"{c['seconds'] / 3600:.2f}")
-        for r, status, c in zip(s.runs, s.statuses(), costs)]))
-    total = {k: sum(c[k] for c in costs) for k in ("env_steps", "updates", "eval_steps")}
-    print("total: {env_steps:,} env steps, {updates:,} updates, {eval_steps:,} evaluation env "
-          "steps".format(**total))
-    known = [c for c in costs if c["seconds"] is not None]
-    if len(known) < len(costs):
-        print("estimated time: unknown for some runs (set cost.train_steps_per_s in the study "
-              "file, or start some runs: their measured speed is used)")
-    if known:
-        from dali_jax.study import local
-        b = st.backend
-        slots = b.slurm.array_parallelism if b.name == "slurm" else (
-            b.local.concurrency or local.default_concurrency(local.visible_gpus()))
-        hours = sum(c["seconds"] for c in known) / 3600
-        print(f"estimated {hours:.1f} run-hours (rates: "
-              f"{', '.join(sorted({c['source'] for c in known}))}) -> about "
-              f"{hours / min(slots, len(known)):.1f} h wall-clock with {slots} run(s) at a time "
-              f"({b.name} backend)")
+    print(RD.table([("run", "state", "env steps", "updates", "eval env steps")] + [
+        (r.name, status.state, *(f"{x:,}" for x in w))
+        for r, status, w in zip(s.runs, s.statuses(), work)]))
+    print("total: {:,} env steps, {:,} updates, {:,} evaluation env steps".format(
+        *map(sum, zip(*work))))
     for r, why in s.conflicts():
         print(f"warning: {r.name} was started with another configuration: {why}")
     return 0
@@ -166,8 +143,7 @@ def cmd_status(s: Study) -> int:
 
 
 def cmd_evaluate(s: Study, wait: bool | None = None) -> int:
-    jobs, skipped, unfinished = P.evaluation_jobs(s.study, s.root, s.runs, s.configs,
-                                                  force=s.args.force)
+    jobs, skipped, unfinished = P.evaluation_jobs(s.study, s.root, s.runs, s.configs)
     ref = any(j.kind == "reference" for j in jobs)
     print(f"evaluating {len(jobs) - ref} run(s)" + (" and the random-policy reference" * ref)
           + f"; {len(skipped)} already evaluated at their final checkpoint; "

@@ -1,11 +1,10 @@
 """One job of a study (train a run, evaluate a run, compute a random-policy reference) run as
 a child process, shared by every backend.
 
-A job runs while holding an exclusive ``flock`` on its lock file; the lock's descriptor is
-inherited by the child, so a run counts as running while either the launcher or the child
-lives, and a second launcher waits instead of starting it twice. Once it holds the lock it
-checks completion (read from the run directory), so a job completes exactly once. Each attempt
-is bracketed in the job's log by a start and an end header (``rundir.header``).
+A job holds an exclusive ``flock`` on its lock file, inherited by the child, so a run counts as
+running while the launcher or the child lives and a second launcher waits instead of starting
+it twice; holding the lock it checks completion (read from the run directory), so a job
+completes exactly once. Each attempt is bracketed in the job's log by ``rundir.header`` lines.
 """
 from __future__ import annotations
 
@@ -32,10 +31,10 @@ _PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One command of a study. kind: train | eval | reference; name: the run name (or the
-    reference file's); argv: the command; log: its stdout and stderr (appended); lock: the
-    lock file; check: completion criteria, ("train", logdir, steps) | ("eval", logdir,
-    episodes, indices[, after time]) | ("reference", path, task, indices)."""
+    """One command of a study. kind: train | eval | reference; name: the run's (or the
+    reference file's); log: stdout and stderr, appended; check: completion criteria,
+    ("train", logdir, steps) | ("eval", logdir, episodes, indices) | ("reference", path,
+    task, indices)."""
 
     kind: str
     name: str
@@ -61,15 +60,10 @@ def is_complete(job: Job) -> bool:
     return all(evaluation_grid(rest[0])[i].values in ref for i in rest[1])
 
 
-def _step(job: Job) -> int:
-    return 0 if job.kind == "reference" else RD.latest_checkpoint_step(job.check[1]) or 0
-
-
-def _acquire(path: str, stop: Optional[threading.Event], on_wait) -> int | None:
+def _acquire(path: str, stop: Optional[threading.Event]) -> int | None:
     """fd holding the flock at ``path``; None when ``stop`` was set while waiting."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    waited = False
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -78,16 +72,12 @@ def _acquire(path: str, stop: Optional[threading.Event], on_wait) -> int | None:
             if stop is not None and stop.is_set():
                 os.close(fd)
                 return None
-            if on_wait is not None and not waited:
-                on_wait()
-            waited = True
             time.sleep(1.0)
 
 
 def _child_setup() -> None:
     """In the child before exec: SIGTERM when the launching thread dies (the trainer then
-    saves and exits), and ignore SIGUSR2 (submitit's time-out signal is for the launcher,
-    which stops the child itself)."""
+    saves and exits); SIGUSR2 ignored (submitit's time-out signal is for the launcher)."""
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     if _PRCTL is not None:
         _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -95,19 +85,18 @@ def _child_setup() -> None:
 
 def stop_process(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
     """SIGTERM (the trainer checkpoints and exits), SIGKILL after ``grace_s``."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def last_error_line(log: str, offset: int = 0) -> str:
-    """The last line of ``log`` (from ``offset``) that reads like an error, else its last
-    line that is not a progress bar or a header; '' when there is none."""
+    """The last line of ``log`` after ``offset`` that reads like an error, else its last line
+    that is not a progress bar or a header; '' when there is none."""
     try:
         with open(log, "rb") as f:
             f.seek(max(offset, os.path.getsize(log) - 65536))
@@ -116,22 +105,18 @@ def last_error_line(log: str, offset: int = 0) -> str:
         return ""
     lines = [ln.strip() for ln in text.split("\n")
              if ln.strip() and "%|" not in ln and not ln.startswith("===")]
-    errors = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception",
-                                                                  "Interrupt", "error"))]
+    errors = [ln for ln in lines if ln.split(":", 1)[0].endswith(
+        ("Error", "Exception", "Interrupt", "error"))]
     return (errors or lines or [""])[-1]
 
 
 def execute(job: Job, env: Optional[dict] = None, stop: Optional[threading.Event] = None,
-            on_start: Optional[Callable[[subprocess.Popen], None]] = None,
-            on_wait: Optional[Callable[[], None]] = None) -> dict:
-    """Runs ``job`` once unless it is complete; -> its end record, whose outcome is done,
-    interrupted or failed, or "skipped" (already complete) or "stopped" (``stop`` was set
-    while waiting for the lock).
-
-    env: extra environment variables of the child. stop: set by the launcher to interrupt
-    (the child gets SIGTERM and saves). on_start: called with the child process.
-    """
-    fd = _acquire(job.lock, stop, on_wait)
+            on_start: Optional[Callable[[subprocess.Popen], None]] = None) -> dict:
+    """Runs ``job`` once unless it is complete; -> its end record (outcome done, interrupted
+    or failed), or outcome "skipped" (complete) or "stopped" (``stop`` set while waiting for
+    the lock). env: extra environment of the child; stop: set by the launcher to interrupt
+    (the child gets SIGTERM and saves); on_start: called with the child process."""
+    fd = _acquire(job.lock, stop)
     if fd is None:
         return {"outcome": "stopped"}
     try:
@@ -144,17 +129,17 @@ def execute(job: Job, env: Optional[dict] = None, stop: Optional[threading.Event
 
 
 def _attempt(job: Job, fd: int, env, stop, on_start) -> dict:
+    step = lambda: 0 if job.kind == "reference" else RD.latest_checkpoint_step(job.check[1]) or 0
     os.makedirs(os.path.dirname(job.log), exist_ok=True)
     offset = os.path.getsize(job.log) if os.path.exists(job.log) else 0
-    child_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    child_env.setdefault("MUJOCO_GL", "egl")
+    child_env = {"MUJOCO_GL": "egl", **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(job.log, "ab") as log:
         proc = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT,
                                 cwd=PACKAGE_PARENT, env=child_env, pass_fds=(fd,),
                                 preexec_fn=_child_setup)
-        start = {"time": time.time(), "host": socket.gethostname(), "pid": proc.pid,
-                 "step": _step(job), "cmd": " ".join(job.argv)}
-        log.write(RD.header(job.kind, "start", start).encode())  # the child's output follows
+        log.write(RD.header(job.kind, "start", {
+            "time": time.time(), "host": socket.gethostname(), "pid": proc.pid,
+            "step": step(), "cmd": " ".join(job.argv)}).encode())  # the child's output follows
     if on_start is not None:
         on_start(proc)
     stopped = False
@@ -170,19 +155,18 @@ def _attempt(job: Job, fd: int, env, stop, on_start) -> dict:
         raise
     finally:
         rc = proc.returncode if proc.returncode is not None else -signal.SIGKILL
-        error = ""
+        outcome, error = "failed", ""
+        paused = rc == 0 and job.kind == "train"  # a trainer that saved and stopped on request
         if is_complete(job):
             outcome = "done"
-        elif stopped or rc in (-signal.SIGTERM, -signal.SIGINT) or (
-                rc == 0 and job.kind == "train"):
+        elif stopped or paused or rc in (-signal.SIGTERM, -signal.SIGINT):
             outcome = "interrupted"
         else:
-            outcome = "failed"
             killed = f"killed by {signal.Signals(-rc).name}" if rc < 0 else ""
-            line = last_error_line(job.log, offset)
-            error = ": ".join(x for x in (killed, line) if x) or f"exit status {rc}"
+            error = ": ".join(x for x in (killed, last_error_line(job.log, offset)) if x)
+            error = error or f"exit status {rc}"
         end = {"time": time.time(), "returncode": rc, "outcome": outcome, "error": error,
-               "step": _step(job)}
+               "step": step()}
         with open(job.log, "ab") as log:
             log.write(RD.header(job.kind, "end", end).encode())
     return end

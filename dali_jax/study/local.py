@@ -1,16 +1,13 @@
-"""The local backend: jobs as child processes, N at a time, with a progress bar over jobs.
-
-By default one job per GPU (``CUDA_VISIBLE_DEVICES`` set to that GPU), or one per 2 CPU
-cores without GPUs. Ctrl-C or SIGTERM stops the launcher gracefully: its children get SIGTERM
-and checkpoint; a launcher killed outright takes its children down the same way (they get
-SIGTERM when it dies), so ``run`` can always be called again.
+"""The local backend: jobs as child processes, N at a time (each on its GPU), with a progress
+bar. Ctrl-C or SIGTERM stops the launcher gracefully: its children get SIGTERM and checkpoint;
+a launcher killed outright takes its children down the same way (they get SIGTERM when it
+dies), so ``run`` can always be called again.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import os
 import queue
-import shutil
 import signal
 import subprocess
 import threading
@@ -25,37 +22,23 @@ def visible_gpus() -> list[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [g for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    if shutil.which("nvidia-smi") is None:
-        return []
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError):  # no nvidia-smi: no GPUs
         return []
     return [str(i) for i, ln in enumerate(out.stdout.splitlines()) if ln.startswith("GPU ")]
 
 
-def default_concurrency(gpus: Sequence[str]) -> int:
-    return len(gpus) if gpus else max(1, (os.cpu_count() or 1) // 2)
-
-
-def slot_env(slot: int, gpus: Sequence[str], concurrency: int) -> dict:
-    """Environment of worker ``slot``: its GPU, and no preallocation when GPUs are shared."""
-    if not gpus:
-        return {}
-    env = {"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]}
-    if concurrency > len(gpus):
-        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-    return env
-
-
 def run_jobs(jobs: Sequence[J.Job], concurrency: int = 0, desc: str = "jobs",
              quiet: bool = False) -> list[dict]:
-    """Runs ``jobs`` with ``concurrency`` workers (0: default_concurrency); returns their end
-    records in job order. Raises KeyboardInterrupt after a graceful stop."""
+    """Runs ``jobs`` with ``concurrency`` workers (0: one per GPU, else one per 2 CPU cores),
+    each on its own GPU, without preallocation when GPUs are shared; returns their end records
+    in job order. Raises KeyboardInterrupt after a graceful stop."""
     from tqdm import tqdm
 
     gpus = visible_gpus()
-    n = concurrency or default_concurrency(gpus)
+    n = concurrency or len(gpus) or max(1, (os.cpu_count() or 1) // 2)
+    shared = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if n > len(gpus) > 0 else {}
     slots: queue.Queue = queue.Queue()  # a job takes a free slot (its GPU) while it runs
     for s in range(n):
         slots.put(s)
@@ -68,8 +51,8 @@ def run_jobs(jobs: Sequence[J.Job], concurrency: int = 0, desc: str = "jobs",
             return {"outcome": "stopped"}
         slot, t0 = slots.get(), time.time()
         try:
-            rec = J.execute(job, env=slot_env(slot, gpus, n), stop=stop, on_wait=lambda: bar.write(
-                f"waiting: {job.name} is run by another process"))
+            env = {"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)], **shared} if gpus else {}
+            rec = J.execute(job, env=env, stop=stop)
         except Exception as e:  # noqa: BLE001 - reported, the other jobs go on
             rec = {"outcome": "failed", "error": f"launcher error: {type(e).__name__}: {e}"}
         finally:

@@ -1,4 +1,4 @@
-"""The runs of a study, their configs and cost, and the jobs that train and evaluate them.
+"""The runs of a study, their configs and work, and the jobs that train and evaluate them.
 
 Layout of a study directory DIR::
 
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import sys
-import time
 
 from dali_jax import config as config_lib
 from dali_jax import overrides
@@ -57,14 +57,11 @@ def _argv(study, method: str, setting: str, seed: int, logdir: str, own_only=Fal
 def plan_runs(study, root: str) -> list[Run]:
     """Every run under study directory ``root``, ordered seed first (so a partial study holds
     every method and setting of its first seeds), then setting, then method."""
-    root = os.path.abspath(root)
     runs = []
-    for seed in study.seeds:
-        for setting in study.settings:
-            for method in study.methods:
-                logdir = os.path.join(root, "runs", method, setting, f"s{seed}")
-                runs.append(Run(method, setting, int(seed), f"{method}/{setting}/s{seed}",
-                                logdir, _argv(study, method, setting, seed, logdir)))
+    for seed, setting, method in itertools.product(study.seeds, study.settings, study.methods):
+        logdir = os.path.join(os.path.abspath(root), "runs", method, setting, f"s{seed}")
+        runs.append(Run(method, setting, int(seed), f"{method}/{setting}/s{seed}", logdir,
+                        _argv(study, method, setting, seed, logdir)))
     return runs
 
 
@@ -132,20 +129,13 @@ def eval_indices(study, setting: str) -> list[int]:
             or C.regime(study.task, setting, g.values) is not None]
 
 
-def estimate(study, run: Run, config, rates: dict) -> dict:
-    """Work of ``run``: env steps, updates, evaluation env steps and seconds (None when no
-    rate is known; ``rates``: method -> env steps/s measured in DIR, else the study file's)."""
-    steps = int(config.run.steps)
-    per_update = config.train.batch_size * config.train.batch_length
-    updates = int(max(0, steps - config.run.prefill) * config.run.train_ratio / per_update)
-    eval_steps = (len(eval_indices(study, run.setting)) * study.evaluation.episodes
-                  * int(config.run.episode_length))
-    rate = rates.get(run.method) or study.cost.train_steps_per_s
-    eval_rate = study.cost.eval_steps_per_s
-    seconds = steps / rate + (eval_steps / eval_rate if eval_rate else 0) if rate else None
-    source = "measured" if rates.get(run.method) else "study file" if rate else "unknown"
-    return dict(env_steps=steps, updates=updates, eval_steps=eval_steps, seconds=seconds,
-                source=source)
+def work(study, run: Run, config) -> tuple[int, int, int]:
+    """(env steps, updates, evaluation env steps) of ``run``."""
+    steps, c = int(config.run.steps), config
+    updates = int(max(0, steps - c.run.prefill) * c.run.train_ratio
+                  / (c.train.batch_size * c.train.batch_length))
+    episodes = len(eval_indices(study, run.setting)) * study.evaluation.episodes
+    return steps, updates, episodes * int(c.run.episode_length)
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -156,16 +146,15 @@ def train_job(study, run: Run, config) -> Job:
                os.path.join(run.logdir, RD.LOCK), ("train", run.logdir, int(config.run.steps)))
 
 
-def eval_job(study, run: Run, after: float = 0.0) -> Job:
-    """Evaluates ``run``'s final checkpoint on the grid (eval/returns.json); ``after``: only
-    results written after this time count."""
+def eval_job(study, run: Run) -> Job:
+    """Evaluates ``run``'s final checkpoint on the grid (eval/returns.json)."""
     e = study.evaluation
     argv = (sys.executable, "-u", "-m", "dali_jax.evaluate", "--logdir", run.logdir,
             "--episodes", str(e.episodes), "--contexts", e.contexts, "--num-envs",
             str(e.num_envs), "--mode", e.mode)
     check = ("eval", run.logdir, int(e.episodes), tuple(eval_indices(study, run.setting)))
     return Job("eval", run.name, argv, os.path.join(run.logdir, "eval.log"),
-               os.path.join(run.logdir, RD.LOCK), check + ((after,) if after else ()))
+               os.path.join(run.logdir, RD.LOCK), check)
 
 
 def episode_length(configs: dict) -> int:
@@ -195,9 +184,9 @@ def reference_job(study, root: str, configs: dict) -> Job:
                ("reference", path, study.task, tuple(indices)))
 
 
-def evaluation_jobs(study, root: str, runs, configs: dict, force: bool = False):
+def evaluation_jobs(study, root: str, runs, configs: dict):
     """-> (jobs to launch, names of runs already evaluated, names of runs not finished); the
-    reference job first when the reference lacks a context; ``force`` evaluates again."""
+    reference job first when the reference lacks a context."""
     jobs, skipped, unfinished = [], [], []
     ref = reference_job(study, root, configs)
     if not is_complete(ref):
@@ -206,7 +195,7 @@ def evaluation_jobs(study, root: str, runs, configs: dict, force: bool = False):
         if not is_complete(train_job(study, run, configs[run.name])):
             unfinished.append(run.name)
             continue
-        job = eval_job(study, run, time.time() if force else 0.0)
+        job = eval_job(study, run)
         if is_complete(job):
             skipped.append(run.name)
         else:

@@ -1,19 +1,13 @@
 """What a run directory says about its run, read from its own files only: checkpoints/,
-eval_summary.json, eval/returns.json, metrics.jsonl, the lock and the header lines the study
-runner writes into train.log and eval.log. Every part of the runner reads runs from here.
-
-The runner brackets each attempt in a job's log with one-line JSON headers::
+eval_summary.json, eval/returns.json, metrics.jsonl, run.lock, and the one-line JSON headers
+the runner writes around each attempt into train.log and eval.log (docs/cluster.md)::
 
     === train start {"time", "host", "pid", "step", "cmd"}
-    === train end {"time", "returncode", "outcome", "error", "step"}
+    === train end {"time", "returncode", "outcome": done | interrupted | failed, "error", "step"}
     === train queued {"time", "job_id", "cluster", "folder"}         (slurm backend)
 
-``outcome`` is done (the job's completion check holds), interrupted (stopped by a signal; a
-training run resumes from its checkpoint) or failed (``error``: the log's last error line). A
-start without an end means the launcher itself died.
-
-A run directory without checkpoints/ but with eval_summary.json is a copy of a finished
-run's results (e.g. committed under results/): its final step is the env_steps recorded there.
+A start without an end means the launcher died. A copy of a finished run's results without
+checkpoints/ (e.g. under results/) ends at the env_steps of its eval_summary.json.
 """
 from __future__ import annotations
 
@@ -72,35 +66,14 @@ def read_eval_results(logdir: str) -> dict | None:
     return d if isinstance(d, dict) else None
 
 
-def evaluated(logdir: str, episodes: int, indices, after: float = 0.0) -> bool:
+def evaluated(logdir: str, episodes: int, indices) -> bool:
     """The grid results are of the final checkpoint, with ``episodes`` episodes on at least
-    the grid contexts ``indices`` (and written after time ``after``)."""
-    path = os.path.join(logdir, "eval", "returns.json")
-    if after and (not os.path.exists(path) or os.path.getmtime(path) < after):
-        return False
+    the grid contexts ``indices``."""
     d = read_eval_results(logdir)
     if d is None or d.get("checkpoint_step") != final_step(logdir) or d.get("episodes") != \
             episodes:
         return False
     return set(indices) <= {c.get("index") for c in d.get("contexts", []) if isinstance(c, dict)}
-
-
-def metrics(logdir: str) -> list[dict]:
-    """Records of metrics.jsonl ([] when there is none)."""
-    try:
-        return read_metrics(logdir)
-    except FileNotFoundError:
-        return []
-
-
-def measured_rate(logdir: str) -> float | None:
-    """Env steps per second between the first and last record of metrics.jsonl (None with
-    fewer than 1000 steps between them)."""
-    timed = [r for r in metrics(logdir) if "time" in r]
-    if len(timed) < 2:
-        return None
-    dt, ds = timed[-1]["time"] - timed[0]["time"], timed[-1]["step"] - timed[0]["step"]
-    return ds / dt if dt > 0 and ds >= 1000 else None
 
 
 # ----------------------------------------------------------------------------- job logs
@@ -176,7 +149,10 @@ def run_status(name: str, logdir: str, steps: int, episodes: int, indices,
     train_log, eval_log = os.path.join(logdir, "train.log"), os.path.join(logdir, "eval.log")
     t_event, t_rec = last_event(train_log)
     e_event, e_rec = last_event(eval_log)
-    records = metrics(logdir)
+    try:
+        records = read_metrics(logdir)
+    except FileNotFoundError:
+        records = []
     evals = [r["eval/return_mean"] for r in records if "eval/return_mean" in r]
     last_eval = float(evals[-1]) if evals else None
     logged_step = int(records[-1]["step"]) if records else 0

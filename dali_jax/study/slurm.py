@@ -1,13 +1,10 @@
 """The slurm backend: study jobs as submitit job arrays, requeued on preemption and time-out.
 
-Each array task runs ``JobCallable(job)``: the job's command as a child process
-(``jobs.execute``: the same lock and log as the local backend). When SLURM announces the end
-of the allocation (submitit's USR2, ``--signal=USR2@90``), submitit calls ``checkpoint``: the
-child gets SIGTERM, the trainer saves and exits, and submitit requeues a fresh callable, which
-resumes from that checkpoint. On preemption SLURM's SIGTERM reaches the trainer directly.
-
-``backend.slurm.cluster = "local"`` runs the same jobs through submitit's local executor (no
-cluster), "debug" in this process.
+Each array task runs ``JobCallable(job)`` (``jobs.execute``: the lock and log of the local
+backend). At the end of the allocation submitit's USR2 calls ``checkpoint``: the trainer gets
+SIGTERM, saves and exits, and a fresh callable is requeued that resumes from the checkpoint.
+``backend.slurm.cluster`` "local" runs the jobs through submitit's local executor, "debug"
+in this process.
 """
 from __future__ import annotations
 
@@ -23,9 +20,6 @@ try:  # a missing submitit only matters to this backend
     import submitit
 except ImportError:  # pragma: no cover
     submitit = None
-
-ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-         "BOOT_FAIL", "DEADLINE", "PREEMPTED", "FINISHED", "INTERRUPTED")
 
 
 class JobCallable(submitit.helpers.Checkpointable if submitit else object):
@@ -48,9 +42,6 @@ class JobCallable(submitit.helpers.Checkpointable if submitit else object):
         if self._proc is not None:
             J.stop_process(self._proc, grace_s=60.0)
         return submitit.helpers.DelayedSubmission(JobCallable(self.job))
-
-    def __getstate__(self):
-        return {"job": self.job, "_proc": None}
 
 
 def executor(study, folder: str, kind: str):
@@ -92,27 +83,22 @@ def submit(study, jobs, folder: str, kind: str) -> list:
 
 
 def job_state(record: dict) -> str | None:
-    """"queued" (pending or running), "gone" (ended) or None (unknown) for a queued header,
-    asking SLURM (sacct) or, for submitit's local executor, the process table."""
+    """"queued" (pending, running or requeued), "gone" (ended) or None (unknown) for a queued
+    header, asking SLURM (submitit's sacct query) or, for submitit's local executor, the
+    process table."""
     cluster, job_id = record.get("cluster"), str(record.get("job_id", ""))
     if cluster == "local":
         try:
             os.kill(int(job_id), 0)
-            return "queued"
         except (ValueError, ProcessLookupError):
             return "gone"
         except PermissionError:
-            return "queued"
+            pass
+        return "queued"
     if cluster != "slurm" or shutil.which("sacct") is None or submitit is None:
         return None
-    try:
-        state = submitit.SlurmJob(folder=os.path.join(record["folder"], "%j"),
-                                  job_id=job_id).state
-    except Exception:  # noqa: BLE001 - no answer is "unknown"
-        return None
-    if state == "UNKNOWN":
-        return None
-    return "gone" if state.split()[0] in ENDED else "queued"
+    job = submitit.SlurmJob(folder=os.path.join(record.get("folder", ""), "%j"), job_id=job_id)
+    return "gone" if job.done(force_check=True) else "queued"
 
 
 def wait(sjobs, desc: str, quiet: bool = False) -> list:

@@ -1,25 +1,21 @@
 """Study files: the fields of a zero-shot study, their defaults, loading and validation.
 
-A study file is a Python file whose ``get_config()`` starts from ``defaults()`` (a locked
-ml_collections ConfigDict: an unknown field or an ill-typed value fails where it is set) and
-sets what differs::
-
-    from dali_jax.study import spec
+A study file's ``get_config()`` starts from ``defaults()``, a locked ml_collections ConfigDict
+(an unknown field or an ill-typed value fails where it is set), and sets what differs::
 
     def get_config():
-        c = spec.defaults()
-        c.methods = ("dreamer_dr", "dali_d")
-        c.seeds = (0, 1, 2)
-        c.settings = ("single_0",)
+        c = spec.defaults()  # from dali_jax.study import spec
+        c.methods, c.seeds, c.settings = ("dreamer_dr", "dali_d"), (0, 1, 2), ("single_0",)
         c.preset = "cpu"
         c.overrides["run.steps"] = 50_000
         return c
 
-``load(path)`` returns the validated study (``name`` filled in); every error is a
-``StudyError`` naming the field (``study.<field>``) and the valid values.
+``load(path)`` returns the validated study; every error is a ``StudyError`` naming the field
+(``study.<field>``) and the valid values.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -82,12 +78,6 @@ def defaults() -> ml_collections.ConfigDict:
     r.seed = 0  # bootstrap seed
     r.confidence = 0.95  # CI coverage
 
-    k = c.cost = ml_collections.ConfigDict()
-    # Throughput of one run on its slot (a GPU, or 2 cores) for `plan`'s estimate; 0: unknown.
-    # Runs in DIR that have logged progress replace the training rate with measured figures.
-    k.train_steps_per_s = 0.0  # env steps per second while training
-    k.eval_steps_per_s = 0.0  # env steps per second while evaluating
-
     b = c.backend = ml_collections.ConfigDict()
     b.name = "local"  # local | slurm
     b.local = ml_collections.ConfigDict()
@@ -110,9 +100,7 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 def _get(c, path: str):
-    for key in path.split("."):
-        c = c[key]
-    return c
+    return functools.reduce(getattr, path.split("."), c)
 
 
 def load(path: str) -> ml_collections.ConfigDict:
@@ -161,8 +149,6 @@ def _choices() -> dict:
 
 
 def _sequence(field: str, value) -> tuple:
-    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
-        _fail(field, f"must be a list; got {value!r}")
     if not value:
         _fail(field, "must not be empty")
     dup = sorted({str(v) for v in value if list(value).count(v) > 1})
@@ -181,7 +167,6 @@ def _no_run_fields(field: str, keys) -> None:
 # Integer fields and their minimum (types are enforced by the locked ConfigDict).
 _MINIMUM = {"evaluation.episodes": 1, "evaluation.num_envs": 1, "evaluation.random_episodes": 1,
             "evaluation.random_seeds": 1, "report.reps": 1, "report.seed": 0,
-            "cost.train_steps_per_s": 0, "cost.eval_steps_per_s": 0,
             "backend.local.concurrency": 0, "backend.slurm.time_min": 1,
             "backend.slurm.eval_time_min": 1, "backend.slurm.gpus_per_node": 0,
             "backend.slurm.cpus_per_task": 1, "backend.slurm.mem_gb": 0,

@@ -27,8 +27,6 @@ def get_config():
     c.evaluation.episodes = 10
     c.evaluation.contexts = "scored"
     c.evaluation.num_envs = 20
-    c.cost.train_steps_per_s = 100.0
-    c.cost.eval_steps_per_s = 3000.0
     c.backend.name = "local"
     c.backend.local.concurrency = 2
     return c

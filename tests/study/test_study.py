@@ -85,7 +85,7 @@ def wait_for(cond, timeout, what, poll=0.2):
 
 
 # ----------------------------------------------------------------------------- planning
-def test_plan_names_runs_and_builds_their_configs(tmp_path):
+def test_plan_names_runs_and_builds_their_configs(tmp_path, capsys):
     path = write_study(tmp_path / "plan.py", 'c.methods = ("dreamer_dr", "dali_d")',
                        "c.seeds = (0, 5)", 'c.settings = ("single_0", "double_box")',
                        'c.overrides["model.size"] = "tiny"',
@@ -111,11 +111,15 @@ def test_plan_names_runs_and_builds_their_configs(tmp_path):
         # method_overrides reach that method's runs only
         assert c.context.loss == ("both" if r.method == "dali_d" else "forward")
         assert ("--config.context.alignment=project" in cmd) == (r.method == "dali_d")
-    cost = P.estimate(study, runs[0], configs[runs[0].name], {"dreamer_dr": 100.0})
     # (400 - 100 prefill) x ratio 16 / (4 x 16) updates; 14 scored contexts x 1 x 100 steps
-    assert (cost["env_steps"], cost["updates"], cost["eval_steps"]) == (STEPS, 75, 1400)
-    assert cost["seconds"] == pytest.approx(4.0) and cost["source"] == "measured"
-    assert P.estimate(study, runs[1], configs[runs[1].name], {})["seconds"] is None
+    assert P.work(study, runs[0], configs[runs[0].name]) == (STEPS, 75, 1400)
+    capsys.readouterr()
+    assert cli.main([path, "plan", "--dir", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"dali_d/double_box/s5 +pending +400 +75 +[1-9][0-9,]*", out[-2])
+    total = [sum(x) for x in zip(*(P.work(study, r, configs[r.name]) for r in runs))]
+    assert out[-1] == "total: 3,200 env steps, 600 updates, {:,} evaluation env steps".format(
+        total[2])
 
 
 def test_variants_run_one_method_under_two_labels(tmp_path):
@@ -307,21 +311,24 @@ def test_a_failing_job_is_recorded_with_its_last_error_line(tmp_path):
 def test_local_backend_gives_each_slot_its_gpu(tmp_path, monkeypatch):
     from dali_jax.study import local
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
-    assert local.visible_gpus() == ["2", "5"] and local.default_concurrency(["2", "5"]) == 2
-    shared = {"CUDA_VISIBLE_DEVICES": "5", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-    assert local.slot_env(3, ["2", "5"], 4) == shared  # 4 jobs on 2 GPUs share them
-    printer = "import os, time; time.sleep(0.5); print('gpu', os.environ['CUDA_VISIBLE_DEVICES'])"
-    jobs = [J.Job("eval", f"j{i}", (sys.executable, "-c", printer), str(tmp_path / f"j{i}.log"),
-                  str(tmp_path / f"j{i}.lock"), ("eval", str(tmp_path / "none"), 1, ()))
-            for i in range(2)]
-    recs = local.run_jobs(jobs, quiet=True)  # default: one job per GPU, both at once
-    assert [r["outcome"] for r in recs] == ["failed", "failed"]  # no results written
-    gpus = {ln for i in range(2) for ln in (tmp_path / f"j{i}.log").read_text().splitlines()
-            if ln.startswith("gpu ")}
-    assert gpus == {"gpu 2", "gpu 5"}
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    assert local.visible_gpus() == ["2", "5"]
+    printer = ("import os, time; time.sleep(0.5); print('gpu', os.environ['CUDA_VISIBLE_DEVICES'],"
+               " os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE', '-'))")
+
+    def gpus_of(n, **kw):
+        jobs = [J.Job("eval", f"j{i}", (sys.executable, "-c", printer),
+                      str(tmp_path / f"{n}_{i}.log"), str(tmp_path / f"{n}_{i}.lock"),
+                      ("eval", str(tmp_path / "none"), 1, ())) for i in range(n)]
+        recs = local.run_jobs(jobs, quiet=True, **kw)
+        assert [r["outcome"] for r in recs] == ["failed"] * n  # no results written
+        return sorted(ln for i in range(n) for ln in (tmp_path / f"{n}_{i}.log").read_text()
+                      .splitlines() if ln.startswith("gpu "))
+    # default: one job per GPU, both at once; 4 jobs at once on 2 GPUs share them
+    assert gpus_of(2) == ["gpu 2 -", "gpu 5 -"]
+    assert gpus_of(4, concurrency=4) == ["gpu 2 false"] * 2 + ["gpu 5 false"] * 2
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert local.visible_gpus() == []
-    assert local.default_concurrency([]) == max(1, (os.cpu_count() or 1) // 2)
 
 
 LAUNCHER = """
