@@ -564,6 +564,17 @@ def test_slurm_backend_submits_one_array_with_the_study_resources(tmp_path, monk
     assert "3 runs: 3 queued" in capsys.readouterr().out
     assert cli.main([path, "run", "--dir", str(root), "--quiet"]) == 0
     assert script == capture.read_text()
+    # sacct's answer (read by submitit): a job cancelled before it started is submitted again
+    (bin_dir / "sacct").write_text(
+        "#!/bin/sh\nprintf 'JobID|State|NodeList\\n4242_0|PENDING|None\\n"
+        "4242_1|CANCELLED by 0|None\\n4242_2|RUNNING|n1\\n'\n")
+    (bin_dir / "sacct").chmod(0o755)
+    assert cli.main([path, "status", "--dir", str(root)]) == 0
+    assert "3 runs: 2 queued, 1 interrupted" in capsys.readouterr().out
+    assert cli.main([path, "run", "--dir", str(root), "--quiet"]) == 0
+    assert "launching 1" in capsys.readouterr().out
+    assert capture.read_text().count("#SBATCH --job-name=sl-train") == 2  # one more job
+    assert RD.last_event(runs[1].logdir + "/train.log")[0] == "queued"
 
 
 CHILD = """
