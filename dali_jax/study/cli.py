@@ -69,7 +69,7 @@ class Study:
         return [(r, why) for r in self.runs
                 if (why := P.config_conflict(self.study, r, self.configs[r.name]))]
 
-    def launch(self, jobs, stage: str, wait: bool) -> int:
+    def launch(self, jobs, stage: str) -> int:
         """Runs ``jobs`` on the backend; prints failures; -> exit status."""
         if not jobs:
             return 0
@@ -81,16 +81,11 @@ class Study:
         else:
             from dali_jax.study import slurm
             folder = os.path.join(self.root, "submitit")
-            sjobs = []
-            for kind in ("train", "eval"):  # evaluation jobs have their own time limit
-                group = [j for j in jobs if (j.kind == "train") == (kind == "train")]
-                if group:
-                    sjobs += slurm.submit(self.study, group, folder, kind)
-                    print(f"submitted {len(group)} {kind} job(s) to "
-                          f"{self.study.backend.slurm.cluster} (files in {folder})")
-            jobs = [j for j in jobs if j.kind == "train"] + [j for j in jobs if j.kind != "train"]
-            if not wait:
-                print(f"{len(sjobs)} job(s) submitted; follow them with `status`")
+            sjobs = slurm.submit(self.study, jobs, folder)
+            print(f"submitted {len(jobs)} job(s) to {self.study.backend.slurm.cluster} (files "
+                  f"in {folder})")
+            if not self.args.wait:
+                print("follow them with `status`")
                 return 0
             errors = slurm.wait(sjobs, desc=stage, quiet=self.args.quiet)
         for job, error in zip(jobs, errors):
@@ -113,7 +108,7 @@ def cmd_plan(s: Study) -> int:
     return 0
 
 
-def cmd_run(s: Study, wait: bool | None = None) -> int:
+def cmd_run(s: Study) -> int:
     bad = s.conflicts()
     for r, why in bad:
         print(f"error: {r.name} ({r.logdir}) was started with another configuration: {why}. "
@@ -134,7 +129,7 @@ def cmd_run(s: Study, wait: bool | None = None) -> int:
         jobs = [j for j in jobs if j.name not in busy]
     print(f"{len(s.runs) - len(jobs)} of {len(s.runs)} runs finished or in progress; "
           f"launching {len(jobs)}")
-    return s.launch(jobs, "train", s.args.wait if wait is None else wait)
+    return s.launch(jobs, "train")
 
 
 def cmd_status(s: Study) -> int:
@@ -142,13 +137,13 @@ def cmd_status(s: Study) -> int:
     return 0
 
 
-def cmd_evaluate(s: Study, wait: bool | None = None) -> int:
+def cmd_evaluate(s: Study) -> int:
     jobs, skipped, unfinished = P.evaluation_jobs(s.study, s.root, s.runs, s.configs)
     ref = any(j.kind == "reference" for j in jobs)
     print(f"evaluating {len(jobs) - ref} run(s)" + (" and the random-policy reference" * ref)
           + f"; {len(skipped)} already evaluated at their final checkpoint; "
             f"{len(unfinished)} not finished training")
-    return s.launch(jobs, "evaluate", s.args.wait if wait is None else wait)
+    return s.launch(jobs, "evaluate")
 
 
 def cmd_report(s: Study) -> int:
@@ -160,10 +155,11 @@ def cmd_report(s: Study) -> int:
 
 
 def cmd_all(s: Study) -> int:
-    code = cmd_run(s, wait=True)
+    s.args.wait = True  # evaluation needs the trained runs
+    code = cmd_run(s)
     if code == 2:
         return code
-    return max(code, cmd_evaluate(s, wait=True), cmd_report(s))
+    return max(code, cmd_evaluate(s), cmd_report(s))
 
 
 def main(argv=None) -> int:

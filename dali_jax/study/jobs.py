@@ -1,10 +1,7 @@
-"""One job of a study (train a run, evaluate a run, compute a random-policy reference) run as
-a child process, shared by every backend.
-
-A job holds an exclusive ``flock`` on its lock file, inherited by the child, so a run counts as
-running while the launcher or the child lives and a second launcher waits instead of starting
-it twice; holding the lock it checks completion (read from the run directory), so a job
-completes exactly once. Each attempt is bracketed in the job's log by ``rundir.header`` lines.
+"""A study job (train a run, evaluate a run, compute a random-policy reference) as a locked
+child process, for every backend. The job's exclusive ``flock``, inherited by the child, makes
+a second launcher wait instead of starting it twice; completion is checked under the lock, so
+a job completes exactly once. Each attempt is bracketed in its log by ``rundir.header`` lines.
 """
 from __future__ import annotations
 
@@ -22,8 +19,7 @@ from typing import Callable, Optional
 
 from dali_jax.study import rundir as RD
 
-# The folder holding this dali_jax package (a checkout, or site-packages): children run
-# there, so `python -m dali_jax...` runs this same package.
+# Children run in the folder holding this package, so `python -m dali_jax...` runs it.
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STOP_GRACE_S = 120.0  # seconds a child gets to save its checkpoint after SIGTERM
 _PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None

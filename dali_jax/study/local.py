@@ -58,11 +58,8 @@ def run_jobs(jobs: Sequence[J.Job], concurrency: int = 0, desc: str = "jobs",
         finally:
             slots.put(slot)
         bar.update(1)
-        took = time.strftime("%H:%M:%S", time.gmtime(time.time() - t0))
-        if rec["outcome"] == "failed":
-            bar.write(f"FAILED {job.kind} {job.name} after {took}: {rec['error']} "
-                      f"(log: {job.log})")
-        elif rec["outcome"] != "skipped":
+        if rec["outcome"] != "skipped":  # the caller reports a failure's error
+            took = time.strftime("%H:%M:%S", time.gmtime(time.time() - t0))
             bar.write(f"{rec['outcome']} {job.kind} {job.name} ({took})")
         return rec
 

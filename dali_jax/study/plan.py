@@ -1,12 +1,6 @@
 """The runs of a study, their configs and work, and the jobs that train and evaluate them.
-
-Layout of a study directory DIR::
-
-    DIR/runs/<method>/<setting>/s<seed>/   one training logdir per run (the trainer's files,
-                                           plus train.log, eval.log and run.lock)
-    DIR/references/                        random-policy references, one file per task
-    DIR/report/                            the aggregate report (index.md)
-    DIR/submitit/                          submitit's job files (slurm backend)
+A study directory DIR holds ``runs/<method>/<setting>/s<seed>/`` (one logdir per run),
+``references/`` (random-policy references), ``report/`` and ``submitit/`` (slurm backend).
 """
 from __future__ import annotations
 
@@ -187,16 +181,13 @@ def reference_job(study, root: str, configs: dict) -> Job:
 def evaluation_jobs(study, root: str, runs, configs: dict):
     """-> (jobs to launch, names of runs already evaluated, names of runs not finished); the
     reference job first when the reference lacks a context."""
-    jobs, skipped, unfinished = [], [], []
     ref = reference_job(study, root, configs)
-    if not is_complete(ref):
-        jobs.append(ref)
+    jobs, skipped, unfinished = [] if is_complete(ref) else [ref], [], []
     for run in runs:
+        job = eval_job(study, run)
         if not is_complete(train_job(study, run, configs[run.name])):
             unfinished.append(run.name)
-            continue
-        job = eval_job(study, run)
-        if is_complete(job):
+        elif is_complete(job):
             skipped.append(run.name)
         else:
             jobs.append(job)

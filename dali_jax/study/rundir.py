@@ -15,18 +15,27 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 
 from dali_jax.analysis.curves import read_metrics
 
 LOCK = "run.lock"  # held by the job (launcher and child) that trains or evaluates the run
 STATES = ("done", "running", "queued", "failed", "interrupted", "pending")
+_HEADER = re.compile(r"=== (\S+) (\S+) (.*)")
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def _read_json(path: str):
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+            return _json(f.read())
+    except OSError:
         return None
 
 
@@ -70,8 +79,8 @@ def evaluated(logdir: str, episodes: int, indices) -> bool:
     """The grid results are of the final checkpoint, with ``episodes`` episodes on at least
     the grid contexts ``indices``."""
     d = read_eval_results(logdir)
-    if d is None or d.get("checkpoint_step") != final_step(logdir) or d.get("episodes") != \
-            episodes:
+    if d is None or (d.get("checkpoint_step"), d.get("episodes")) != (final_step(logdir),
+                                                                        episodes):
         return False
     return set(indices) <= {c.get("index") for c in d.get("contexts", []) if isinstance(c, dict)}
 
@@ -84,20 +93,12 @@ def header(kind: str, event: str, record: dict) -> str:
 
 def log_events(path: str) -> list[tuple[str, str, dict]]:
     """(kind, event, record) of every header line in the log at ``path``, in order."""
-    out = []
     try:
         with open(path, "rb") as f:
-            for line in f:
-                if not line.startswith(b"=== "):
-                    continue
-                parts = line.decode(errors="replace").split(" ", 3)
-                try:
-                    out.append((parts[1], parts[2], json.loads(parts[3])))
-                except (IndexError, ValueError):
-                    continue
+            found = [_HEADER.match(ln.decode(errors="replace")) for ln in f if ln[:4] == b"=== "]
     except OSError:
-        pass
-    return out
+        return []
+    return [(m[1], m[2], rec) for m in found if m and isinstance(rec := _json(m[3]), dict)]
 
 
 def last_event(path: str) -> tuple[str | None, dict]:
@@ -114,12 +115,11 @@ def lock_held(path: str) -> bool:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
         return False
     except BlockingIOError:
         return True
     finally:
-        os.close(fd)
+        os.close(fd)  # closing releases a lock taken here
 
 
 # ----------------------------------------------------------------------------- status

@@ -14,7 +14,7 @@ import time
 
 from dali_jax.study import jobs as J
 from dali_jax.study import rundir as RD
-from dali_jax.study.spec import BackendError
+from dali_jax.study.spec import StudyError
 
 try:  # a missing submitit only matters to this backend
     import submitit
@@ -47,39 +47,39 @@ class JobCallable(submitit.helpers.Checkpointable if submitit else object):
 def executor(study, folder: str, kind: str):
     """A submitit executor for "train" or "eval" jobs (their own time limits)."""
     if submitit is None:
-        raise BackendError("the slurm backend needs submitit: pip install 'submitit>=1.5,<2'")
+        raise StudyError("the slurm backend needs submitit: pip install 'submitit>=1.5,<2'")
     s = study.backend.slurm
     if s.cluster == "slurm" and shutil.which("sbatch") is None:
-        raise BackendError("backend slurm: sbatch not found on PATH (not on a SLURM login "
-                           "node?); use --backend local, or backend.slurm.cluster = 'local'")
+        raise StudyError("backend slurm: sbatch not found on PATH (not on a SLURM login "
+                         "node?); use --backend local, or backend.slurm.cluster = 'local'")
     ex = submitit.AutoExecutor(folder=os.path.join(folder, "%j"), cluster=s.cluster)
-    params = dict(name=f"{study.name}-{kind}", nodes=1, tasks_per_node=1,
-                  timeout_min=int(s.time_min if kind == "train" else s.eval_time_min),
-                  gpus_per_node=int(s.gpus_per_node), cpus_per_task=int(s.cpus_per_task),
-                  stderr_to_stdout=True, slurm_array_parallelism=int(s.array_parallelism))
-    if s.mem_gb:
-        params["mem_gb"] = s.mem_gb
-    if s.partition:
-        params["slurm_partition"] = s.partition
-    if len(s.extra):
-        params["slurm_additional_parameters"] = dict(s.extra.items())
-    if s.setup:
-        params["slurm_setup"] = list(s.setup)
-    ex.update_parameters(**params)
+    optional = dict(mem_gb=s.mem_gb, slurm_partition=s.partition, slurm_setup=list(s.setup),
+                    slurm_additional_parameters=dict(s.extra.items()))  # unset when empty
+    ex.update_parameters(
+        name=f"{study.name}-{kind}", nodes=1, tasks_per_node=1, stderr_to_stdout=True,
+        timeout_min=int(s.time_min if kind == "train" else s.eval_time_min),
+        gpus_per_node=int(s.gpus_per_node), cpus_per_task=int(s.cpus_per_task),
+        slurm_array_parallelism=int(s.array_parallelism),
+        **{k: v for k, v in optional.items() if v})
     return ex
 
 
-def submit(study, jobs, folder: str, kind: str) -> list:
-    """Submits ``jobs`` as one array and writes a "queued" header into each job's log;
-    -> the submitit jobs."""
-    sjobs = executor(study, folder, kind).submit_array([JobCallable(j) for j in jobs])
-    for job, sj in zip(jobs, sjobs):
+def submit(study, jobs, folder: str) -> list:
+    """Submits ``jobs`` as arrays (training jobs and the others have their own time limits)
+    and writes a "queued" header into each job's log; -> the submitit jobs, in job order."""
+    sjobs = {}
+    for kind in ("train", "eval"):
+        group = [j for j in jobs if (j.kind == "train") == (kind == "train")]
+        if group:
+            submitted = executor(study, folder, kind).submit_array([JobCallable(j) for j in group])
+            sjobs.update(zip(group, submitted))
+    for job, sj in sjobs.items():
         os.makedirs(os.path.dirname(job.log), exist_ok=True)
         with open(job.log, "a") as f:
             f.write(RD.header(job.kind, "queued", {
                 "time": time.time(), "job_id": str(sj.job_id), "folder": folder,
                 "cluster": study.backend.slurm.cluster}))
-    return sjobs
+    return [sjobs[j] for j in jobs]
 
 
 def job_state(record: dict) -> str | None:

@@ -16,9 +16,9 @@ A study file's ``get_config()`` starts from ``defaults()``, a locked ml_collecti
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import re
+import runpy
 
 import ml_collections
 
@@ -36,11 +36,8 @@ _FREE = ("overrides", "variants", "method_overrides", "backend.slurm.extra")
 
 
 class StudyError(ValueError):
-    """A bad study file; the message names the field and the valid values."""
-
-
-class BackendError(StudyError):
-    """The study's backend cannot run on this machine (e.g. slurm without sbatch)."""
+    """A bad study file (the message names the field and the valid values), or a backend
+    that cannot run here."""
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -107,12 +104,11 @@ def load(path: str) -> ml_collections.ConfigDict:
     """Study file -> validated study ConfigDict (``name`` defaults to the file's stem)."""
     if not os.path.isfile(path):
         raise StudyError(f"study file {path} not found")
-    module_spec = importlib.util.spec_from_file_location(
-        f"_dali_study_{abs(hash(os.path.abspath(path)))}", path)
-    module = importlib.util.module_from_spec(module_spec)
     try:
-        module_spec.loader.exec_module(module)
-        study = module.get_config()
+        get_config = runpy.run_path(path).get("get_config")
+        if get_config is None:
+            raise NameError("the file defines no get_config()")
+        study = get_config()
         if not isinstance(study, ml_collections.ConfigDict) or "backend" not in study:
             raise TypeError(f"get_config() must return spec.defaults() with its fields set; "
                             f"got {type(study).__name__}")
