@@ -10,17 +10,9 @@ from typing import Sequence
 import numpy as np
 
 from dali_jax.analysis.cf_rollouts import CONTROL_DT
+from dali_jax.analysis.plots import pyplot, save
 
 __all__ = ["write_outputs", "plot_auc", "plot_check"]
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _to_uint8(x) -> np.ndarray:
@@ -49,7 +41,7 @@ def _write_pixel_outputs(out: Path, d: int, base, cf, frames: int, fps: float) -
 
 def _write_feature_outputs(out: Path, d: int, base, cf, scale: float, sigma: float,
                            labels: Sequence[str]) -> list[str]:
-    plt = _plt()
+    plt = pyplot()
     H, Do = base.shape
     diff = base - cf
     fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.12 * H + 2), 2.0 + 0.35 * Do * 3 / 2),
@@ -69,10 +61,7 @@ def _write_feature_outputs(out: Path, d: int, base, cf, scale: float, sigma: flo
         ax.set_yticklabels(labels, fontsize=6)
         fig.colorbar(im, ax=ax, fraction=0.03)
     axes[2].set_xlabel("imagined step")
-    fig.tight_layout()
-    strip = out / f"strip_dim{d}.png"
-    fig.savefig(strip, dpi=100)
-    plt.close(fig)
+    strip = save(fig, out / f"strip_dim{d}.png", dpi=100)
 
     cols = min(4, Do)
     rws = int(np.ceil(Do / cols))
@@ -89,17 +78,14 @@ def _write_feature_outputs(out: Path, d: int, base, cf, scale: float, sigma: flo
         ax.tick_params(labelsize=7)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"context dim {d} shifted by {scale:g} sigma", fontsize=9)
-    fig.tight_layout()
-    ts = out / f"timeseries_dim{d}.png"
-    fig.savefig(ts, dpi=100)
-    plt.close(fig)
+    ts = save(fig, out / f"timeseries_dim{d}.png", dpi=100)
     return [strip.name, ts.name]
 
 
 def plot_auc(path: Path, aucs: Sequence[dict], chosen: int):
     """Bar chart of the influence AUC per dimension with its CI (`influence_auc` dicts), the
     shown dimension `chosen` in red."""
-    plt = _plt()
+    plt = pyplot()
     n = len(aucs)
     fig, ax = plt.subplots(figsize=(1.0 + 0.5 * n, 3.0))
     x = np.arange(n)
@@ -113,15 +99,13 @@ def plot_auc(path: Path, aucs: Sequence[dict], chosen: int):
     ax.set_xticks(x)
     ax.set_xlabel("context dimension")
     ax.set_ylabel("influence ROC-AUC")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path, dpi=100)
 
 
 def plot_check(path: Path, scales, accel, dim: int, rho: float):
     """Imagined ball acceleration accel (starts, S) against the shift scales (S,) of `dim`,
     one grey line per start and their mean in red."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     s = np.asarray(scales)
     for row in accel:
@@ -131,9 +115,7 @@ def plot_check(path: Path, scales, accel, dim: int, rho: float):
     ax.set_ylabel("imagined ball z acceleration (m/s^2)")
     ax.set_title(f"Spearman rho = {rho:.3f}", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path, dpi=100)
 
 
 def write_outputs(agent, task_name, out_dir, base, per_dim, dims, ctx0, picks, scale, sigma,

@@ -104,10 +104,8 @@ def write_csv(curves: Sequence[Curve], path) -> None:
 
 
 def plot_curves(curves: Sequence[Curve], path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    from dali_jax.analysis.plots import pyplot, save
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     for i, c in enumerate(curves):
         color = f"C{i}"
         ax.plot(c.eval_steps, c.eval_returns, "o-", color=color, label=f"{c.name} (eval)")
@@ -118,9 +116,7 @@ def plot_curves(curves: Sequence[Curve], path) -> None:
     ax.set_ylabel("return")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,18 +6,29 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["plot_metric_bars", "context_grid", "plot_return_heatmap"]
+__all__ = ["plot_metric_bars", "context_grid", "plot_return_heatmap", "pyplot", "save"]
 
 _ROUND = 6
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save(fig, path, dpi: int = 120) -> Path:
+    """Lays out ``fig``, writes it to ``path`` (making its folder) and closes it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
 
 
 def plot_metric_bars(estimates: Mapping[str, Mapping[str, object]], path,
@@ -28,7 +39,7 @@ def plot_metric_bars(estimates: Mapping[str, Mapping[str, object]], path,
       estimates: ``{regime: {method: Interval}}`` (``Interval`` has estimate/low/high).
       path: output PNG path.
     """
-    plt = _plt()
+    plt = pyplot()
     regimes = [r for r in estimates if estimates[r]]
     if not regimes:
         raise ValueError("plot_metric_bars: nothing to plot")
@@ -55,12 +66,7 @@ def plot_metric_bars(estimates: Mapping[str, Mapping[str, object]], path,
     axes[0][0].set_ylabel(ylabel)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def context_grid(values: Sequence[Mapping[str, float]], data: Sequence[float],
@@ -100,7 +106,7 @@ def plot_return_heatmap(values: Sequence[Mapping[str, float]], data: Sequence[fl
     The default context is outlined in red; ``train_box`` (``{factor: (low, high)}``), when given,
     is drawn as a dashed white rectangle around the cells inside the train range.
     """
-    plt = _plt()
+    plt = pyplot()
     xs, ys, z = context_grid(values, data, names, default)
     fig, ax = plt.subplots(figsize=(1.6 + 0.62 * len(xs), 1.4 + 0.5 * len(ys)))
     im = ax.imshow(np.ma.masked_invalid(z), origin="lower", cmap="viridis", aspect="auto")
@@ -134,9 +140,4 @@ def plot_return_heatmap(values: Sequence[Mapping[str, float]], data: Sequence[fl
     shown = int(np.isfinite(z).sum())
     ax.set_title(f"{title}\n({shown} of {len(values)} contexts on the double grid)", fontsize=9)
     fig.colorbar(im, ax=ax, label=cbar_label)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)

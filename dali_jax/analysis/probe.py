@@ -221,11 +221,9 @@ def tsne_plot(C, labels, path, names: Sequence[str] | None = None, perplexity: f
     points (a fixed random subset) are embedded. Writes a PNG to `path`; returns the
     embedding (n, 2) of the plotted points.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
+
+    from dali_jax.analysis.plots import pyplot, save
 
     C = np.asarray(C, np.float64)
     lab = np.asarray(labels, np.float64)
@@ -240,7 +238,7 @@ def tsne_plot(C, labels, path, names: Sequence[str] | None = None, perplexity: f
         C, lab = C[keep], lab[keep]
     perp = float(min(perplexity, max(2.0, (len(C) - 1) / 3.0)))
     emb = TSNE(2, perplexity=perp, init="pca", random_state=seed).fit_transform(C)
-    fig, axes = plt.subplots(1, F, figsize=(4.6 * F, 4.0), squeeze=False)
+    fig, axes = pyplot().subplots(1, F, figsize=(4.6 * F, 4.0), squeeze=False)
     for i, ax in enumerate(axes[0]):
         sc = ax.scatter(emb[:, 0], emb[:, 1], c=lab[:, i], cmap="viridis", s=6, alpha=0.8,
                         linewidths=0)
@@ -250,7 +248,5 @@ def tsne_plot(C, labels, path, names: Sequence[str] | None = None, perplexity: f
         ax.set_yticks([])
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
     return emb

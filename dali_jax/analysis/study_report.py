@@ -164,11 +164,9 @@ def _curves(runs: Sequence, out: str) -> list:
 
 
 def _plot_curves(rows, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dali_jax.analysis.plots import pyplot, save
     settings = sorted({r[0] for r in rows})
-    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 3.6), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(settings), figsize=(5 * len(settings), 3.6), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         methods = sorted({r[1] for r in rows if r[0] == setting})
         for i, m in enumerate(methods):
@@ -182,9 +180,7 @@ def _plot_curves(rows, path: str) -> None:
         ax.set_ylabel("evaluation return (mean over seeds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------- index.md
