@@ -56,19 +56,26 @@ def is_complete(job: Job) -> bool:
     return all(evaluation_grid(rest[0])[i].values in ref for i in rest[1])
 
 
-def _acquire(path: str, stop: Optional[threading.Event]) -> int | None:
-    """fd holding the flock at ``path``; None when ``stop`` was set while waiting."""
+def try_lock(path: str) -> int | None:
+    """An fd holding the flock at ``path`` (created if missing), or None when another holds
+    it. Closing the fd releases the lock."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if stop is not None and stop.is_set():
-                os.close(fd)
-                return None
-            time.sleep(1.0)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        os.close(fd)
+        return None
+
+
+def _acquire(path: str, stop: Optional[threading.Event]) -> int | None:
+    """fd holding the flock at ``path``; None when ``stop`` was set while waiting."""
+    while (fd := try_lock(path)) is None:
+        if stop is not None and stop.is_set():
+            return None
+        time.sleep(1.0)
+    return fd
 
 
 def _child_setup() -> None:
@@ -120,7 +127,7 @@ def execute(job: Job, env: Optional[dict] = None, stop: Optional[threading.Event
             return {"outcome": "skipped"}
         return _attempt(job, fd, env, stop, on_start)
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        fcntl.flock(fd, fcntl.LOCK_UN)  # also for a descendant still holding the inherited fd
         os.close(fd)
 
 

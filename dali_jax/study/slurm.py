@@ -67,18 +67,24 @@ def executor(study, folder: str, kind: str):
 def submit(study, jobs, folder: str) -> list:
     """Submits ``jobs`` as arrays (training jobs and the others have their own time limits)
     and writes a "queued" header into each job's log; -> the submitit jobs, in job order."""
-    sjobs = {}
-    for kind in ("train", "eval"):
-        group = [j for j in jobs if (j.kind == "train") == (kind == "train")]
-        if group:
-            submitted = executor(study, folder, kind).submit_array([JobCallable(j) for j in group])
-            sjobs.update(zip(group, submitted))
-    for job, sj in sjobs.items():
-        os.makedirs(os.path.dirname(job.log), exist_ok=True)
-        with open(job.log, "a") as f:
-            f.write(RD.header(job.kind, "queued", {
-                "time": time.time(), "job_id": str(sj.job_id), "folder": folder,
-                "cluster": study.backend.slurm.cluster}))
+    # Each job's lock is held until its queued header is written: a job that starts at once
+    # waits for it, so the header comes before the job's start header.
+    sjobs, held = {}, [J.try_lock(j.lock) for j in jobs]
+    try:
+        for kind in ("train", "eval"):
+            group = [j for j in jobs if (j.kind == "train") == (kind == "train")]
+            if group:
+                callables = [JobCallable(j) for j in group]
+                sjobs.update(zip(group, executor(study, folder, kind).submit_array(callables)))
+        for job, sj in sjobs.items():
+            with open(job.log, "a") as f:
+                f.write(RD.header(job.kind, "queued", {
+                    "time": time.time(), "job_id": str(sj.job_id), "folder": folder,
+                    "cluster": study.backend.slurm.cluster}))
+    finally:
+        for fd in held:
+            if fd is not None:
+                os.close(fd)
     return [sjobs[j] for j in jobs]
 
 

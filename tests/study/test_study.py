@@ -577,6 +577,31 @@ def test_slurm_backend_submits_one_array_with_the_study_resources(tmp_path, monk
     assert RD.last_event(runs[1].logdir + "/train.log")[0] == "queued"
 
 
+def test_a_queued_header_comes_before_the_start_of_a_job_that_starts_at_once(tmp_path,
+                                                                             monkeypatch):
+    from types import SimpleNamespace
+
+    from dali_jax.study import slurm
+    run = tmp_path / "run"
+    job = J.Job("eval", "x", (sys.executable, "-c", "print('ran')"), str(run / "eval.log"),
+                str(run / "run.lock"), ("eval", str(run), 1, ()))
+    threads = []
+
+    class StartsAtOnce:  # an executor whose jobs start the moment they are submitted
+        def submit_array(self, callables):
+            threads.extend(threading.Thread(target=J.execute, args=(c.job,)) for c in callables)
+            for t in threads:
+                t.start()
+            time.sleep(1.5)  # time enough for a job that is not held back to write its start
+            return [SimpleNamespace(job_id=str(i)) for i in range(len(callables))]
+
+    monkeypatch.setattr(slurm, "executor", lambda *args: StartsAtOnce())
+    slurm.submit(spec.defaults(), [job], str(tmp_path / "submitit"))
+    for t in threads:
+        t.join(60)
+    assert [e for _, e, _ in RD.log_events(job.log)] == ["queued", "start", "end"]
+
+
 CHILD = """
 import os, signal, sys, time
 def term(*_):
