@@ -56,22 +56,9 @@ def is_complete(job: Job) -> bool:
     return all(evaluation_grid(rest[0])[i].values in ref for i in rest[1])
 
 
-def try_lock(path: str) -> int | None:
-    """An fd holding the flock at ``path`` (created if missing), or None when another holds
-    it. Closing the fd releases the lock."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd
-    except BlockingIOError:
-        os.close(fd)
-        return None
-
-
 def _acquire(path: str, stop: Optional[threading.Event]) -> int | None:
     """fd holding the flock at ``path``; None when ``stop`` was set while waiting."""
-    while (fd := try_lock(path)) is None:
+    while (fd := RD.try_lock(path)) is None:
         if stop is not None and stop.is_set():
             return None
         time.sleep(1.0)

@@ -125,11 +125,11 @@ def eval_indices(study, setting: str) -> list[int]:
 
 def work(study, run: Run, config) -> tuple[int, int, int]:
     """(env steps, updates, evaluation env steps) of ``run``."""
-    steps, c = int(config.run.steps), config
-    updates = int(max(0, steps - c.run.prefill) * c.run.train_ratio
-                  / (c.train.batch_size * c.train.batch_length))
+    steps = int(config.run.steps)
+    updates = int(max(0, steps - config.run.prefill) * config.run.train_ratio
+                  / (config.train.batch_size * config.train.batch_length))
     episodes = len(eval_indices(study, run.setting)) * study.evaluation.episodes
-    return steps, updates, episodes * int(c.run.episode_length)
+    return steps, updates, episodes * int(config.run.episode_length)
 
 
 # ----------------------------------------------------------------------------- jobs

@@ -107,19 +107,28 @@ def last_event(path: str) -> tuple[str | None, dict]:
     return (events[-1][1], events[-1][2]) if events else (None, {})
 
 
-def lock_held(path: str) -> bool:
-    """Whether some process holds the flock at ``path`` (probed without waiting)."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return False
+def try_lock(path: str) -> int | None:
+    """An fd holding the flock at ``path`` (created if missing), or None when another holds
+    it. Closing the fd releases the lock."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
+        return fd
     except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing releases a lock taken here
+        os.close(fd)
+        return None
+
+
+def lock_held(path: str) -> bool:
+    """Whether some process holds the flock at ``path`` (probed without waiting; a missing
+    lock file is not created)."""
+    if not os.path.exists(path):
+        return False
+    fd = try_lock(path)
+    if fd is not None:
+        os.close(fd)
+    return fd is None
 
 
 # ----------------------------------------------------------------------------- status

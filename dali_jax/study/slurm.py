@@ -69,7 +69,7 @@ def submit(study, jobs, folder: str) -> list:
     and writes a "queued" header into each job's log; -> the submitit jobs, in job order."""
     # Each job's lock is held until its queued header is written: a job that starts at once
     # waits for it, so the header comes before the job's start header.
-    sjobs, held = {}, [J.try_lock(j.lock) for j in jobs]
+    sjobs, held = {}, [RD.try_lock(j.lock) for j in jobs]
     try:
         for kind in ("train", "eval"):
             group = [j for j in jobs if (j.kind == "train") == (kind == "train")]
