@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+from dali_jax.study import jobs as J
 from dali_jax.study import plan as P
 from dali_jax.study import rundir as RD
 from dali_jax.study import spec
@@ -74,9 +75,8 @@ class Study:
         if not jobs:
             return 0
         if self.study.backend.name == "local":
-            from dali_jax.study import local
-            recs = local.run_jobs(jobs, self.study.backend.local.concurrency, desc=stage,
-                                  quiet=self.args.quiet)
+            recs = J.run_jobs(jobs, self.study.backend.local.concurrency, desc=stage,
+                              quiet=self.args.quiet)
             errors = [r.get("error") if r["outcome"] == "failed" else None for r in recs]
         else:
             from dali_jax.study import slurm
@@ -121,7 +121,7 @@ def cmd_run(s: Study) -> int:
         json.dump({"study_file": s.args.study, "study": s.study.to_dict()}, f, indent=1,
                   default=str)
     jobs = [P.train_job(s.study, r, s.configs[r.name]) for r in s.runs]
-    jobs = [j for j in jobs if not P.is_complete(j)]
+    jobs = [j for j in jobs if not J.is_complete(j)]
     if s.study.backend.name == "slurm":
         busy = {st.name for st in s.statuses() if st.state in ("queued", "running")}
         if busy:

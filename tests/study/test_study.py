@@ -309,10 +309,9 @@ def test_a_failing_job_is_recorded_with_its_last_error_line(tmp_path):
 
 
 def test_local_backend_gives_each_slot_its_gpu(tmp_path, monkeypatch):
-    from dali_jax.study import local
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
     monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
-    assert local.visible_gpus() == ["2", "5"]
+    assert J.visible_gpus() == ["2", "5"]
     printer = ("import os, time; time.sleep(0.5); print('gpu', os.environ['CUDA_VISIBLE_DEVICES'],"
                " os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE', '-'))")
 
@@ -320,7 +319,7 @@ def test_local_backend_gives_each_slot_its_gpu(tmp_path, monkeypatch):
         jobs = [J.Job("eval", f"j{i}", (sys.executable, "-c", printer),
                       str(tmp_path / f"{n}_{i}.log"), str(tmp_path / f"{n}_{i}.lock"),
                       ("eval", str(tmp_path / "none"), 1, ())) for i in range(n)]
-        recs = local.run_jobs(jobs, quiet=True, **kw)
+        recs = J.run_jobs(jobs, quiet=True, **kw)
         assert [r["outcome"] for r in recs] == ["failed"] * n  # no results written
         return sorted(ln for i in range(n) for ln in (tmp_path / f"{n}_{i}.log").read_text()
                       .splitlines() if ln.startswith("gpu "))
@@ -328,12 +327,12 @@ def test_local_backend_gives_each_slot_its_gpu(tmp_path, monkeypatch):
     assert gpus_of(2) == ["gpu 2 -", "gpu 5 -"]
     assert gpus_of(4, concurrency=4) == ["gpu 2 false"] * 2 + ["gpu 5 false"] * 2
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert local.visible_gpus() == []
+    assert J.visible_gpus() == []
 
 
 LAUNCHER = """
 import sys
-from dali_jax.study import jobs as J, local
+from dali_jax.study import jobs as J
 child = '''
 import signal, sys, time
 signal.signal(signal.SIGTERM, lambda *_: (open(sys.argv[1], "w").write("saved"), sys.exit(0)))
@@ -345,7 +344,7 @@ jobs = [J.Job("eval", f"j{i}", (sys.executable, "-c", child, f"{tmp}/saved{i}"),
               f"{tmp}/j{i}.log", f"{tmp}/j{i}.lock", ("eval", f"{tmp}/none", 1, ()))
         for i in range(3)]
 try:
-    local.run_jobs(jobs, concurrency=2, quiet=True)
+    J.run_jobs(jobs, concurrency=2, quiet=True)
 except KeyboardInterrupt:
     print("stopped", flush=True)
 """
