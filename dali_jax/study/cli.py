@@ -87,7 +87,7 @@ class Study:
             if not self.args.wait:
                 print("follow them with `status`")
                 return 0
-            errors = slurm.wait(sjobs, desc=stage, quiet=self.args.quiet)
+            errors = slurm.wait(sjobs, jobs, desc=stage, quiet=self.args.quiet)
         for job, error in zip(jobs, errors):
             if error:
                 print(f"FAILED {job.kind} {job.name}: {error} (log: {job.log})", file=sys.stderr)

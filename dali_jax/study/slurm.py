@@ -89,33 +89,27 @@ def submit(study, jobs, folder: str) -> list:
 
 
 def job_state(record: dict) -> str | None:
-    """"queued" (pending, running or requeued), "gone" (ended) or None (unknown) for a queued
-    header, asking SLURM (submitit's sacct query) or, for submitit's local executor, the
-    process table."""
-    cluster, job_id = record.get("cluster"), str(record.get("job_id", ""))
-    if cluster == "local":
-        try:
-            os.kill(int(job_id), 0)
-        except (ValueError, ProcessLookupError):
-            return "gone"
-        except PermissionError:
-            pass
-        return "queued"
-    if cluster != "slurm" or shutil.which("sacct") is None or submitit is None:
+    """"queued" (pending, running or requeued) or "gone" (ended) for a queued header, as
+    SLURM's sacct says (through submitit); None when it cannot be asked. A job of submitit's
+    local or debug executor starts at once: "gone" (its lock tells whether it runs)."""
+    if record.get("cluster") != "slurm":
+        return "gone"
+    if shutil.which("sacct") is None or submitit is None:
         return None
-    job = submitit.SlurmJob(folder=os.path.join(record.get("folder", ""), "%j"), job_id=job_id)
+    folder = os.path.join(record.get("folder", ""), "%j")
+    job = submitit.SlurmJob(folder=folder, job_id=str(record.get("job_id", "")))
     return "gone" if job.done(force_check=True) else "queued"
 
 
-def wait(sjobs, desc: str, quiet: bool = False) -> list:
-    """Blocks until every submitit job has ended; -> per job None (success) or its error."""
+def wait(sjobs, jobs, desc: str, quiet: bool = False) -> list:
+    """Blocks until every submitit job has ended; -> per job None (success) or its error: the
+    job log's end header, else submitit's first line (e.g. a job SLURM killed)."""
     from tqdm import tqdm
     errors = []
-    for sj in tqdm(sjobs, desc=desc, unit="job", disable=quiet or not sjobs):
-        try:
-            sj.result()
-            errors.append(None)
-        except Exception as e:  # noqa: BLE001 - submitit wraps the job's exception
-            lines = str(e).strip().splitlines()
-            errors.append(lines[-1] if lines else type(e).__name__)
+    for sj, job in zip(tqdm(sjobs, desc=desc, unit="job", disable=quiet or not sjobs), jobs):
+        e, (event, end) = sj.exception(), RD.last_event(job.log)
+        if e is None or event == "end":
+            errors.append(e and (end.get("error") or end.get("outcome")))
+        else:
+            errors.append(str(e).strip().split("\n")[0] or type(e).__name__)
     return errors

@@ -601,6 +601,18 @@ def test_a_queued_header_comes_before_the_start_of_a_job_that_starts_at_once(tmp
     assert [e for _, e, _ in RD.log_events(job.log)] == ["queued", "start", "end"]
 
 
+def test_a_failed_slurm_job_reports_the_error_in_its_log(tmp_path):
+    """Not submitit's message, whose last lines are paths of its own log files."""
+    from dali_jax.study import slurm
+    study = spec.defaults()
+    study.backend.slurm.cluster, study.backend.slurm.gpus_per_node = "local", 0
+    run = tmp_path / "run"
+    job = J.Job("eval", "x", (sys.executable, "-c", "raise ValueError('boom')"),
+                str(run / "eval.log"), str(run / "run.lock"), ("eval", str(run), 1, ()))
+    sjobs = slurm.submit(study, [job], str(tmp_path / "submitit"))
+    assert slurm.wait(sjobs, [job], "evaluate", quiet=True) == ["ValueError: boom"]
+
+
 CHILD = """
 import os, signal, sys, time
 def term(*_):
