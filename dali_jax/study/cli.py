@@ -12,13 +12,13 @@ configuration, 130 after Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 from dali_jax.study import jobs as J
 from dali_jax.study import plan as P
 from dali_jax.study import rundir as RD
+from dali_jax.study import slurm
 from dali_jax.study import spec
 
 COMMANDS = ("plan", "run", "status", "evaluate", "report", "all")
@@ -58,12 +58,9 @@ class Study:
         self.configs = P.run_configs(self.study, self.runs)
 
     def statuses(self) -> list[RD.RunStatus]:
-        job_state = None
-        if self.study.backend.name == "slurm":
-            from dali_jax.study.slurm import job_state
         return [RD.run_status(r.name, r.logdir, int(self.configs[r.name].run.steps),
                               self.study.evaluation.episodes,
-                              P.eval_indices(self.study, r.setting), job_state)
+                              P.eval_indices(self.study, r.setting), slurm.job_state)
                 for r in self.runs]
 
     def conflicts(self) -> list[tuple]:
@@ -79,7 +76,6 @@ class Study:
                               quiet=self.args.quiet)
             errors = [r.get("error") if r["outcome"] == "failed" else None for r in recs]
         else:
-            from dali_jax.study import slurm
             folder = os.path.join(self.root, "submitit")
             sjobs = slurm.submit(self.study, jobs, folder)
             print(f"submitted {len(jobs)} job(s) to {self.study.backend.slurm.cluster} (files "
@@ -116,10 +112,6 @@ def cmd_run(s: Study) -> int:
               file=sys.stderr)
     if bad:
         return 2
-    os.makedirs(s.root, exist_ok=True)
-    with open(os.path.join(s.root, "study.json"), "w") as f:
-        json.dump({"study_file": s.args.study, "study": s.study.to_dict()}, f, indent=1,
-                  default=str)
     jobs = [P.train_job(s.study, r, s.configs[r.name]) for r in s.runs]
     jobs = [j for j in jobs if not J.is_complete(j)]
     if s.study.backend.name == "slurm":

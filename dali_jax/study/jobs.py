@@ -61,15 +61,6 @@ def is_complete(job: Job) -> bool:
     return all(evaluation_grid(rest[0])[i].values in ref for i in rest[1])
 
 
-def _acquire(path: str, stop: Optional[threading.Event]) -> int | None:
-    """fd holding the flock at ``path``; None when ``stop`` was set while waiting."""
-    while (fd := RD.try_lock(path)) is None:
-        if stop is not None and stop.is_set():
-            return None
-        time.sleep(1.0)
-    return fd
-
-
 def _child_setup() -> None:
     """In the child before exec: SIGTERM when the launching thread dies (the trainer then
     saves and exits); SIGUSR2 ignored (submitit's time-out signal is for the launcher)."""
@@ -111,9 +102,10 @@ def execute(job: Job, env: Optional[dict] = None, stop: Optional[threading.Event
     or failed), or outcome "skipped" (complete) or "stopped" (``stop`` set while waiting for
     the lock). env: extra environment of the child; stop: set by the launcher to interrupt
     (the child gets SIGTERM and saves); on_start: called with the child process."""
-    fd = _acquire(job.lock, stop)
-    if fd is None:
-        return {"outcome": "stopped"}
+    while (fd := RD.try_lock(job.lock)) is None:  # another launcher runs the job: wait
+        if stop is not None and stop.is_set():
+            return {"outcome": "stopped"}
+        time.sleep(1.0)
     try:
         if is_complete(job):
             return {"outcome": "skipped"}

@@ -124,14 +124,6 @@ def load(path: str) -> ml_collections.ConfigDict:
     return study
 
 
-def setting_choices(task: str) -> dict[str, str]:
-    """Context settings of ``task`` -> what they vary (for error messages and docs)."""
-    f0, f1 = C.FACTORS[task]
-    return {"default": "the default context only", "single_0": f"{f0} varied",
-            "single_1": f"{f1} varied", "double_box": f"{f0} and {f1} varied",
-            "specific": "one fixed context (config.specific_context)"}
-
-
 # ----------------------------------------------------------------------------- validation
 def _fail(field: str, msg: str):
     raise StudyError(f"study.{field} {msg}")
@@ -188,7 +180,10 @@ def validate(s) -> None:
     for seed in _sequence("seeds", s.seeds):
         if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
             _fail("seeds", f"must hold integers >= 0; got {seed!r}")
-    choices = setting_choices(s.task)
+    f0, f1 = C.FACTORS[s.task]
+    choices = {"default": "the default context only", "single_0": f"{f0} varied",
+               "single_1": f"{f1} varied", "double_box": f"{f0} and {f1} varied",
+               "specific": "one fixed context (config.specific_context)"}
     for name in _sequence("settings", s.settings):
         if name not in choices:
             valid = "; ".join(f"{k} ({v})" for k, v in choices.items())
