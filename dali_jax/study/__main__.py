@@ -1,10 +1,7 @@
 """``python -m dali_jax.study STUDY_FILE --dir DIR {plan,run,status,evaluate,report,all}``."""
-import os
 import sys
 
-os.environ.setdefault("MUJOCO_GL", "egl")
-
-from dali_jax.study.cli import main  # noqa: E402
+from dali_jax.study.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -65,8 +65,9 @@ def _config(study, argv):
 
 
 def run_configs(study, runs) -> dict:
-    """{run name: validated ConfigDict}, built as the experiment files build it; a bad
-    override raises StudyError naming ``study.overrides[...]``."""
+    """{run name: validated ConfigDict}, built as the experiment files build it. A bad
+    override raises StudyError naming ``study.overrides[...]``, as do runs of different
+    episode lengths (one random-policy reference serves every run)."""
     out = {}
     for run in runs:
         try:
@@ -75,6 +76,10 @@ def run_configs(study, runs) -> dict:
             where = ("study.overrides" if run.method not in study.method_overrides else
                      f"study.overrides or study.method_overrides[{run.method!r}]")
             raise StudyError(f"{where}: {e}") from None
+    lengths = sorted({int(c.run.episode_length) for c in out.values()})
+    if len(lengths) > 1:
+        raise StudyError(f"study.overrides: the runs have different run.episode_length "
+                         f"values {lengths}")
     return out
 
 
@@ -152,10 +157,7 @@ def eval_job(study, run: Run) -> Job:
 
 
 def episode_length(configs: dict) -> int:
-    lengths = {int(c.run.episode_length) for c in configs.values()}
-    if len(lengths) != 1:
-        raise StudyError(f"the runs have different run.episode_length values {sorted(lengths)}")
-    return lengths.pop()
+    return int(next(iter(configs.values())).run.episode_length)  # one for all: run_configs
 
 
 def reference_path(study, root: str, configs: dict) -> str:

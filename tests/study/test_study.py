@@ -221,6 +221,10 @@ def test_report_probe_table_gives_the_median_over_seeds(tmp_path):
      r"study\.method_overrides\['dreamer_dr'\] must be a mapping of config path"),
     ('c.settings = ("default",)', r"study\.evaluation\.contexts is 'scored', but setting\(s\) "
                                   r"default score no grid context"),
+    ('c.overrides["run.episode_length"] = 40; c.seeds = (0,); c.variants["short"] = '
+     '"dreamer_dr"; c.methods = ("dreamer_dr", "short"); c.method_overrides["short"] = '
+     '{"run.episode_length": 20}',
+     r"study\.overrides: the runs have different run\.episode_length values \[20, 40\]"),
 ])
 def test_bad_study_files_are_rejected_naming_the_field(tmp_path, line, message):
     path = write_study(tmp_path / "bad.py", line)
