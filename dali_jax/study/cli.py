@@ -113,7 +113,7 @@ def cmd_run(s: Study) -> int:
     if bad:
         return 2
     jobs = [P.train_job(s.study, r, s.configs[r.name]) for r in s.runs]
-    jobs = [j for j in jobs if not J.is_complete(j)]
+    jobs = [j for j in jobs if not j.done()]
     if s.study.backend.name == "slurm":
         busy = {st.name for st in s.statuses() if st.state in ("queued", "running")}
         if busy:

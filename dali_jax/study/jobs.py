@@ -33,32 +33,15 @@ _PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
 @dataclasses.dataclass(frozen=True)
 class Job:
     """One command of a study. kind: train | eval | reference; name: the run's (or the
-    reference file's); log: stdout and stderr, appended; check: completion criteria,
-    ("train", logdir, steps) | ("eval", logdir, episodes, indices) | ("reference", path,
-    task, indices)."""
+    reference file's); log: stdout and stderr, appended (in the run directory); done: () ->
+    whether the job's results are complete, read from its files (a picklable partial)."""
 
     kind: str
     name: str
     argv: tuple
     log: str
     lock: str
-    check: tuple
-
-
-def is_complete(job: Job) -> bool:
-    """The job's completion check, read from the run directory (or the reference file)."""
-    kind, target, *rest = job.check
-    if kind == "train":
-        return RD.training_finished(target, rest[0])
-    if kind == "eval":
-        return RD.evaluated(target, *rest)
-    from dali_jax.analysis.normalize import ReferenceFileError, load_reference
-    from dali_jax.envs.contexts import evaluation_grid
-    try:
-        ref = load_reference(target, kind="random", task=rest[0])
-    except (ReferenceFileError, KeyError):
-        return False
-    return all(evaluation_grid(rest[0])[i].values in ref for i in rest[1])
+    done: Callable[[], bool] = dataclasses.field(compare=False)
 
 
 def _child_setup() -> None:
@@ -107,7 +90,7 @@ def execute(job: Job, env: Optional[dict] = None, stop: Optional[threading.Event
             return {"outcome": "stopped"}
         time.sleep(1.0)
     try:
-        if is_complete(job):
+        if job.done():
             return {"outcome": "skipped"}
         return _attempt(job, fd, env, stop, on_start)
     finally:
@@ -116,7 +99,7 @@ def execute(job: Job, env: Optional[dict] = None, stop: Optional[threading.Event
 
 
 def _attempt(job: Job, fd: int, env, stop, on_start) -> dict:
-    step = lambda: 0 if job.kind == "reference" else RD.latest_checkpoint_step(job.check[1]) or 0
+    step = lambda: RD.latest_checkpoint_step(os.path.dirname(job.log)) or 0
     os.makedirs(os.path.dirname(job.log), exist_ok=True)
     offset = os.path.getsize(job.log) if os.path.exists(job.log) else 0
     child_env = {"MUJOCO_GL": "egl", **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -144,7 +127,7 @@ def _attempt(job: Job, fd: int, env, stop, on_start) -> dict:
         rc = proc.returncode if proc.returncode is not None else -signal.SIGKILL
         outcome, error = "failed", ""
         paused = rc == 0 and job.kind == "train"  # a trainer that saved and stopped on request
-        if is_complete(job):
+        if job.done():
             outcome = "done"
         elif stopped or paused or rc in (-signal.SIGTERM, -signal.SIGINT):
             outcome = "interrupted"

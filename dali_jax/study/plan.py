@@ -16,7 +16,7 @@ from dali_jax import overrides
 from dali_jax import presets
 from dali_jax.envs import contexts as C
 from dali_jax.study import rundir as RD
-from dali_jax.study.jobs import Job, is_complete
+from dali_jax.study.jobs import Job
 from dali_jax.study.spec import StudyError
 
 
@@ -141,8 +141,9 @@ def work(study, run: Run, config) -> tuple[int, int, int]:
 def train_job(study, run: Run, config) -> Job:
     """Trains ``run`` to ``config.run.steps`` (resuming from its checkpoint)."""
     argv = (sys.executable, "-u", "-m", "dali_jax.launch", "--task", study.task) + run.argv
+    done = functools.partial(RD.training_finished, run.logdir, int(config.run.steps))
     return Job("train", run.name, argv, os.path.join(run.logdir, "train.log"),
-               os.path.join(run.logdir, RD.LOCK), ("train", run.logdir, int(config.run.steps)))
+               os.path.join(run.logdir, RD.LOCK), done)
 
 
 def eval_job(study, run: Run) -> Job:
@@ -151,9 +152,10 @@ def eval_job(study, run: Run) -> Job:
     argv = (sys.executable, "-u", "-m", "dali_jax.evaluate", "--logdir", run.logdir,
             "--episodes", str(e.episodes), "--contexts", e.contexts, "--num-envs",
             str(e.num_envs), "--mode", e.mode)
-    check = ("eval", run.logdir, int(e.episodes), tuple(eval_indices(study, run.setting)))
+    done = functools.partial(RD.evaluated, run.logdir, int(e.episodes),
+                             tuple(eval_indices(study, run.setting)))
     return Job("eval", run.name, argv, os.path.join(run.logdir, "eval.log"),
-               os.path.join(run.logdir, RD.LOCK), check)
+               os.path.join(run.logdir, RD.LOCK), done)
 
 
 def episode_length(configs: dict) -> int:
@@ -177,19 +179,29 @@ def reference_job(study, root: str, configs: dict) -> Job:
             "--episode-length", str(episode_length(configs)))
     stem = path[:-len(".json")]
     return Job("reference", os.path.basename(path), argv, stem + ".log", stem + ".lock",
-               ("reference", path, study.task, tuple(indices)))
+               functools.partial(reference_complete, path, study.task, tuple(indices)))
+
+
+def reference_complete(path: str, task: str, indices) -> bool:
+    """The random-policy reference file ``path`` holds the grid contexts ``indices``."""
+    from dali_jax.analysis.normalize import ReferenceFileError, load_reference
+    try:
+        ref = load_reference(path, kind="random", task=task)
+    except (ReferenceFileError, KeyError):
+        return False
+    return all(C.evaluation_grid(task)[i].values in ref for i in indices)
 
 
 def evaluation_jobs(study, root: str, runs, configs: dict):
     """-> (jobs to launch, names of runs already evaluated, names of runs not finished); the
     reference job first when the reference lacks a context."""
     ref = reference_job(study, root, configs)
-    jobs, skipped, unfinished = [] if is_complete(ref) else [ref], [], []
+    jobs, skipped, unfinished = [] if ref.done() else [ref], [], []
     for run in runs:
         job = eval_job(study, run)
-        if not is_complete(train_job(study, run, configs[run.name])):
+        if not train_job(study, run, configs[run.name]).done():
             unfinished.append(run.name)
-        elif is_complete(job):
+        elif job.done():
             skipped.append(run.name)
         else:
             jobs.append(job)

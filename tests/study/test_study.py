@@ -2,6 +2,7 @@
 whose runs are killed, then resumed; status, evaluate (skips evaluated runs) and report (lists
 missing and failed runs); the slurm backend's sbatch array built without a cluster (fake sbatch),
 its requeue callable, and one smoke study end to end through submitit's local executor."""
+import functools
 import json
 import os
 import pickle
@@ -303,7 +304,7 @@ def test_status_is_read_from_the_run_directory(tmp_path):
 def test_a_failing_job_is_recorded_with_its_last_error_line(tmp_path):
     job = J.Job("train", "x", (sys.executable, "-c", "print('hello'); raise ValueError('boom')"),
                 str(tmp_path / "train.log"), str(tmp_path / "run.lock"),
-                ("train", str(tmp_path / "run"), 10))
+                functools.partial(RD.training_finished, str(tmp_path / "run"), 10))
     rec = J.execute(job)
     assert rec["outcome"] == "failed" and rec["returncode"] == 1
     assert rec["error"] == "ValueError: boom"
@@ -322,7 +323,7 @@ def test_local_backend_gives_each_slot_its_gpu(tmp_path, monkeypatch):
     def gpus_of(n, **kw):
         jobs = [J.Job("eval", f"j{i}", (sys.executable, "-c", printer),
                       str(tmp_path / f"{n}_{i}.log"), str(tmp_path / f"{n}_{i}.lock"),
-                      ("eval", str(tmp_path / "none"), 1, ())) for i in range(n)]
+                      functools.partial(RD.evaluated, str(tmp_path / "none"), 1, ())) for i in range(n)]
         recs = J.run_jobs(jobs, quiet=True, **kw)
         assert [r["outcome"] for r in recs] == ["failed"] * n  # no results written
         return sorted(ln for i in range(n) for ln in (tmp_path / f"{n}_{i}.log").read_text()
@@ -345,7 +346,7 @@ time.sleep(120)
 '''
 tmp = sys.argv[1]
 jobs = [J.Job("eval", f"j{i}", (sys.executable, "-c", child, f"{tmp}/saved{i}"),
-              f"{tmp}/j{i}.log", f"{tmp}/j{i}.lock", ("eval", f"{tmp}/none", 1, ()))
+              f"{tmp}/j{i}.log", f"{tmp}/j{i}.lock", lambda: False)
         for i in range(3)]
 try:
     J.run_jobs(jobs, concurrency=2, quiet=True)
@@ -482,7 +483,8 @@ def test_report_lists_missing_and_failed_runs(killed_and_resumed, tmp_path, caps
     study, runs, configs = load(path, root)
     failing = J.Job("train", runs[2].name, (sys.executable, "-c", "raise ValueError('boom')"),
                     os.path.join(runs[2].logdir, "train.log"),
-                    os.path.join(runs[2].logdir, RD.LOCK), ("train", runs[2].logdir, STEPS))
+                    os.path.join(runs[2].logdir, RD.LOCK),
+                    functools.partial(RD.training_finished, runs[2].logdir, STEPS))
     assert J.execute(failing)["outcome"] == "failed"
     assert cli.main([path, "status", "--dir", root]) == 0
     out = capsys.readouterr().out
@@ -558,7 +560,8 @@ def test_slurm_backend_submits_one_array_with_the_study_resources(tmp_path, monk
         with open(root / "submitit" / f"4242_{i}" / f"4242_{i}_submitted.pkl", "rb") as f:
             job = pickle.load(f).function.job
         assert isinstance(pickle.loads(pickle.dumps(JobCallable(job))), JobCallable)
-        assert job == P.train_job(study, run, configs[run.name]) and job.check[2] == STEPS
+        assert job == P.train_job(study, run, configs[run.name])
+        assert (job.done.func, job.done.args) == (RD.training_finished, (run.logdir, STEPS))
         event, rec = RD.last_event(job.log)
         assert event == "queued" and rec["job_id"] == f"4242_{i}"
     # queued runs are shown as such and not submitted twice
@@ -587,7 +590,7 @@ def test_a_queued_header_comes_before_the_start_of_a_job_that_starts_at_once(tmp
     from dali_jax.study import slurm
     run = tmp_path / "run"
     job = J.Job("eval", "x", (sys.executable, "-c", "print('ran')"), str(run / "eval.log"),
-                str(run / "run.lock"), ("eval", str(run), 1, ()))
+                str(run / "run.lock"), functools.partial(RD.evaluated, str(run), 1, ()))
     threads = []
 
     class StartsAtOnce:  # an executor whose jobs start the moment they are submitted
@@ -612,7 +615,7 @@ def test_a_failed_slurm_job_reports_the_error_in_its_log(tmp_path):
     study.backend.slurm.cluster, study.backend.slurm.gpus_per_node = "local", 0
     run = tmp_path / "run"
     job = J.Job("eval", "x", (sys.executable, "-c", "raise ValueError('boom')"),
-                str(run / "eval.log"), str(run / "run.lock"), ("eval", str(run), 1, ()))
+                str(run / "eval.log"), str(run / "run.lock"), functools.partial(RD.evaluated, str(run), 1, ()))
     sjobs = slurm.submit(study, [job], str(tmp_path / "submitit"))
     assert slurm.wait(sjobs, [job], "evaluate", quiet=True) == ["ValueError: boom"]
 
@@ -632,7 +635,7 @@ time.sleep(120)
 def test_requeue_checkpoint_stops_the_child_and_resubmits_the_same_job(tmp_path):
     saved = tmp_path / "saved"
     job = J.Job("train", "x", (sys.executable, "-c", CHILD, str(saved)), str(tmp_path / "log"),
-                str(tmp_path / "lock"), ("train", str(tmp_path / "run"), 10))
+                str(tmp_path / "lock"), functools.partial(RD.training_finished, str(tmp_path / "run"), 10))
     callable_ = JobCallable(job)
     errors = []
     thread = threading.Thread(target=lambda: errors.append(pytest.raises(
