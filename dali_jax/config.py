@@ -340,6 +340,21 @@ def with_defaults(saved: dict, defaults: dict) -> dict:
     return out
 
 
+def differences(a: dict, b: dict, names=("a", "b"), limit: int = 8) -> str:
+    """The fields where nested dicts ``a`` and ``b`` differ, as one line ('' when equal),
+    e.g. with names ("run", "study"): "model.units: run has 512, study has 256; ..."."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+    a, b = flat(a), flat(b)
+    diffs = [f"{k}: {names[0]} has {a.get(k, '<absent>')!r}, {names[1]} has "
+             f"{b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(diffs[:limit]) + (f"; ... ({len(diffs)} fields)" if len(diffs) > limit
+                                       else "")
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

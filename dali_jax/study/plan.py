@@ -90,13 +90,6 @@ def config_json(config) -> dict:
     return d
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
 def config_conflict(study, run: Run, config) -> str | None:
     """Fields where ``run``'s config.json differs from the planned ``config``, as one line;
     None when it matches or the run has not started. A field config.json lacks (an option
@@ -112,13 +105,8 @@ def config_conflict(study, run: Run, config) -> str | None:
         return f"{path} is unreadable ({e})"
     old.pop("logdir", None)
     base = _config(study, _argv(study, run.method, run.setting, run.seed, run.logdir, True))
-    old, new = _flatten(config_lib.with_defaults(old, config_json(base))), _flatten(
-        config_json(config))
-    diffs = [f"{k}: run has {old.get(k, '<absent>')!r}, study has {new.get(k, '<absent>')!r}"
-             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if not diffs:
-        return None
-    return "; ".join(diffs[:8]) + (f"; ... ({len(diffs)} fields)" if len(diffs) > 8 else "")
+    old = config_lib.with_defaults(old, config_json(base))
+    return config_lib.differences(old, config_json(config), ("run", "study")) or None
 
 
 def eval_indices(study, setting: str) -> list[int]:

@@ -32,6 +32,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from dali_jax.config import differences
+
 __all__ = ["Checkpointer", "CheckpointError", "CheckpointSaveError", "config_fingerprint"]
 
 log = logging.getLogger(__name__)
@@ -311,11 +313,7 @@ class Checkpointer:
         if current is None or stored == current:
             return
         if isinstance(stored, dict) and isinstance(current, dict):
-            diffs = [f"{k}: checkpoint {stored.get(k, '<absent>')!r} vs now "
-                     f"{current.get(k, '<absent>')!r}"
-                     for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
-            detail = "; ".join(diffs[:10]) + (f"; ... ({len(diffs)} fields)"
-                                              if len(diffs) > 10 else "")
+            detail = differences(stored, current, ("checkpoint", "config"), limit=10)
         else:
             detail = f"checkpoint {stored!r} vs now {current!r}"
         raise CheckpointError(f"incompatible checkpoint {os.path.join(path, _META)}: config "

@@ -240,8 +240,13 @@ def test_incompatible_template_names_the_leaf(tmp_path):
 
 def test_fingerprint_mismatch(tmp_path):
     _save_small(tmp_path, fingerprint={"seed": 1, "task": "cup"})
-    with pytest.raises(CheckpointError, match=r"meta.*seed: checkpoint 1 vs now 2"):
+    with pytest.raises(CheckpointError, match=r"meta.*seed: checkpoint has 1, config has 2$"):
         Checkpointer(tmp_path, fingerprint={"seed": 2, "task": "cup"}).restore()
+    nested = tmp_path / "nested"
+    _save_small(nested, fingerprint={"model": {"units": 8, "act": "silu"}})
+    with pytest.raises(CheckpointError, match=r"differs: model\.units: checkpoint has 8, config "
+                                              r"has 16$"):
+        Checkpointer(nested, fingerprint={"model": {"units": 16, "act": "silu"}}).restore()
     Checkpointer(tmp_path, fingerprint={"seed": 1, "task": "cup"}).restore()
     sub = tmp_path / "s"
     _save_small(sub, fingerprint=config_fingerprint({"a": 1}))
