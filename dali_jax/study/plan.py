@@ -78,8 +78,9 @@ def run_configs(study, runs) -> dict:
             raise StudyError(f"{where}: {e}") from None
     lengths = sorted({int(c.run.episode_length) for c in out.values()})
     if len(lengths) > 1:
-        raise StudyError(f"study.overrides: the runs have different run.episode_length "
-                         f"values {lengths}")
+        raise StudyError(f"study.overrides and study.method_overrides give the runs "
+                         f"run.episode_length values {lengths}; the random-policy reference "
+                         f"needs one")
     return out
 
 
@@ -147,7 +148,8 @@ def eval_job(study, run: Run) -> Job:
 
 
 def episode_length(configs: dict) -> int:
-    return int(next(iter(configs.values())).run.episode_length)  # one for all: run_configs
+    """The runs' run.episode_length (one for all: ``run_configs`` checks it)."""
+    return int(next(iter(configs.values())).run.episode_length)
 
 
 def reference_path(study, root: str, configs: dict) -> str:

@@ -225,7 +225,8 @@ def test_report_probe_table_gives_the_median_over_seeds(tmp_path):
     ('c.overrides["run.episode_length"] = 40; c.seeds = (0,); c.variants["short"] = '
      '"dreamer_dr"; c.methods = ("dreamer_dr", "short"); c.method_overrides["short"] = '
      '{"run.episode_length": 20}',
-     r"study\.overrides: the runs have different run\.episode_length values \[20, 40\]"),
+     r"study\.overrides and study\.method_overrides give the runs run\.episode_length "
+     r"values \[20, 40\]; the random-policy reference needs one"),
 ])
 def test_bad_study_files_are_rejected_naming_the_field(tmp_path, line, message):
     path = write_study(tmp_path / "bad.py", line)
