@@ -108,8 +108,10 @@ def wait(sjobs, jobs, desc: str, quiet: bool = False) -> list:
     errors = []
     for sj, job in zip(tqdm(sjobs, desc=desc, unit="job", disable=quiet or not sjobs), jobs):
         e, (event, end) = sj.exception(), RD.last_event(job.log)
-        if e is None or event == "end":
-            errors.append(e and (end.get("error") or end.get("outcome")))
+        if e is None:
+            errors.append(None)
+        elif event == "end":
+            errors.append(end.get("error") or end.get("outcome"))
         else:
             errors.append(str(e).strip().split("\n")[0] or type(e).__name__)
     return errors
