@@ -58,9 +58,10 @@ class Study:
         self.configs = P.run_configs(self.study, self.runs)
 
     def statuses(self) -> list[RD.RunStatus]:
+        job_state = slurm.job_states()
         return [RD.run_status(r.name, r.logdir, int(self.configs[r.name].run.steps),
                               self.study.evaluation.episodes,
-                              P.eval_indices(self.study, r.setting), slurm.job_state)
+                              P.eval_indices(self.study, r.setting), job_state)
                 for r in self.runs]
 
     def conflicts(self) -> list[tuple]:

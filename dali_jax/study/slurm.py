@@ -88,17 +88,26 @@ def submit(study, jobs, folder: str) -> list:
     return [sjobs[j] for j in jobs]
 
 
-def job_state(record: dict) -> str | None:
-    """"queued" (pending, running or requeued) or "gone" (ended) for a queued header, as
-    SLURM's sacct says (through submitit); None when it cannot be asked. A job of submitit's
+def job_states():
+    """A ``job_state(queued header)`` for one status pass: "queued" (pending, running or
+    requeued) or "gone" (ended), as SLURM's sacct says through submitit's watcher; None
+    without sacct. One sacct call reports every job of an array, so the pass asks again only
+    for a job no call reported yet: one call per array, not per run. A job of submitit's
     local or debug executor starts at once: "gone" (its lock tells whether it runs)."""
-    if record.get("cluster") != "slurm":
-        return "gone"
-    if shutil.which("sacct") is None or submitit is None:
-        return None
-    folder = os.path.join(record.get("folder", ""), "%j")
-    job = submitit.SlurmJob(folder=folder, job_id=str(record.get("job_id", "")))
-    return "gone" if job.done(force_check=True) else "queued"
+    watcher = None
+    if submitit is not None and shutil.which("sacct") is not None:
+        from submitit.slurm.slurm import SlurmInfoWatcher
+        watcher = SlurmInfoWatcher()
+
+    def job_state(record: dict) -> str | None:
+        if record.get("cluster") != "slurm":
+            return "gone"
+        if watcher is None:
+            return None
+        job_id = str(record.get("job_id", ""))
+        mode = "cache" if watcher.get_info(job_id, mode="cache") else "force"
+        return "gone" if watcher.is_done(job_id, mode=mode) else "queued"
+    return job_state
 
 
 def wait(sjobs, jobs, desc: str, quiet: bool = False) -> list:

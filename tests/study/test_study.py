@@ -324,7 +324,8 @@ def test_local_backend_gives_each_slot_its_gpu(tmp_path, monkeypatch):
     def gpus_of(n, **kw):
         jobs = [J.Job("eval", f"j{i}", (sys.executable, "-c", printer),
                       str(tmp_path / f"{n}_{i}.log"), str(tmp_path / f"{n}_{i}.lock"),
-                      functools.partial(RD.evaluated, str(tmp_path / "none"), 1, ())) for i in range(n)]
+                      functools.partial(RD.evaluated, str(tmp_path / "none"), 1, ()))
+                for i in range(n)]
         recs = J.run_jobs(jobs, quiet=True, **kw)
         assert [r["outcome"] for r in recs] == ["failed"] * n  # no results written
         return sorted(ln for i in range(n) for ln in (tmp_path / f"{n}_{i}.log").read_text()
@@ -572,12 +573,15 @@ def test_slurm_backend_submits_one_array_with_the_study_resources(tmp_path, monk
     assert cli.main([path, "run", "--dir", str(root), "--quiet"]) == 0
     assert script == capture.read_text()
     # sacct's answer (read by submitit): a job cancelled before it started is submitted again
+    calls = tmp_path / "sacct_calls"
     (bin_dir / "sacct").write_text(
-        "#!/bin/sh\nprintf 'JobID|State|NodeList\\n4242_0|PENDING|None\\n"
+        f"#!/bin/sh\necho \"$*\" >> {calls}\n"
+        "printf 'JobID|State|NodeList\\n4242_0|PENDING|None\\n"
         "4242_1|CANCELLED by 0|None\\n4242_2|RUNNING|n1\\n'\n")
     (bin_dir / "sacct").chmod(0o755)
     assert cli.main([path, "status", "--dir", str(root)]) == 0
     assert "3 runs: 2 queued, 1 interrupted" in capsys.readouterr().out
+    assert len(calls.read_text().splitlines()) == 1  # one sacct call for the array's 3 jobs
     assert cli.main([path, "run", "--dir", str(root), "--quiet"]) == 0
     assert "launching 1" in capsys.readouterr().out
     assert capture.read_text().count("#SBATCH --job-name=sl-train") == 2  # one more job
@@ -616,7 +620,8 @@ def test_a_failed_slurm_job_reports_the_error_in_its_log(tmp_path):
     study.backend.slurm.cluster, study.backend.slurm.gpus_per_node = "local", 0
     run = tmp_path / "run"
     job = J.Job("eval", "x", (sys.executable, "-c", "raise ValueError('boom')"),
-                str(run / "eval.log"), str(run / "run.lock"), functools.partial(RD.evaluated, str(run), 1, ()))
+                str(run / "eval.log"), str(run / "run.lock"),
+                functools.partial(RD.evaluated, str(run), 1, ()))
     sjobs = slurm.submit(study, [job], str(tmp_path / "submitit"))
     assert slurm.wait(sjobs, [job], "evaluate", quiet=True) == ["ValueError: boom"]
 
@@ -636,7 +641,8 @@ time.sleep(120)
 def test_requeue_checkpoint_stops_the_child_and_resubmits_the_same_job(tmp_path):
     saved = tmp_path / "saved"
     job = J.Job("train", "x", (sys.executable, "-c", CHILD, str(saved)), str(tmp_path / "log"),
-                str(tmp_path / "lock"), functools.partial(RD.training_finished, str(tmp_path / "run"), 10))
+                str(tmp_path / "lock"),
+                functools.partial(RD.training_finished, str(tmp_path / "run"), 10))
     callable_ = JobCallable(job)
     errors = []
     thread = threading.Thread(target=lambda: errors.append(pytest.raises(
